@@ -1,0 +1,50 @@
+"""Communication accounting: bytes a client downloads and uploads in one round.
+
+Sparse messages carry the active values (in mask order) plus the mask, costed as the cheaper of a bitmap and a
+list of indices. Values are sent for every active coordinate (a zero in U_k is not skipped, since skipping it would
+need another index list); leaves that are never masked (biases, norm scales) travel dense. Because FedSpa keeps
+every layer's active count exact, these numbers are static: they are computed on the host from shapes and
+densities, and cost nothing inside the round.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import numpy as np
+
+from fedspa_jax.masks import target_counts
+
+
+def dense_bytes(params: Any) -> int:
+  """Bytes of every leaf of `params` sent densely."""
+  return int(sum(np.size(p) * np.dtype(p.dtype).itemsize for p in jax.tree.leaves(params)))
+
+
+def mask_bytes(size: int, active: int) -> int:
+  """Bytes of one leaf's mask: min(bitmap ceil(size / 8), index list active * ceil(log2(size) / 8))."""
+  if active >= size:
+    return 0  # a dense leaf needs no mask
+  index_bytes = max(1, math.ceil(math.log2(max(size, 2)) / 8))
+  return int(min(math.ceil(size / 8), active * index_bytes))
+
+
+def sparse_bytes(params: Any, densities: Any) -> int:
+  """Bytes of one sparse message: active values of every leaf plus its mask (dense leaves: values only)."""
+  counts = target_counts(params, densities)
+  total = 0
+  for p, c in zip(jax.tree.leaves(params), jax.tree.leaves(counts)):
+    size = int(np.size(p))
+    total += c * np.dtype(p.dtype).itemsize + mask_bytes(size, c)
+  return int(total)
+
+
+def mask_state_bytes(params: Any, densities: Any) -> int:
+  """Persistent client state of FedSpa: one bit per maskable weight (dense leaves need none)."""
+  total = 0
+  for p, d in zip(jax.tree.leaves(params), jax.tree.leaves(densities)):
+    if d < 1.0:
+      total += math.ceil(np.size(p) / 8)
+  return total

@@ -1,0 +1,126 @@
+"""FedSpa's mask evolution: a cosine-annealed prune rate, magnitude drop and gradient (or random) regrowth.
+
+Drop-and-grow follows RigL (Evci et al., ICML 2020) as used per client by FedSpa (Huang et al., 2022): in every
+masked leaf, the ceil(rate * active) active entries of smallest |param| are dropped, then as many entries are grown
+among those inactive after the drop (the just-dropped ones included) by largest |grad| ("gradient", RigL) or
+uniformly at random ("random", SET: Mocanu et al., 2018). Selections are sort-based ranks with index tie-breaks, so
+counts are exact and `rate` can be a traced value: one compiled program serves every round.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedspa_jax.masks import Maskable, is_maskable
+
+REGROW_RULES = ("gradient", "random")
+
+
+def check_rate(rate: Any, name: str = "prune rate") -> None:
+  """Raises ValueError if a concrete rate lies outside [0, 1] (traced rates are not checked)."""
+  if isinstance(rate, jax.core.Tracer):
+    return
+  value = np.asarray(rate)
+  if value.ndim != 0 or not np.isfinite(value) or not 0.0 <= float(value) <= 1.0:
+    raise ValueError(f"{name} must be a number in [0, 1], got {rate!r}")
+
+
+def cosine_prune_rate(round: Any, alpha: float, t_end: Any) -> jax.Array:
+  """alpha / 2 * (1 + cos(pi * round / t_end)) for round <= t_end, 0 after.
+
+  Args:
+    round: the round index t (int or traced int32).
+    alpha: initial prune rate, in [0, 1].
+    t_end: last round at which masks change (> 0).
+
+  Returns:
+    A float32 scalar.
+  """
+  check_rate(alpha, "alpha")
+  if not isinstance(t_end, jax.core.Tracer) and float(t_end) <= 0:
+    raise ValueError(f"t_end must be > 0, got {t_end!r}")
+  t = jnp.asarray(round, jnp.float32)
+  rate = alpha / 2.0 * (1.0 + jnp.cos(jnp.pi * t / t_end))
+  return jnp.where(t <= t_end, rate, 0.0).astype(jnp.float32)
+
+
+def _ranks(scores: jax.Array) -> jax.Array:
+  """Position of each entry in ascending order of `scores` (ties: lower index first)."""
+  order = jnp.argsort(scores, stable=True)
+  return jnp.zeros(scores.shape, jnp.int32).at[order].set(jnp.arange(scores.size, dtype=jnp.int32))
+
+
+def drop_and_grow(
+    mask: jax.Array, param: jax.Array, grow_score: jax.Array, rate: jax.Array
+) -> jax.Array:
+  """One leaf's drop-and-grow.
+
+  Args:
+    mask: bool [...] current mask.
+    param: [...] weights; the active ones of smallest |param| are dropped.
+    grow_score: [...] non-negative scores; the largest among the inactive-after-drop entries are grown.
+    rate: scalar prune rate in [0, 1].
+
+  Returns:
+    The new bool mask, with exactly as many active entries as `mask`.
+  """
+  shape = mask.shape
+  mask, param, grow_score = mask.reshape(-1), param.reshape(-1), grow_score.reshape(-1)
+  active = jnp.sum(mask, dtype=jnp.int32)
+  count = jnp.ceil(rate * active.astype(jnp.float32)).astype(jnp.int32)
+  count = jnp.clip(count, 0, active)
+  drop_rank = _ranks(jnp.where(mask, jnp.abs(param), jnp.inf))
+  kept = mask & (drop_rank >= count)
+  candidate = ~kept
+  grow_rank = _ranks(jnp.where(candidate, -grow_score, jnp.inf))
+  grown = candidate & (grow_rank < count)
+  return (kept | grown).reshape(shape)
+
+
+def prune_and_regrow(
+    mask: Any,
+    params: Any,
+    grads: Any,
+    rate: Any,
+    key: jax.Array,
+    regrow: str = "gradient",
+    *,
+    maskable: Maskable = is_maskable,
+) -> Any:
+  """FedSpa's next mask: per maskable leaf, drop ceil(rate * active) smallest-|param| weights, grow as many.
+
+  Args:
+    mask: bool pytree shaped like params.
+    params: the weights after local training (m ⊙ x).
+    grads: dense gradient at `params` (every coordinate), used by regrow="gradient"; may be None for "random".
+    rate: prune rate in [0, 1] (float or traced scalar).
+    key: PRNG key for regrow="random".
+    regrow: "gradient" (RigL) or "random" (SET).
+    maskable: which leaves are evolved; the others are returned unchanged.
+
+  Returns:
+    The new bool mask pytree; every leaf keeps its active count exactly.
+  """
+  if regrow not in REGROW_RULES:
+    raise ValueError(f"regrow must be one of {REGROW_RULES}, got {regrow!r}")
+  if regrow == "gradient" and grads is None:
+    raise ValueError('regrow="gradient" needs grads')
+  check_rate(rate)
+  rate = jnp.asarray(rate, jnp.float32)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(mask)
+  param_leaves = treedef.flatten_up_to(params)
+  grad_leaves = treedef.flatten_up_to(grads) if grads is not None else [None] * len(leaves)
+  keys = jax.random.split(key, len(leaves))
+  out = []
+  for (path, m), p, g, k in zip(leaves, param_leaves, grad_leaves, keys):
+    if not maskable(path, m):
+      out.append(m)
+      continue
+    score = jnp.abs(g) if regrow == "gradient" else jax.random.uniform(k, m.shape)
+    out.append(drop_and_grow(m, p, score, rate))
+  return jax.tree_util.tree_unflatten(treedef, out)
+

@@ -1,0 +1,230 @@
+"""Personalized sparse masks: per-layer densities, initialisation, application and statistics.
+
+A mask is a bool pytree with exactly the structure of the params (True = active). Leaves that are not maskable
+(biases, norm scales: every leaf with fewer than two dimensions) are all True, so `jax.tree.map` over params, masks
+and densities always lines up. Densities are computed on the host from shapes alone (as in jaxpruner and RigL);
+counts are exact: a layer with density d and n entries has exactly round(d * n) active entries.
+
+ERK densities: Evci, Gale, Menick, Castro, Elsen, "Rigging the Lottery: Making All Tickets Winners" (ICML 2020).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Params = Any
+Mask = Any
+Densities = Any
+Maskable = Callable[[tuple, Any], bool]
+
+
+def is_maskable(path: tuple, leaf: Any) -> bool:
+  """The library's one rule for which leaves are sparsified: kernels (ndim >= 2) are, biases and scales are not."""
+  del path
+  return np.ndim(leaf) >= 2
+
+
+def check_density(density: float) -> None:
+  """Raises ValueError unless 0 < density <= 1."""
+  if not isinstance(density, (int, float)) or not 0.0 < float(density) <= 1.0:
+    raise ValueError(f"density must be a number in (0, 1], got {density!r}")
+
+
+def uniform_densities(params: Params, density: float, *, maskable: Maskable = is_maskable) -> Densities:
+  """Every maskable leaf gets `density`; the others 1.0. Returns a pytree of Python floats shaped like `params`."""
+  check_density(density)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, leaf: float(density) if maskable(path, leaf) else 1.0, params
+  )
+
+
+def erk_densities(
+    params: Params, density: float, *, maskable: Maskable = is_maskable, power_scale: float = 1.0
+) -> Densities:
+  """Erdos-Renyi-Kernel densities whose maskable leaves hold `density` of their entries in total.
+
+  A layer's density is proportional to (sum of its dims / product of its dims) ** power_scale; layers that would
+  exceed density 1 are made dense and the rest rescaled, as in RigL.
+
+  Args:
+    params: a params pytree (arrays or shape-dtype structs).
+    density: overall density of the maskable leaves, in (0, 1].
+    maskable: which leaves are sparsified.
+    power_scale: 1.0 is ERK; 0.0 gives uniform densities.
+
+  Returns:
+    A pytree of Python floats shaped like `params` (1.0 on non-maskable leaves).
+  """
+  check_density(density)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  masked = [i for i, (path, leaf) in enumerate(leaves) if maskable(path, leaf)]
+  sizes = {i: int(np.prod(np.shape(leaves[i][1]))) for i in masked}
+  raw = {i: (sum(np.shape(leaves[i][1])) / sizes[i]) ** power_scale for i in masked}
+  dense: set[int] = set()
+  while True:
+    budget = density * sum(sizes.values()) - sum(sizes[i] for i in dense)
+    sparse = [i for i in masked if i not in dense]
+    denominator = sum(raw[i] * sizes[i] for i in sparse)
+    eps = budget / denominator if denominator > 0 else 0.0
+    too_dense = [i for i in sparse if eps * raw[i] > 1.0]
+    if not too_dense:
+      break
+    dense.update(too_dense)
+  out = []
+  for i, (path, leaf) in enumerate(leaves):
+    if i not in sizes or i in dense:
+      out.append(1.0)
+    else:
+      out.append(float(eps * raw[i]))
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def target_counts(params: Params, densities: Densities) -> Any:
+  """Exact active count per leaf, round(d * n), as a pytree of Python ints (at least 1 where d > 0)."""
+  return jax.tree.map(
+      lambda leaf, d: max(1, int(round(d * int(np.prod(np.shape(leaf)))))) if d < 1.0 else int(np.size(leaf)),
+      params,
+      densities,
+  )
+
+
+def _random_leaf_mask(key: jax.Array, shape: tuple[int, ...], count: int) -> jax.Array:
+  size = int(np.prod(shape))
+  if count >= size:
+    return jnp.ones(shape, dtype=bool)
+  chosen = jax.random.permutation(key, size)[:count]
+  return jnp.zeros(size, dtype=bool).at[chosen].set(True).reshape(shape)
+
+
+def init_masks(key: jax.Array, params: Params, densities: Densities) -> Mask:
+  """Draws one random mask with exactly round(d_l * n_l) active entries in every leaf.
+
+  Args:
+    key: a PRNG key.
+    params: params pytree (only shapes are read).
+    densities: per-leaf densities, e.g. from `erk_densities`.
+
+  Returns:
+    A bool pytree shaped like `params`.
+  """
+  counts = target_counts(params, densities)
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  keys = jax.random.split(key, len(leaves))
+  count_leaves = treedef.flatten_up_to(counts)
+  out = [_random_leaf_mask(k, np.shape(leaf), c) for k, leaf, c in zip(keys, leaves, count_leaves)]
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def init_client_masks(
+    key: jax.Array, params: Params, densities: Densities, num_clients: int, *, shared: bool = False
+) -> Mask:
+  """Masks for `num_clients` clients, stacked as [num_clients, ...] leaves.
+
+  Args:
+    key: a PRNG key; client k's mask is drawn from `fold_in(key, k)` (independent per client).
+    params: params pytree.
+    densities: per-leaf densities.
+    num_clients: K.
+    shared: give every client the same initial mask (the one drawn for client 0).
+
+  Returns:
+    A bool pytree with leaves [K, *leaf.shape].
+  """
+  if shared:
+    one = init_masks(jax.random.fold_in(key, 0), params, densities)
+    return jax.tree.map(lambda m: jnp.broadcast_to(m, (num_clients, *m.shape)), one)
+  keys = jax.vmap(lambda k: jax.random.fold_in(key, k))(jnp.arange(num_clients))
+  return jax.vmap(lambda k: init_masks(k, params, densities))(keys)
+
+
+def dense_mask(params: Params) -> Mask:
+  """An all-True mask shaped like `params`."""
+  return jax.tree.map(lambda p: jnp.ones(np.shape(p), dtype=bool), params)
+
+
+def apply_mask(params: Params, mask: Mask) -> Params:
+  """m ⊙ w, written with `where` so that inactive entries are exactly 0 even when w holds inf or nan."""
+  return jax.tree.map(lambda p, m: jnp.where(m, p, jnp.zeros((), p.dtype)), params, mask)
+
+
+def count_active(mask: Mask, *, stacked: bool = False) -> Any:
+  """Number of active entries per leaf: int32 scalars, or [K] per client when `stacked` (leaves [K, ...])."""
+  start = 1 if stacked else 0
+  return jax.tree.map(lambda m: jnp.sum(m, axis=tuple(range(start, m.ndim)), dtype=jnp.int32), mask)
+
+
+def density_report(mask: Mask) -> dict[str, dict[str, float]]:
+  """Host-side table {leaf path: {"active", "size", "density"}} for one (unstacked) mask."""
+  report = {}
+  for path, m in jax.tree_util.tree_flatten_with_path(mask)[0]:
+    m = np.asarray(m)
+    report[jax.tree_util.keystr(path)] = {
+        "active": int(m.sum()),
+        "size": int(m.size),
+        "density": float(m.mean()) if m.size else 1.0,
+    }
+  return report
+
+
+def overall_density(mask: Mask, *, maskable: Maskable = is_maskable) -> jax.Array:
+  """Fraction of maskable entries that are active (one client's mask)."""
+  pairs = [m for path, m in jax.tree_util.tree_flatten_with_path(mask)[0] if maskable(path, m)]
+  if not pairs:
+    return jnp.ones(())
+  active = sum(jnp.sum(m, dtype=jnp.int32) for m in pairs)
+  size = sum(m.size for m in pairs)
+  return active / size
+
+
+def hamming_distance(mask_a: Mask, mask_b: Mask) -> jax.Array:
+  """Number of entries where two masks differ (int32 scalar)."""
+  diffs = jax.tree.map(lambda a, b: jnp.sum(a != b, dtype=jnp.int32), mask_a, mask_b)
+  return sum(jax.tree.leaves(diffs), jnp.zeros((), jnp.int32))
+
+
+def pairwise_hamming(masks: Mask) -> jax.Array:
+  """[K, K] Hamming distances between the K stacked masks (leaves [K, ...])."""
+  return jax.vmap(lambda a: jax.vmap(lambda b: hamming_distance(a, b))(masks))(masks)
+
+
+def pack_bits(mask: Mask) -> Any:
+  """Packs every leaf to uint8 bits (8 entries per byte, flattened), the form a mask is stored or sent in."""
+  return jax.tree.map(lambda m: jnp.packbits(m.reshape(-1)), mask)
+
+
+def unpack_bits(packed: Any, like: Params) -> Mask:
+  """Inverse of `pack_bits`, given a params (or mask) pytree for the shapes."""
+  return jax.tree.map(
+      lambda b, p: jnp.unpackbits(b, count=int(np.prod(np.shape(p)))).astype(bool).reshape(np.shape(p)),
+      packed,
+      like,
+  )
+
+
+def mask_message_bytes(size: int, active: Any) -> Any:
+  """Bytes to send one leaf's mask: the cheaper of a bitmap and a list of active indices.
+
+  Args:
+    size: number of entries in the leaf.
+    active: number of active entries (int or array).
+
+  Returns:
+    min(ceil(size / 8), active * ceil(log2(size) / 8)) bytes.
+  """
+  index_bytes = max(1, math.ceil(math.log2(max(size, 2)) / 8))
+  return jnp.minimum(math.ceil(size / 8), active * index_bytes)
+
+
+def __getattr__(name: str):
+  # The mask-update functions live in mask_update.py; re-exported here as the public API names them
+  # (fj.masks.prune_and_regrow, fj.masks.cosine_prune_rate) without an import cycle.
+  if name in ("prune_and_regrow", "cosine_prune_rate"):
+    from fedspa_jax import mask_update
+
+    return getattr(mask_update, name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
