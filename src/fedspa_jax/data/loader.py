@@ -1,0 +1,142 @@
+"""`load(name, ...)`: a named dataset, partitioned among clients, as `FederatedData`.
+
+Sources: MNIST and Fashion-MNIST from their IDX files (`idx_sources`), CIFAR-10/100 and EMNIST through TFDS
+(`tfds_sources`; any other TFDS image dataset as `"tfds:<name>"`), and Synthetic(alpha, beta) (`synthetic`), which
+comes with its own per-client split. Partitions of file and TFDS sources are cached on disk (`cache`).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from fedspa_jax.data import build, cache as cache_lib, idx_sources, tfds_sources
+from fedspa_jax.data import partitioners as partition_lib
+from fedspa_jax.data.federated import FederatedData
+from fedspa_jax.data.synthetic import synthetic
+
+SYNTHETIC = "synthetic"
+TFDS_PREFIX = "tfds:"
+
+
+def dataset_names() -> list[str]:
+  """The names `load` knows (plus any TFDS image dataset as `"tfds:<name>"`)."""
+  return sorted([*idx_sources.IDX_DATASETS, *tfds_sources.TFDS_DATASETS, SYNTHETIC])
+
+
+def canonical_name(name: str) -> str:
+  """`"Fashion-MNIST"` -> `"fashion_mnist"`, `"emnist/letters"` -> `"emnist_letters"`; `tfds:` names kept.
+
+  Raises:
+    ValueError: unknown dataset (the message lists the known ones).
+  """
+  if name.startswith(TFDS_PREFIX):
+    return name
+  key = name.strip().lower().replace("-", "_").replace("/", "_")
+  if key not in dataset_names():
+    raise ValueError(
+        f"unknown dataset {name!r}; known: {', '.join(dataset_names())} (or 'tfds:<name>' for another TFDS "
+        f"image dataset)"
+    )
+  return key
+
+
+def load_arrays(
+    name: str, data_dir: str | os.PathLike | None = None, *, download: bool = True, verify: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+  """A named dataset's official splits, centralised.
+
+  Args:
+    name: a name from `dataset_names()` other than `synthetic`, or `"tfds:<name>"`.
+    data_dir: folder to look in first (IDX files) or the TFDS data folder.
+    download: fetch the data when they are not found.
+    verify: check the IDX files' sha256.
+
+  Returns:
+    `(x_train [N, H, W, C] uint8, y_train [N] int64, x_test [M, H, W, C] uint8, y_test [M] int64, num_classes)`.
+  """
+  name = canonical_name(name)
+  if name in idx_sources.IDX_DATASETS:
+    spec = idx_sources.IDX_DATASETS[name]
+    return (*idx_sources.load_idx_arrays(spec, data_dir, download=download, verify=verify), spec.num_classes)
+  if name == SYNTHETIC:
+    raise ValueError("synthetic data come already split per client; use load('synthetic', ...) or synthetic()")
+  spec = tfds_sources.TFDS_DATASETS.get(name) or tfds_sources.TfdsDataset(name, name[len(TFDS_PREFIX) :])
+  return tfds_sources.load_tfds_arrays(spec, data_dir, download=download)
+
+
+def _load_synthetic(num_clients: int, partition: str | None, seed: int, test_mode, test_fraction, **kwargs):
+  if partition not in (None, "natural"):
+    raise ValueError(
+        f"synthetic data come with their own per-client split; got partition={partition!r}, use None"
+    )
+  if test_mode not in (None, "split"):
+    raise ValueError(f"synthetic data have no global test split; got test_mode={test_mode!r}, use 'split'")
+  return synthetic(num_clients=num_clients, seed=seed, test_fraction=test_fraction, **kwargs)
+
+
+def load(
+    name: str,
+    *,
+    num_clients: int,
+    partition: str | None = None,
+    seed: int = 0,
+    data_dir: str | os.PathLike | None = None,
+    download: bool = True,
+    verify: bool = True,
+    cache: bool = True,
+    test_mode: str | None = None,
+    test_fraction: float = 0.2,
+    min_test_samples: int = 1,
+    **partition_args,
+) -> FederatedData:
+  """Loads a named dataset and partitions it among `num_clients` clients.
+
+  Args:
+    name: `fashion_mnist`, `mnist`, `cifar10`, `cifar100`, `emnist_letters`, `emnist_byclass`, `synthetic`, or
+      `"tfds:<name>"` (any TFDS dataset with `image` and `label` features and train/test splits).
+    num_clients: K.
+    partition: `iid`, `pathological` or `dirichlet` (required except for `synthetic`, which has its own split).
+    seed: seeds the partition and the test assignment (and the generator, for `synthetic`).
+    data_dir: folder to look in first for IDX files, or the TFDS data folder.
+    download: fetch missing data (IDX files from their official addresses; TFDS's own download).
+    verify: check the IDX files' sha256.
+    cache: read and write the partition cache (`$FEDSPA_JAX_CACHE` or `~/.cache/fedspa_jax`).
+    test_mode: `global` (default: deal the official test split out by each client's label distribution) or
+      `split` (hold out `test_fraction` of each client's share); `synthetic` always splits.
+    test_fraction: share held out per client in `split` mode.
+    min_test_samples: smallest test set per client in `global` mode.
+    **partition_args: the partitioner's options (`classes_per_client`; `alpha`, `min_samples`, `max_tries`,
+      `balance`), or for `synthetic` the generator's (`alpha`, `beta`, `dimension`, `num_classes`, `iid`,
+      `max_samples_per_client`).
+
+  Returns:
+    `FederatedData`; images uint8 [K, N_max, H, W, C] with per-channel `mean`/`std`.
+
+  Raises:
+    ValueError: unknown dataset, partition or option, or arguments the partitioner cannot satisfy.
+    FileNotFoundError: IDX files absent everywhere (the message names every place looked in).
+  """
+  name = canonical_name(name)
+  if name == SYNTHETIC:
+    return _load_synthetic(num_clients, partition, seed, test_mode, test_fraction, **partition_args)
+  if partition is None:
+    raise ValueError(f"pass partition=...; known: {', '.join(partition_lib.PARTITIONERS)}")
+  args = dict(
+      num_clients=num_clients,
+      partition=partition,
+      seed=seed,
+      test_mode=test_mode or "global",
+      test_fraction=test_fraction,
+      min_test_samples=min_test_samples,
+      **partition_lib.resolve_partition_args(partition, partition_args),
+  )
+  path = cache_lib.partition_path(name, args)
+  if cache and (hit := cache_lib.load_partition(path)) is not None:
+    return hit
+  x, y, x_test, y_test, num_classes = load_arrays(name, data_dir, download=download, verify=verify)
+  data = build.from_arrays(x, y, x_test, y_test, num_classes=num_classes, name=name, **args)
+  if cache:
+    cache_lib.save_partition(path, data)
+  return data
