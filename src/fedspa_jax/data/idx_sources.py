@@ -41,6 +41,7 @@ class IdxDataset:
     gz_sha256: file name -> sha256 of the published `.gz` file.
     raw_sha256: file name -> sha256 of the decompressed content (accepts re-compressed copies).
     num_classes: label classes.
+    hint: how to install the files, for the file-not-found message.
   """
 
   name: str
@@ -50,6 +51,7 @@ class IdxDataset:
   gz_sha256: dict[str, str]
   raw_sha256: dict[str, str]
   num_classes: int = 10
+  hint: str = ""
 
 
 FASHION_MNIST = IdxDataset(
@@ -69,6 +71,7 @@ FASHION_MNIST = IdxDataset(
         _TEST_IMAGES: "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
         _TEST_LABELS: "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
     },
+    hint="On Debian/Ubuntu, run scripts/install_datasets.sh (it installs the package dataset-fashion-mnist).",
 )
 
 MNIST = IdxDataset(
@@ -107,22 +110,30 @@ def find_files(spec: IdxDataset, dirs: list[pathlib.Path]) -> pathlib.Path | Non
   return None
 
 
-def verified_content(path: pathlib.Path, spec: IdxDataset) -> bytes:
+def verified_content(path: pathlib.Path, spec: IdxDataset, name: str | None = None) -> bytes:
   """The decompressed bytes of one of `spec`'s files, after checking its digest.
+
+  Args:
+    path: the `.gz` file.
+    spec: the dataset it belongs to.
+    name: which of `FILES` it is (default: `path.name`).
 
   Raises:
     ValueError: neither the file's nor its content's sha256 is the known one.
   """
+  name = name or path.name
   packed = path.read_bytes()
-  raw = gzip.decompress(packed)
-  name = path.name
-  if hashlib.sha256(packed).hexdigest() == spec.gz_sha256[name]:
+  try:
+    raw = gzip.decompress(packed)
+  except (OSError, EOFError):
+    raw = None
+  if hashlib.sha256(packed).hexdigest() == spec.gz_sha256[name] and raw is not None:
     return raw
-  if name in spec.raw_sha256 and hashlib.sha256(raw).hexdigest() == spec.raw_sha256[name]:
+  if raw is not None and name in spec.raw_sha256 and hashlib.sha256(raw).hexdigest() == spec.raw_sha256[name]:
     return raw
   raise ValueError(
-      f"{path} does not match the published {spec.name} file (sha256 of the .gz and of its content differ "
-      f"from the known ones); delete it, or pass verify=False to use it anyway"
+      f"{path} does not match the published {spec.name} file {name} (sha256 of the .gz and of its content "
+      f"differ from the known ones); delete it, or pass verify=False to use it anyway"
   )
 
 
@@ -142,7 +153,7 @@ def download(spec: IdxDataset, dest: pathlib.Path, timeout: float = 60.0) -> Non
       try:
         with urllib.request.urlopen(base + name, timeout=timeout) as response:
           tmp.write_bytes(response.read())
-        verified_content(tmp, spec)
+        verified_content(tmp, spec, name)
         os.replace(tmp, dest / name)
         break
       except (OSError, ValueError) as e:
@@ -172,8 +183,7 @@ def locate(spec: IdxDataset, data_dir: str | os.PathLike | None, allow_download:
   looked = "\n  ".join(str(d) for d in dirs)
   raise FileNotFoundError(
       f"{spec.name}: the IDX files {', '.join(FILES)} were not found; looked in:\n  {looked}\n"
-      f"and {problem}. Put the files in one of these folders or pass data_dir=..."
-      + (" (on Debian/Ubuntu: run scripts/install_datasets.sh)" if spec is FASHION_MNIST else "")
+      f"and {problem}. Put the files in one of these folders or pass data_dir=... {spec.hint}".rstrip()
   )
 
 

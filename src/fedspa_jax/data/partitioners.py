@@ -305,4 +305,5 @@ def partition(labels: np.ndarray, num_clients: int, method: str, *, seed: int = 
   Returns:
     K sorted int64 index arrays into `labels`, disjoint.
   """
-  return PARTITIONERS[method](labels, num_clients, seed=seed, **resolve_partition_args(method, args))
+  args = resolve_partition_args(method, args)
+  return PARTITIONERS[method](labels, num_clients, seed=seed, **args)

@@ -86,14 +86,11 @@ def read_split(tfds_name: str, split: str, data_dir: str | os.PathLike | None = 
   try:
     return read(tfds_name, split, data_dir, download)
   except Exception as e:  # TFDS raises many types here; say what to do instead of a deep traceback.
-    how = (
-        f"tfds build {tfds_name}" if _has_tensorflow() else f"tfds build {tfds_name} --file_format=array_record"
-    )
+    how = f"tfds build {tfds_name}" + ("" if _has_tensorflow() else " --file_format=array_record")
+    how += f" --data_dir={data_dir}" if data_dir else ""
     raise RuntimeError(
         f"TFDS could not load {tfds_name}:{split} (data_dir={data_dir or 'TFDS default'}): {e}\n"
-        f"Prepare it where the data can be downloaded with `{how}`"
-        + (f" --data_dir={data_dir}" if data_dir else "")
-        + ", then copy the folder here."
+        f"Prepare the dataset with `{how}` (on a machine that can download it; then copy the data folder here)."
     ) from e
 
 
