@@ -97,7 +97,9 @@ def draw_batch(
   scores = jnp.where(valid, jax.random.uniform(jax.random.fold_in(key, epoch), (n_max,)), 2.0)
   perm = jnp.argsort(scores)
   pos = index * batch_size + jnp.arange(batch_size)
-  idx = perm[jnp.minimum(pos, n_max - 1)]
+  # A slot past the client's data re-reads a valid sample with weight 0, so padding values (even nan) never
+  # enter the computation.
+  idx = perm[jnp.clip(jnp.minimum(pos, data.count - 1), 0, n_max - 1)]
   weight = (pos < data.count).astype(jnp.float32)
   return data.x[idx], data.y[idx], weight, index * batch_size < data.count
 

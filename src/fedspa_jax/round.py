@@ -15,7 +15,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from fedspa_jax.client import ClientData
 from fedspa_jax.server import AGGREGATIONS, WEIGHTINGS, ServerState, aggregate, server_update
@@ -85,6 +85,26 @@ def cohort_size_for(cohort_size: int, mesh: Mesh | None) -> int:
     return cohort_size
   shards = mesh.shape[CLIENT_AXIS]
   return -(-cohort_size // shards) * shards
+
+
+def make_client_mesh(devices: Any = None) -> Mesh:
+  """A 1-D mesh over `devices` (default: all) whose single axis "clients" shards the cohort."""
+  devices = jax.devices() if devices is None else list(devices)
+  return jax.make_mesh((len(devices),), (CLIENT_AXIS,), axis_types=(AxisType.Auto,), devices=devices)
+
+
+def check_mesh(mesh: Mesh | None) -> None:
+  """The round shards over a mesh axis named "clients" with automatic (GSPMD) sharding."""
+  if mesh is None:
+    return
+  if CLIENT_AXIS not in mesh.axis_names:
+    raise ValueError(f'the mesh needs an axis named "{CLIENT_AXIS}", got axes {mesh.axis_names}')
+  axis_type = dict(zip(mesh.axis_names, mesh.axis_types))[CLIENT_AXIS]
+  if axis_type != AxisType.Auto:
+    raise ValueError(
+        f'the mesh axis "{CLIENT_AXIS}" must be of type AxisType.Auto, got {axis_type}; '
+        "build the mesh with fedspa_jax.round.make_client_mesh() or jax.make_mesh(..., axis_types=(AxisType.Auto,))"
+    )
 
 
 def shard_cohort(tree: Any, mesh: Mesh | None) -> Any:

@@ -33,7 +33,7 @@ from fedspa_jax.client import ClientData, batch_gradient, local_train, make_prep
 from fedspa_jax.data.federated import FederatedData
 from fedspa_jax.evaluation import make_evaluate
 from fedspa_jax.mask_update import REGROW_RULES, check_rate, cosine_prune_rate, prune_and_regrow
-from fedspa_jax.round import ClientOutput, SimState, check_aggregation, make_round
+from fedspa_jax.round import ClientOutput, SimState, check_aggregation, check_mesh, make_round
 from fedspa_jax.server import init_server
 
 DENSITY_RULES = ("erk", "uniform")
@@ -148,6 +148,7 @@ def fedspa(
   if regrow not in REGROW_RULES:
     raise ValueError(f"regrow must be one of {REGROW_RULES}, got {regrow!r}")
   check_aggregation(aggregation, weighting)
+  check_mesh(mesh)
   check_positive_int("clients_per_round", clients_per_round)
   if not server_lr > 0:
     raise ValueError(f"server_lr must be > 0, got {server_lr!r}")

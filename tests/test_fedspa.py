@@ -1,0 +1,126 @@
+"""FedSpa end to end: it learns, it evaluates per client, and bad input fails before compilation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fedspa_jax as fj
+
+
+@pytest.fixture(scope="module")
+def data():
+  return jax.device_put(fj.data.synthetic(1.0, 1.0, num_clients=30, seed=0))
+
+
+@pytest.fixture(scope="module")
+def model():
+  return fj.models.get("mlp", num_classes=10, hidden=(32,))
+
+
+@pytest.fixture(scope="module")
+def trained(model, data):
+  algo = fj.algorithms.get(
+      "fedspa", model=model, density=0.5, clients_per_round=10, local_epochs=1, batch_size=32, lr=0.05, rounds=30
+  )
+  state = algo.init(jax.random.key(0), data)
+  first = algo.evaluate(state, data)
+  history = []
+  for _ in range(30):
+    state, metrics = algo.round(state, data)
+    history.append(metrics)
+  return algo, state, first, algo.evaluate(state, data), history
+
+
+def test_fedspa_learns_on_synthetic(trained):
+  _, _, first, last, _ = trained
+  # 10 classes: chance is 0.1.
+  assert float(first["accuracy_summary"]["mean"]) < 0.3
+  assert float(last["accuracy_summary"]["mean"]) > 0.45
+
+
+def test_evaluation_is_per_client_with_distribution(trained, data):
+  _, _, _, ev, _ = trained
+  assert ev["accuracy"].shape == (30,) and ev["loss"].shape == (30,)
+  np.testing.assert_array_equal(ev["count"], data.test.count)
+  summary = ev["accuracy_summary"]
+  assert set(summary) == {"mean", "std", "p10", "median", "p90", "worst10"}
+  acc = np.asarray(ev["accuracy"])
+  np.testing.assert_allclose(summary["mean"], acc.mean(), rtol=1e-6)
+  np.testing.assert_allclose(summary["p10"], np.percentile(acc, 10), rtol=1e-6)
+  np.testing.assert_allclose(summary["worst10"], np.sort(acc)[:3].mean(), rtol=1e-6)
+
+
+def test_round_metrics(trained, model, data):
+  algo, state, _, _, history = trained
+  assert int(state.round) == 30
+  m = history[0]
+  assert m["cohort"].shape == (10,) and m["loss"].shape == (10,)
+  np.testing.assert_array_equal(m["weight"], np.asarray(data.train.count)[np.asarray(m["cohort"])])
+  assert float(history[0]["prune_rate"]) == pytest.approx(0.5)
+  assert float(history[-1]["prune_rate"]) < 0.01
+  params = state.server.params
+  message = fj.accounting.sparse_bytes(params, fj.masks.erk_densities(params, 0.5))
+  assert message < fj.accounting.dense_bytes(params)
+  assert int(m["bytes_up"]) == 10 * message
+
+
+@pytest.mark.parametrize(
+    "hparams, match",
+    [
+        (dict(density=0.0), "density"),
+        (dict(density=1.5), "density"),
+        (dict(alpha=1.2), "alpha"),
+        (dict(alpha=-0.5), "alpha"),
+        (dict(clients_per_round=0), "clients_per_round"),
+        (dict(batch_size=0), "batch_size"),
+        (dict(local_epochs=0), "local_epochs"),
+        (dict(lr=-1.0), "lr"),
+        (dict(regrow="magic"), "regrow"),
+        (dict(aggregation="median"), "aggregation"),
+        (dict(density_rule="foo"), "density_rule"),
+        (dict(bogus=1), "unknown hyperparameters"),
+    ],
+)
+def test_bad_hyperparameters_fail_at_construction(model, hparams, match):
+  with pytest.raises(ValueError, match=match):
+    fj.algorithms.get("fedspa", model=model, **hparams)
+
+
+def test_unknown_algorithm(model):
+  with pytest.raises(ValueError, match="known algorithms: .*fedspa"):
+    fj.algorithms.get("fedsparse", model=model)
+
+
+def test_more_clients_per_round_than_clients(model, data):
+  algo = fj.algorithms.get("fedspa", model=model, clients_per_round=31)
+  with pytest.raises(ValueError, match=r"clients_per_round must be an integer in \[1, 30\]"):
+    algo.init(jax.random.key(0), data)
+
+
+def test_model_and_data_that_do_not_fit(data):
+  wrong_classes = fj.models.get("mlp", num_classes=5)
+  algo = fj.algorithms.get("fedspa", model=wrong_classes)
+  with pytest.raises(ValueError, match="5.*10 classes|10 classes"):
+    algo.init(jax.random.key(0), data)
+
+
+def test_data_with_another_client_count_is_rejected_before_compiling(trained):
+  algo, state, _, _, _ = trained
+  other = fj.data.synthetic(1.0, 1.0, num_clients=20, seed=0)
+  with pytest.raises(ValueError, match="state holds 30 clients but data has 20"):
+    algo.round(state, other)
+
+
+def test_fixed_masks_ablation_keeps_masks(model, data):
+  algo = fj.algorithms.get("fedspa", model=model, update_masks=False, clients_per_round=5, local_steps=2,
+                           local_epochs=None)
+  state = algo.init(jax.random.key(1), data)
+  new, _ = algo.round(state, data)
+  assert int(fj.masks.hamming_distance(new.clients, state.clients)) == 0
+
+
+def test_shared_initial_mask(model, data):
+  algo = fj.algorithms.get("fedspa", model=model, shared_init_mask=True)
+  state = algo.init(jax.random.key(1), data)
+  assert int(jnp.max(fj.masks.pairwise_hamming(state.clients))) == 0

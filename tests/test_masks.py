@@ -1,0 +1,111 @@
+"""Densities, initial masks and mask statistics."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fedspa_jax import masks
+
+SHAPES = [(7,), (5, 3), (20, 30), (3, 3, 4, 8), (5, 5, 1, 6), (1, 1)]
+
+
+def make_params(shapes=SHAPES):
+  return {f"layer{i}": jnp.zeros(s) for i, s in enumerate(shapes)}
+
+
+@pytest.mark.parametrize("density", [0.05, 0.1, 0.3, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("rule", ["uniform", "erk"])
+def test_init_masks_exact_counts(density, rule):
+  params = make_params()
+  densities = (masks.erk_densities if rule == "erk" else masks.uniform_densities)(params, density)
+  mask = masks.init_masks(jax.random.key(3), params, densities)
+  chex.assert_trees_all_equal_structs(mask, params)
+  counts = masks.count_active(mask)
+  for name, p in params.items():
+    n = p.size
+    d = densities[name]
+    expected = n if d >= 1.0 else max(1, int(round(d * n)))
+    assert int(counts[name]) == expected, (name, d)
+    assert mask[name].dtype == jnp.bool_
+
+
+def test_one_dimensional_leaves_stay_dense():
+  params = {"dense": {"kernel": jnp.zeros((10, 4)), "bias": jnp.zeros(4)}, "norm": {"scale": jnp.zeros(4)}}
+  for densities in (masks.erk_densities(params, 0.2), masks.uniform_densities(params, 0.2)):
+    assert densities["dense"]["bias"] == 1.0 and densities["norm"]["scale"] == 1.0
+    mask = masks.init_masks(jax.random.key(0), params, densities)
+    assert bool(jnp.all(mask["dense"]["bias"])) and bool(jnp.all(mask["norm"]["scale"]))
+
+
+@pytest.mark.parametrize("density", [0.05, 0.2, 0.5, 0.8])
+def test_erk_hits_the_overall_density(density):
+  params = make_params([(784, 300), (300, 100), (100, 10), (5, 5, 1, 6), (10,)])
+  densities = masks.erk_densities(params, density)
+  sizes = {k: p.size for k, p in params.items() if p.ndim >= 2}
+  achieved = sum(densities[k] * n for k, n in sizes.items()) / sum(sizes.values())
+  assert achieved == pytest.approx(density, rel=1e-9)
+  assert all(0.0 < densities[k] <= 1.0 for k in sizes)
+  # ERK gives small layers more density than large ones.
+  assert densities["layer2"] > densities["layer0"]
+
+
+def test_erk_makes_layers_dense_when_needed():
+  params = make_params([(1000, 1000), (2, 3)])
+  densities = masks.erk_densities(params, 0.5)
+  assert densities["layer1"] == 1.0
+  achieved = (densities["layer0"] * 1e6 + 6) / (1e6 + 6)
+  assert achieved == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.1, 1.5, float("nan"), "0.5"])
+def test_bad_density_is_rejected(bad):
+  with pytest.raises(ValueError, match="density"):
+    masks.erk_densities(make_params(), bad)
+  with pytest.raises(ValueError, match="density"):
+    masks.uniform_densities(make_params(), bad)
+
+
+def test_client_masks_are_independent_or_shared():
+  params = make_params()
+  densities = masks.uniform_densities(params, 0.3)
+  stacked = masks.init_client_masks(jax.random.key(0), params, densities, 5)
+  assert stacked["layer2"].shape == (5, 20, 30)
+  counts = masks.count_active(stacked, stacked=True)
+  np.testing.assert_array_equal(counts["layer2"], np.full(5, 180))
+  assert int(masks.hamming_distance(jax.tree.map(lambda m: m[0], stacked), jax.tree.map(lambda m: m[1], stacked))) > 0
+  shared = masks.init_client_masks(jax.random.key(0), params, densities, 5, shared=True)
+  distances = masks.pairwise_hamming(shared)
+  np.testing.assert_array_equal(distances, np.zeros((5, 5)))
+
+
+def test_apply_mask_zeros_even_inf_and_nan():
+  params = {"w": jnp.array([[jnp.inf, jnp.nan], [1.0, -2.0]])}
+  mask = {"w": jnp.array([[False, False], [True, False]])}
+  out = masks.apply_mask(params, mask)
+  np.testing.assert_array_equal(out["w"], np.array([[0.0, 0.0], [1.0, 0.0]]))
+
+
+def test_hamming_distance_hand_case():
+  a = {"x": jnp.array([True, False, True, True]), "y": jnp.array([[True, False]])}
+  b = {"x": jnp.array([True, True, False, True]), "y": jnp.array([[False, False]])}
+  assert int(masks.hamming_distance(a, b)) == 3
+  stacked = jax.tree.map(lambda u, v: jnp.stack([u, v]), a, b)
+  np.testing.assert_array_equal(masks.pairwise_hamming(stacked), np.array([[0, 3], [3, 0]]))
+
+
+def test_pack_bits_round_trip():
+  params = make_params()
+  mask = masks.init_masks(jax.random.key(1), params, masks.uniform_densities(params, 0.4))
+  packed = masks.pack_bits(mask)
+  assert packed["layer2"].shape == (75,)  # 600 entries, 8 per byte
+  chex.assert_trees_all_equal(masks.unpack_bits(packed, params), mask)
+
+
+def test_density_report():
+  params = make_params([(10, 10)])
+  mask = masks.init_masks(jax.random.key(0), params, masks.uniform_densities(params, 0.25))
+  report = masks.density_report(mask)
+  assert report["['layer0']"] == {"active": 25, "size": 100, "density": 0.25}
+  assert float(masks.overall_density(mask)) == pytest.approx(0.25)
