@@ -141,9 +141,11 @@ def test_partition_errors(small_labels, method, kwargs, num_clients, match):
     partition(small_labels, num_clients, method, **kwargs)
 
 
-def test_partition_rejects_float_labels():
+def test_partition_rejects_float_or_negative_labels():
   with pytest.raises(ValueError, match="1-D integer array"):
     partitioners.iid(np.zeros(10), 2)
+  with pytest.raises(ValueError, match="labels must be >= 0, got -1"):
+    partitioners.dirichlet(np.array([0, 1, -1, 2]), 2, min_samples=1)
 
 
 def test_pathological_impossible_class_balance():

@@ -54,6 +54,7 @@ def save_partition(path: pathlib.Path, data: FederatedData) -> None:
   try:
     with os.fdopen(fd, "wb") as f:
       np.savez(f, meta=np.array(json.dumps(meta)), **arrays)
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache is shared like any other file
     os.replace(tmp, path)
   except BaseException:
     os.unlink(tmp)

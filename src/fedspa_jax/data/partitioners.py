@@ -59,6 +59,8 @@ def _check_common(labels: np.ndarray, num_clients: int) -> np.ndarray:
   labels = np.asarray(labels)
   if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
     raise ValueError(f"labels must be a 1-D integer array, got shape {labels.shape} and dtype {labels.dtype}")
+  if labels.size and labels.min() < 0:
+    raise ValueError(f"labels must be >= 0, got {labels.min()}")
   if num_clients < 1:
     raise ValueError(f"num_clients must be >= 1, got {num_clients}")
   if num_clients > len(labels):
@@ -101,18 +103,17 @@ def _deal_classes(shards: np.ndarray, num_clients: int, per_client: int, rng: np
     [K, per_client] class positions (indices into `shards`).
   """
   order = rng.permutation(len(shards))
-  grid = np.repeat(order, shards[order]).reshape(per_client, num_clients).T.copy()
-  if num_clients < 2:
-    return grid
-  n = 20 * grid.size
-  rows = rng.integers(num_clients, size=(n, 2))
-  cols = rng.integers(per_client, size=(n, 2))
-  for (k1, k2), (j1, j2) in zip(rows.tolist(), cols.tolist()):
-    a, b = grid[k1, j1], grid[k2, j2]
-    if k1 == k2 or a == b or b in grid[k1] or a in grid[k2]:
-      continue
-    grid[k1, j1], grid[k2, j2] = b, a
-  return grid
+  grid = np.repeat(order, shards[order]).reshape(per_client, num_clients).T.tolist()
+  if num_clients > 1:
+    n = 20 * num_clients * per_client
+    rows = rng.integers(num_clients, size=(n, 2)).tolist()
+    cols = rng.integers(per_client, size=(n, 2)).tolist()
+    for (k1, k2), (j1, j2) in zip(rows, cols):
+      a, b = grid[k1][j1], grid[k2][j2]
+      if k1 == k2 or a == b or b in grid[k1] or a in grid[k2]:
+        continue
+      grid[k1][j1], grid[k2][j2] = b, a
+  return np.array(grid, dtype=np.int64)
 
 
 def pathological(
