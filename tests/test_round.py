@@ -45,8 +45,9 @@ def state0(algo, data):
 @pytest.fixture(scope="module")
 def client_fn(model):
   return make_client_update(
-      apply_fn=make_apply_fn(model), optimizer=optax.sgd(0.05), batch_size=8, local_epochs=None, local_steps=6,
-      preprocess=lambda x: x, alpha=0.5, t_end=10, regrow="gradient", update_masks=True,
+      apply_fn=make_apply_fn(model), preprocess=lambda x: x, alpha=0.5, t_end=10, regrow="gradient",
+      update_masks=True,
+      train_kwargs=dict(optimizer=optax.sgd(0.05), batch_size=8, local_epochs=None, local_steps=6),
   )
 
 

@@ -116,6 +116,8 @@ def local_train(
     local_epochs: int | None = 1,
     local_steps: int | None = None,
     preprocess: Callable[[jax.Array], jax.Array] = lambda x: x,
+    trainable: Any | None = None,
+    regularizer: Callable[[Params], jax.Array] | None = None,
 ) -> TrainResult:
   """Local SGD of one client from `params` over its own data; coordinates outside `mask` stay exactly 0.
 
@@ -130,6 +132,9 @@ def local_train(
     local_epochs: passes over the client's own data (steps past its data are no-ops), if `local_steps` is None.
     local_steps: a fixed number of steps instead (cycling through the data epoch by epoch).
     preprocess: maps stored inputs to model inputs.
+    trainable: bool pytree (per leaf: a bool or an array like the leaf); leaves or entries marked False are frozen
+      (unchanged, though unlike masked entries not zeroed). None trains everything.
+    regularizer: params -> scalar added to the loss (e.g. Ditto's proximal term); not part of the reported loss.
 
   Returns:
     A `TrainResult`.
@@ -140,17 +145,24 @@ def local_train(
     steps_per_epoch = jnp.asarray(math.ceil(n_max / batch_size), jnp.int32)
   else:
     steps_per_epoch = jnp.maximum((data.count + batch_size - 1) // batch_size, 1)
-  loss_and_grad = jax.value_and_grad(
-      lambda p, x, y, w: weighted_loss(apply_fn, p, preprocess(x), y, w), has_aux=True
-  )
+  def objective(p, x, y, w):
+    loss, correct = weighted_loss(apply_fn, p, preprocess(x), y, w)
+    penalty = regularizer(p) if regularizer is not None else 0.0
+    return loss + penalty, (loss, correct)
+
+  loss_and_grad = jax.value_and_grad(objective, has_aux=True)
   mask_tree = apply_mask if mask is not None else (lambda tree, _: tree)
+  if trainable is None:
+    freeze = lambda new, old: new
+  else:
+    freeze = lambda new, old: jax.tree.map(lambda n, o, t: jnp.where(t, n, o), new, old, trainable)
 
   def step(carry, s):
     p, opt_state = carry
     x, y, w, active = draw_batch(data, key, s, batch_size, steps_per_epoch)
-    (loss, correct), grads = loss_and_grad(p, x, y, w)
+    (_, (loss, correct)), grads = loss_and_grad(p, x, y, w)
     updates, new_opt_state = optimizer.update(mask_tree(grads, mask), opt_state, p)
-    new_p = mask_tree(optax.apply_updates(p, updates), mask)
+    new_p = freeze(mask_tree(optax.apply_updates(p, updates), mask), p)
     keep = lambda new, old: jnp.where(active, new, old)
     carry = (jax.tree.map(keep, new_p, p), jax.tree.map(keep, new_opt_state, opt_state))
     seen = jnp.where(active, jnp.sum(w), 0.0)

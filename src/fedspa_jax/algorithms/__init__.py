@@ -1,16 +1,32 @@
-"""Federated algorithms, each an `Algorithm(init, round, evaluate)`; `get(name, model=..., **hparams)` builds one."""
+"""Federated algorithms, each an `Algorithm(init, round, evaluate)`; `get(name, model=..., **hparams)` builds one.
+
+Every algorithm accepts the shared hyperparameters of `base.Common` (clients_per_round, local_epochs, local_steps,
+batch_size, lr, momentum, weight_decay, optimizer, rounds, weighting, server_lr, mesh, eval_clients_per_batch) plus
+its own. Presets are registered names with some of those fixed (e.g. "fedspa_fixed" = FedSpa without mask updates).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
-from typing import Callable
+from typing import Any, Callable
 
-from fedspa_jax.algorithms.base import Algorithm
+from fedspa_jax.algorithms.base import Algorithm, Common
 from fedspa_jax.algorithms.fedspa import fedspa
 
-_ALGORITHMS: dict[str, Callable[..., Algorithm]] = {
-    "fedspa": fedspa,
+# name -> (factory, preset hyperparameters, one-line description)
+_ALGORITHMS: dict[str, tuple[Callable[..., Algorithm], dict[str, Any], str]] = {
+    "fedspa": (fedspa, {}, "FedSpa: personalized sparse masks, RigL regrowth (Huang et al. 2022)"),
+    "fedspa_fixed": (fedspa, {"update_masks": False}, "FedSpa ablation: fixed random masks"),
+    "fedspa_random": (fedspa, {"regrow": "random"}, "FedSpa ablation: random (SET) regrowth"),
+    "fedspa_masked_mean": (fedspa, {"aggregation": "masked_mean"}, "FedSpa ablation: masked-mean aggregation"),
+    "fedspa_shared_init": (fedspa, {"shared_init_mask": True}, "FedSpa ablation: one shared initial mask"),
 }
+
+
+def register(name: str, factory: Callable[..., Algorithm], preset: dict[str, Any] | None = None, doc: str = ""):
+  """Adds an algorithm (or a preset of one) to the registry."""
+  _ALGORITHMS[name] = (factory, dict(preset or {}), doc)
 
 
 def names() -> list[str]:
@@ -18,16 +34,32 @@ def names() -> list[str]:
   return sorted(_ALGORITHMS)
 
 
+def describe() -> dict[str, str]:
+  """{name: one-line description} of every registered algorithm."""
+  return {name: _ALGORITHMS[name][2] for name in names()}
+
+
+def known_hparams(name: str) -> list[str]:
+  """Hyperparameters `get(name, ...)` accepts."""
+  factory = _ALGORITHMS[name][0]
+  params = inspect.signature(factory).parameters
+  own = [p for p, v in params.items() if p != "model" and v.kind is not inspect.Parameter.VAR_KEYWORD]
+  if any(v.kind is inspect.Parameter.VAR_KEYWORD for v in params.values()):
+    own += [f.name for f in dataclasses.fields(Common)]
+  return own
+
+
 def get(name: str, *, model, **hparams) -> Algorithm:
   """Builds the algorithm registered as `name` for `model`; unknown names and hyperparameters raise ValueError."""
   if name not in _ALGORITHMS:
     raise ValueError(f"unknown algorithm {name!r}; known algorithms: {', '.join(names())}")
-  factory = _ALGORITHMS[name]
-  known = [p for p in inspect.signature(factory).parameters if p != "model"]
+  factory, preset, _ = _ALGORITHMS[name]
+  known = known_hparams(name)
   unknown = sorted(set(hparams) - set(known))
   if unknown:
     raise ValueError(f"unknown hyperparameters for {name!r}: {', '.join(unknown)}; known: {', '.join(known)}")
-  return factory(model=model, **hparams)
+  algo = factory(model=model, **{**preset, **hparams})
+  return dataclasses.replace(algo, name=name)
 
 
-__all__ = ["Algorithm", "fedspa", "get", "names"]
+__all__ = ["Algorithm", "Common", "describe", "fedspa", "get", "known_hparams", "names", "register"]

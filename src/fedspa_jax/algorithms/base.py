@@ -11,7 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedspa_jax.client import make_preprocess
 from fedspa_jax.data.federated import FederatedData
+from fedspa_jax.evaluation import make_evaluate
+from fedspa_jax.round import SimState, check_aggregation, check_mesh, make_round
+from fedspa_jax.server import init_server
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +37,62 @@ class Algorithm:
   round: Callable[..., Any]
   evaluate: Callable[..., Any]
   round_fn: Callable[..., Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Common:
+  """Hyperparameters every algorithm shares; `algorithms.get` accepts them for any method.
+
+  Attributes:
+    clients_per_round: S, sampled without replacement each round.
+    local_epochs: passes over each client's own data per round (ignored when `local_steps` is set).
+    local_steps: a fixed number of local steps instead.
+    batch_size: local batch size.
+    lr, momentum, weight_decay: the clients' SGD (ignored when `optimizer` is given).
+    optimizer: an optax transformation for local training.
+    rounds: planned rounds T (schedules use it).
+    weighting: "samples" (aggregate weighted by client sample counts) or "uniform".
+    server_lr: server learning rate eta_s.
+    mesh: optional `jax.sharding.Mesh` with a "clients" axis to shard the cohort over.
+    eval_clients_per_batch: clients evaluated together (memory bound of `evaluate`).
+  """
+
+  clients_per_round: int = 10
+  local_epochs: int | None = 1
+  local_steps: int | None = None
+  batch_size: int = 32
+  lr: float = 0.01
+  momentum: float = 0.0
+  weight_decay: float = 0.0
+  optimizer: optax.GradientTransformation | None = None
+  rounds: int = 100
+  weighting: str = "samples"
+  server_lr: float = 1.0
+  mesh: jax.sharding.Mesh | None = None
+  eval_clients_per_batch: int = 16
+
+  def __post_init__(self):
+    check_positive_int("clients_per_round", self.clients_per_round)
+    check_local_work(self.batch_size, self.local_epochs, self.local_steps)
+    check_positive_int("rounds", self.rounds)
+    check_positive_int("eval_clients_per_batch", self.eval_clients_per_batch)
+    check_aggregation("mean", self.weighting)
+    check_mesh(self.mesh)
+    if not (isinstance(self.server_lr, (int, float)) and self.server_lr > 0):
+      raise ValueError(f"server_lr must be > 0, got {self.server_lr!r}")
+    make_optimizer(self.optimizer, self.lr, self.momentum, self.weight_decay)  # validates lr and momentum
+
+  def train_kwargs(self) -> dict[str, Any]:
+    """Keywords for `client.local_train`: optimizer, batch size, epochs or steps."""
+    return dict(
+        optimizer=make_optimizer(self.optimizer, self.lr, self.momentum, self.weight_decay),
+        batch_size=self.batch_size,
+        local_epochs=self.local_epochs,
+        local_steps=self.local_steps,
+    )
+
+  def as_dict(self) -> dict[str, Any]:
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("optimizer", "mesh")}
 
 
 def make_apply_fn(model: nn.Module) -> Callable[[Any, jax.Array], jax.Array]:
@@ -114,3 +174,96 @@ def check_state_matches(state: Any, data: FederatedData) -> None:
         f"state holds {leaves[0].shape[0]} clients but data has {data.num_clients}; "
         "call init with this dataset"
     )
+
+
+# (key, params, num_clients) -> the persistent client store, leaves [K, ...]
+InitClients = Callable[[jax.Array, Any, int], Any]
+# (params, cohort metrics, number of real clients, round) -> extra round metrics (bytes, FLOPs, ...)
+Account = Callable[[Any, dict, jax.Array], dict]
+
+
+def assemble(
+    *,
+    name: str,
+    hparams: dict[str, Any],
+    model: nn.Module,
+    common: Common,
+    init_clients: InitClients,
+    make_client_fn: Callable[[Callable], Any],
+    make_personalize: Callable[[Callable], Any],
+    account: Account,
+    aggregation: str = "mean",
+) -> Algorithm:
+  """Builds an `Algorithm` from the parts that differ between methods.
+
+  Args:
+    name, hparams: for the registry and logs (the common hyperparameters are added to `hparams`).
+    model: the flax model.
+    common: the hyperparameters every algorithm shares.
+    init_clients: builds the [K, ...] client store from the initial params.
+    make_client_fn: preprocess -> one client's update (w, client_state, data, key, round) -> ClientOutput.
+    make_personalize: preprocess -> (w, client_state, train_data, key) -> the params client k is evaluated with.
+    account: extra per-round metrics from the params and the cohort's metrics (bytes, FLOPs).
+    aggregation: "mean" or "masked_mean".
+  """
+  check_aggregation(aggregation, common.weighting)
+  clients_per_round = common.clients_per_round
+  server_optimizer = optax.sgd(common.server_lr)
+  apply_fn = make_apply_fn(model)
+
+  def init(key: jax.Array, data: FederatedData):
+    check_cohort(clients_per_round, data)
+    k_params, k_clients, k_sim = jax.random.split(key, 3)
+    params = init_params(model, k_params, data)
+    return SimState(
+        server=init_server(params, server_optimizer),
+        clients=init_clients(k_clients, params, data.num_clients),
+        round=jnp.zeros((), jnp.int32),
+        key=k_sim,
+    )
+
+  def check(state, data):
+    # Runs at trace time: bad input surfaces here, before compilation.
+    check_model_fits(model, data)
+    check_cohort(clients_per_round, data)
+    check_state_matches(state, data)
+
+  def round_fn(state, data: FederatedData):
+    check(state, data)
+    preprocess = make_preprocess(data.mean, data.std)
+    run = make_round(
+        make_client_fn(preprocess),
+        num_clients=data.num_clients,
+        cohort_size=clients_per_round,
+        aggregation=aggregation,
+        weighting=common.weighting,
+        server_optimizer=server_optimizer,
+        mesh=common.mesh,
+    )
+    new_state, metrics = run(state, data.train)
+    real = jnp.sum(metrics["cohort"] < data.num_clients)
+    metrics.update(account(state.server.params, metrics, real, state.round))
+    return new_state, metrics
+
+  def evaluate_fn(state, data: FederatedData):
+    check(state, data)
+    preprocess = make_preprocess(data.mean, data.std)
+    evaluate_clients = make_evaluate(
+        make_personalize(preprocess), apply_fn, clients_per_batch=common.eval_clients_per_batch
+    )
+    key = jax.random.fold_in(jax.random.fold_in(state.key, state.round), 2)  # 0: cohort, 1: clients
+    return evaluate_clients(state.server.params, state.clients, data.train, data.test, key, preprocess)
+
+  return Algorithm(
+      name=name,
+      hparams={**common.as_dict(), **hparams, "aggregation": aggregation},
+      init=init,
+      round=jax.jit(round_fn),
+      evaluate=jax.jit(evaluate_fn),
+      round_fn=round_fn,
+  )
+
+
+def stacked(tree: Any, num_clients: int) -> Any:
+  """`num_clients` copies of every leaf, stacked on a new leading axis."""
+  return jax.tree.map(lambda a: jnp.broadcast_to(a, (num_clients, *a.shape)), tree)
