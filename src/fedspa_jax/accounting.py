@@ -13,6 +13,7 @@ import math
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from fedspa_jax.masks import target_counts
@@ -23,12 +24,24 @@ def dense_bytes(params: Any) -> int:
   return int(sum(np.size(p) * np.dtype(p.dtype).itemsize for p in jax.tree.leaves(params)))
 
 
-def mask_bytes(size: int, active: int) -> int:
-  """Bytes of one leaf's mask: min(bitmap ceil(size / 8), index list active * ceil(log2(size) / 8))."""
-  if active >= size:
-    return 0  # a dense leaf needs no mask
+def mask_bytes(size: int, active: Any) -> Any:
+  """Bytes of one leaf's mask: min(bitmap ceil(size / 8), index list active * ceil(log2(size) / 8)); 0 if dense.
+
+  `active` may be a Python int (host accounting) or a traced array (per-client masks of varying density).
+  """
   index_bytes = max(1, math.ceil(math.log2(max(size, 2)) / 8))
-  return int(min(math.ceil(size / 8), active * index_bytes))
+  xp = np if isinstance(active, (int, np.integer)) else jnp  # host ints stay host ints inside a trace
+  cost = xp.minimum(math.ceil(size / 8), active * index_bytes)
+  return xp.where(active >= size, 0, cost)
+
+
+def mask_message_bytes(mask: Any, itemsize: int = 4) -> jax.Array:
+  """In-graph bytes of a sparse message over one client's `mask`: active values plus each leaf's mask."""
+  total = jnp.zeros((), jnp.float32)
+  for m in jax.tree.leaves(mask):
+    active = jnp.sum(m, dtype=jnp.int32)
+    total += (active * itemsize + mask_bytes(int(m.size), active)).astype(jnp.float32)
+  return total
 
 
 def sparse_bytes(params: Any, densities: Any) -> int:
@@ -37,7 +50,7 @@ def sparse_bytes(params: Any, densities: Any) -> int:
   total = 0
   for p, c in zip(jax.tree.leaves(params), jax.tree.leaves(counts)):
     size = int(np.size(p))
-    total += c * np.dtype(p.dtype).itemsize + mask_bytes(size, c)
+    total += c * np.dtype(p.dtype).itemsize + int(mask_bytes(size, c))
   return int(total)
 
 

@@ -81,6 +81,13 @@ def drop_and_grow(
   return (kept | grown).reshape(shape)
 
 
+def prune_smallest(mask: jax.Array, param: jax.Array, count: jax.Array) -> jax.Array:
+  """Drops the `count` active entries of smallest |param| (no regrowth); `count` may be traced."""
+  count = jnp.clip(count, 0, jnp.sum(mask, dtype=jnp.int32))
+  ranks = _ranks(jnp.where(mask, jnp.abs(param), jnp.inf).reshape(-1)).reshape(mask.shape)
+  return mask & (ranks >= count)
+
+
 def prune_and_regrow(
     mask: Any,
     params: Any,

@@ -10,7 +10,6 @@ ERK densities: Evci, Gale, Menick, Castro, Elsen, "Rigging the Lottery: Making A
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
 import jax
@@ -204,20 +203,6 @@ def unpack_bits(packed: Any, like: Params) -> Mask:
       packed,
       like,
   )
-
-
-def mask_message_bytes(size: int, active: Any) -> Any:
-  """Bytes to send one leaf's mask: the cheaper of a bitmap and a list of active indices.
-
-  Args:
-    size: number of entries in the leaf.
-    active: number of active entries (int or array).
-
-  Returns:
-    min(ceil(size / 8), active * ceil(log2(size) / 8)) bytes.
-  """
-  index_bytes = max(1, math.ceil(math.log2(max(size, 2)) / 8))
-  return jnp.minimum(math.ceil(size / 8), active * index_bytes)
 
 
 def __getattr__(name: str):

@@ -12,7 +12,10 @@ import inspect
 from typing import Any, Callable
 
 from fedspa_jax.algorithms.base import Algorithm, Common
+from fedspa_jax.algorithms.dense import ditto, fedavg, fedavg_ft, local
 from fedspa_jax.algorithms.fedspa import fedspa
+from fedspa_jax.algorithms.split import fedper, fedrep
+from fedspa_jax.algorithms.subfedavg import subfedavg
 
 # name -> (factory, preset hyperparameters, one-line description)
 _ALGORITHMS: dict[str, tuple[Callable[..., Algorithm], dict[str, Any], str]] = {
@@ -21,6 +24,13 @@ _ALGORITHMS: dict[str, tuple[Callable[..., Algorithm], dict[str, Any], str]] = {
     "fedspa_random": (fedspa, {"regrow": "random"}, "FedSpa ablation: random (SET) regrowth"),
     "fedspa_masked_mean": (fedspa, {"aggregation": "masked_mean"}, "FedSpa ablation: masked-mean aggregation"),
     "fedspa_shared_init": (fedspa, {"shared_init_mask": True}, "FedSpa ablation: one shared initial mask"),
+    "fedavg": (fedavg, {}, "FedAvg: one global model (McMahan et al. 2017)"),
+    "fedavg_ft": (fedavg_ft, {}, "FedAvg, then local fine-tuning before evaluation"),
+    "local": (local, {}, "Local: every client trains alone, no communication"),
+    "ditto": (ditto, {}, "Ditto: personal models with a proximal pull to the global one (Li et al. 2021)"),
+    "fedrep": (fedrep, {}, "FedRep: shared body, personal head trained first (Collins et al. 2021)"),
+    "fedper": (fedper, {}, "FedPer: shared body, personal head trained jointly (Arivazhagan et al. 2019)"),
+    "subfedavg": (subfedavg, {}, "Sub-FedAvg (unstructured): pruned personal masks (Vahidian et al. 2021)"),
 }
 
 
@@ -62,4 +72,20 @@ def get(name: str, *, model, **hparams) -> Algorithm:
   return dataclasses.replace(algo, name=name)
 
 
-__all__ = ["Algorithm", "Common", "describe", "fedspa", "get", "known_hparams", "names", "register"]
+__all__ = [
+    "Algorithm",
+    "Common",
+    "describe",
+    "ditto",
+    "fedavg",
+    "fedavg_ft",
+    "fedper",
+    "fedrep",
+    "fedspa",
+    "get",
+    "known_hparams",
+    "local",
+    "names",
+    "register",
+    "subfedavg",
+]

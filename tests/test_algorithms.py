@@ -1,0 +1,121 @@
+"""Every registered algorithm in the same engine: it learns, it keeps absent clients' state, it traces once."""
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+import fedspa_jax as fj
+from fedspa_jax import accounting
+
+NUM_CLIENTS, COHORT, ROUNDS = 30, 10, 30
+
+
+@pytest.fixture(scope="module")
+def data():
+  return jax.device_put(fj.data.synthetic(1.0, 1.0, num_clients=NUM_CLIENTS, seed=0))
+
+
+@pytest.fixture(scope="module")
+def model():
+  return fj.models.get("mlp", num_classes=10, hidden=(32,))
+
+
+@pytest.fixture(scope="module", params=fj.algorithms.names())
+def run(request, model, data):
+  algo = fj.algorithms.get(request.param, model=model, clients_per_round=COHORT, lr=0.05, rounds=ROUNDS)
+  state0 = algo.init(jax.random.key(0), data)
+  state1, first_metrics = algo.round(state0, data)
+  state = state1
+  history = [first_metrics]
+  for _ in range(ROUNDS - 1):
+    state, metrics = algo.round(state, data)
+    history.append(metrics)
+  return algo, state0, state1, state, history, algo.evaluate(state, data)
+
+
+def test_learns_on_synthetic(run):
+  algo, *_, ev = run
+  # 10 classes: chance is 0.1.
+  assert float(ev["accuracy_summary"]["mean"]) > 0.4, algo.name
+
+
+def test_absent_clients_keep_their_state(run):
+  algo, state0, state1, _, history, _ = run
+  cohort = set(np.asarray(history[0]["cohort"]).tolist())
+  assert len(cohort) == COHORT
+  absent = [k for k in range(NUM_CLIENTS) if k not in cohort]
+  chex.assert_trees_all_equal(
+      jax.tree.map(lambda a: a[np.array(absent)], state0.clients),
+      jax.tree.map(lambda a: a[np.array(absent)], state1.clients),
+  )
+
+
+def test_round_traces_once(run):
+  algo, *_ = run
+  assert algo.round._cache_size() == 1, algo.name
+
+
+def test_reports_accounting(run):
+  algo, _, _, state, history, _ = run
+  for key in ("bytes_up", "bytes_down", "client_state_bytes", "loss"):
+    assert key in history[-1], (algo.name, key)
+  assert all(np.isfinite(np.asarray(m["loss"])).all() for m in history)
+
+
+def test_fedavg_bytes_are_two_models_per_client(model, data):
+  algo = fj.algorithms.get("fedavg", model=model, clients_per_round=COHORT, local_steps=1, local_epochs=None)
+  state = algo.init(jax.random.key(0), data)
+  _, metrics = algo.round(state, data)
+  model_bytes = accounting.dense_bytes(state.server.params)
+  assert model_bytes == 4 * (60 * 32 + 32 + 32 * 10 + 10)
+  assert int(metrics["bytes_up"]) + int(metrics["bytes_down"]) == 2 * model_bytes * COHORT
+
+
+@pytest.mark.parametrize("run", ["local"], indirect=True)
+def test_local_sends_nothing_and_never_moves_the_global_model(run):
+  _, state0, _, state, history, _ = run
+  assert all(int(m["bytes_up"]) == 0 and int(m["bytes_down"]) == 0 for m in history)
+  chex.assert_trees_all_equal(state.server.params, state0.server.params)
+
+
+SPARSE = [name for name in fj.algorithms.names() if name.startswith("fedspa") or name == "subfedavg"]
+
+
+@pytest.mark.parametrize("run", SPARSE, indirect=True)
+def test_sparse_methods_send_fewer_bytes_than_fedavg(run):
+  algo, state0, _, _, history, _ = run
+  dense = 2 * accounting.dense_bytes(state0.server.params) * COHORT
+  first = int(history[0]["bytes_up"]) + int(history[0]["bytes_down"])
+  last = int(history[-1]["bytes_up"]) + int(history[-1]["bytes_down"])
+  if algo.name == "subfedavg":  # starts dense and only prunes
+    assert first == dense and last < dense
+  else:
+    assert first == last < 0.75 * dense  # density 0.5 plus masks and dense biases
+
+
+def test_fedrep_needs_a_head(data):
+
+  import flax.linen as nn
+
+  class Plain(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(10)(x.reshape((x.shape[0], -1)))
+
+  algo = fj.algorithms.get("fedrep", model=Plain())
+  with pytest.raises(ValueError, match='named "head"'):
+    algo.init(jax.random.key(0), data)
+
+
+def test_algorithm_specific_errors(model):
+  with pytest.raises(ValueError, match="ditto_lambda"):
+    fj.algorithms.get("ditto", model=model, ditto_lambda=-1.0)
+  with pytest.raises(ValueError, match="head_epochs"):
+    fj.algorithms.get("fedrep", model=model, head_epochs=0)
+  with pytest.raises(ValueError, match="finetune_epochs"):
+    fj.algorithms.get("fedavg_ft", model=model, finetune_epochs=0)
+  with pytest.raises(ValueError, match="prune_rate"):
+    fj.algorithms.get("subfedavg", model=model, prune_rate=2.0)
+  with pytest.raises(ValueError, match="unknown hyperparameters for 'fedavg': density"):
+    fj.algorithms.get("fedavg", model=model, density=0.5)
