@@ -1,4 +1,10 @@
-"""Flax models for federated simulation; `get(name, num_classes, **kw)` builds one by name."""
+"""Flax models for federated simulation; `get(name, num_classes, **kw)` builds one by name.
+
+Every model is a `flax.linen` Module applied as `model.apply({"params": params}, x)` to float32 NHWC images
+`[batch, H, W, C]` and returns logits `[batch, num_classes]`. No model keeps batch statistics or other mutable
+collections. The last layer is a Dense named "head"; everything before it is the body. Convolutional models take
+`conv="auto" | "im2col" | "xla"` (see `fedspa_jax.models.conv`).
+"""
 
 from __future__ import annotations
 
@@ -6,10 +12,20 @@ from typing import Callable
 
 import flax.linen as nn
 
+from fedspa_jax.models import conv, flops
+from fedspa_jax.models.cnn import CNN, CifarCNN
+from fedspa_jax.models.lenet import LeNet5
 from fedspa_jax.models.mlp import MLP
+from fedspa_jax.models.resnet import ResNet18
+from fedspa_jax.models.vgg import VGG11
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {
     "mlp": MLP,
+    "lenet5": LeNet5,
+    "cnn": CNN,
+    "cifar_cnn": CifarCNN,
+    "vgg11": VGG11,
+    "resnet18": ResNet18,
 }
 
 
@@ -27,4 +43,4 @@ def get(name: str, num_classes: int, **kw) -> nn.Module:
   return _MODELS[name](num_classes=num_classes, **kw)
 
 
-__all__ = ["MLP", "get", "names"]
+__all__ = ["CNN", "CifarCNN", "LeNet5", "MLP", "ResNet18", "VGG11", "conv", "flops", "get", "names"]
