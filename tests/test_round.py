@@ -77,8 +77,9 @@ def test_vmapped_cohort_equals_python_loop(client_fn, run, state0, data, aggrega
   server, new_states, metrics = run(state0, cohort_state, cohort_data, weights, keys, aggregation)
 
   w = state0.server.params
+  one_client = jax.jit(client_fn)
   outs = [
-      client_fn(w, jax.tree.map(lambda a: a[i], cohort_state), jax.tree.map(lambda a: a[i], cohort_data), keys[i],
+      one_client(w, jax.tree.map(lambda a: a[i], cohort_state), jax.tree.map(lambda a: a[i], cohort_data), keys[i],
                 jnp.int32(2))
       for i in range(len(cohort))
   ]
