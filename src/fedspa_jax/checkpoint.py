@@ -1,0 +1,125 @@
+"""Checkpoints of a simulation: the whole `SimState` plus JSON metadata, written atomically with orbax.
+
+A checkpoint holds everything needed to continue a run: the server state, every client's state, the round, the
+simulation key (typed PRNG keys are stored as their key data and re-wrapped on restore), and a JSON item with the
+config, the metrics history and the running totals. orbax writes each step into a temporary folder and renames it
+when complete, so a run killed mid-save leaves the previous checkpoint intact (the leftover temporary folder is
+removed the next time the folder is opened).
+
+    ckpt = Checkpointer("runs/x/checkpoints")
+    ckpt.save(10, state, {"config": ..., "history": [...]})
+    state, meta = ckpt.restore(algo.init(key, data))      # the fresh state gives structure, dtypes and shardings
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+_STATE, _META = "state", "meta"
+
+
+def _is_key(leaf: Any) -> bool:
+  return hasattr(leaf, "dtype") and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+
+
+def to_storable(tree: Any) -> Any:
+  """`tree` with typed PRNG keys replaced by their uint32 key data."""
+  return jax.tree.map(lambda a: jax.random.key_data(a) if _is_key(a) else a, tree)
+
+
+def from_storable(tree: Any, like: Any) -> Any:
+  """Inverse of `to_storable`: re-wraps the leaves that are typed keys in `like` (with `like`'s key impl)."""
+  return jax.tree.map(
+      lambda a, ref: jax.random.wrap_key_data(a, impl=jax.random.key_impl(ref)) if _is_key(ref) else a, tree, like
+  )
+
+
+def _abstract(tree: Any) -> Any:
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)), tree)
+
+
+class Checkpointer:
+  """Saves and restores `(state, meta)` pairs under `directory/<round>/`, keeping the newest `keep`.
+
+  Args:
+    directory: the checkpoint folder (created on the first save).
+    keep: how many of the most recent checkpoints to keep.
+  """
+
+  def __init__(self, directory: str | pathlib.Path, *, keep: int = 2):
+    self.directory = pathlib.Path(directory).absolute()
+    self._keep = keep
+    self._manager: ocp.CheckpointManager | None = None
+
+  @property
+  def manager(self) -> ocp.CheckpointManager:
+    if self._manager is None:
+      options = ocp.CheckpointManagerOptions(
+          max_to_keep=self._keep, enable_async_checkpointing=False, create=True, cleanup_tmp_directories=True
+      )
+      self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(_STATE, _META))
+    return self._manager
+
+  def latest_round(self) -> int | None:
+    """The round of the newest complete checkpoint, or None."""
+    if not self.directory.is_dir():
+      return None
+    return self.manager.latest_step()
+
+  def rounds(self) -> list[int]:
+    if not self.directory.is_dir():
+      return []
+    return list(self.manager.all_steps())
+
+  def path(self, round: int) -> pathlib.Path:
+    return self.directory / str(round)
+
+  def save(self, round: int, state: Any, meta: dict[str, Any]) -> pathlib.Path:
+    """Writes `state` (any pytree of arrays, typed keys allowed) and JSON-able `meta` as checkpoint `round`.
+
+    A checkpoint that already exists for `round` is kept as it is (a round's state is deterministic).
+    """
+    if round in self.rounds():
+      return self.path(round)
+    args = ocp.args.Composite(
+        **{_STATE: ocp.args.StandardSave(to_storable(state)), _META: ocp.args.JsonSave(meta)}
+    )
+    self.manager.save(round, args=args, force=True)
+    self.manager.wait_until_finished()
+    return self.path(round)
+
+  def read_meta(self, round: int | None = None) -> dict[str, Any] | None:
+    """The JSON metadata of checkpoint `round` (default: the newest), without reading any array; None if none."""
+    round = self.latest_round() if round is None else round
+    if round is None:
+      return None
+    return self.manager.restore(round, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))[_META]
+
+  def restore(self, like: Any, round: int | None = None) -> tuple[Any, dict[str, Any]]:
+    """Checkpoint `round` (default: the newest) as `(state, meta)`.
+
+    Args:
+      like: a pytree with the saved state's structure (e.g. a freshly initialised state): gives the structure,
+        shapes, dtypes and shardings to restore into, and which leaves are typed keys.
+      round: which checkpoint.
+
+    Raises:
+      FileNotFoundError: no checkpoint in the folder.
+    """
+    round = self.latest_round() if round is None else round
+    if round is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    args = ocp.args.Composite(
+        **{_STATE: ocp.args.StandardRestore(_abstract(to_storable(like))), _META: ocp.args.JsonRestore()}
+    )
+    out = self.manager.restore(round, args=args)
+    return from_storable(out[_STATE], like), out[_META]
+
+  def close(self) -> None:
+    if self._manager is not None:
+      self._manager.close()
+      self._manager = None
