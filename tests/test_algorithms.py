@@ -119,3 +119,20 @@ def test_algorithm_specific_errors(model):
     fj.algorithms.get("subfedavg", model=model, prune_rate=2.0)
   with pytest.raises(ValueError, match="unknown hyperparameters for 'fedavg': density"):
     fj.algorithms.get("fedavg", model=model, density=0.5)
+
+
+def test_fedavg_flops_are_three_forward_passes_per_sample(model, data):
+  algo = fj.algorithms.get("fedavg", model=model, clients_per_round=COHORT, local_steps=2, local_epochs=None)
+  state = algo.init(jax.random.key(0), data)
+  _, metrics = algo.round(state, data)
+  forward = 2 * (60 * 32 + 32 * 10)  # the MLP's two dense layers, per sample
+  samples = int(np.sum(metrics["samples"]))
+  assert float(metrics["flops"]) == pytest.approx(3 * forward * samples)
+  assert float(metrics["flops_dense"]) == float(metrics["flops"])
+
+
+@pytest.mark.parametrize("run", SPARSE, indirect=True)
+def test_sparse_methods_train_with_fewer_flops(run):
+  algo, _, _, _, history, _ = run
+  m = history[-1]
+  assert 0 < float(m["flops"]) < float(m["flops_dense"]), algo.name

@@ -61,3 +61,39 @@ def mask_state_bytes(params: Any, densities: Any) -> int:
     if d < 1.0:
       total += math.ceil(np.size(p) / 8)
   return total
+
+
+def kernel_at(tree: Any, path: str) -> Any:
+  """The "kernel" leaf of the layer at a "/"-joined module path (as `models.flops` names layers)."""
+  node = tree
+  for name in path.split("/"):
+    node = node[name]
+  return node["kernel"]
+
+
+def mask_training_flops(forward: dict[str, float], mask: Any) -> jax.Array:
+  """In-graph training FLOPs per sample of one client's masked model: 3 x sum_l density_l x forward_l.
+
+  Args:
+    forward: dense forward FLOPs per layer, `models.flops.forward_flops(model, sample_shape)`.
+    mask: the client's bool mask (params structure).
+  """
+  total = jnp.zeros((), jnp.float32)
+  for path, flops in forward.items():
+    total += flops * jnp.mean(kernel_at(mask, path).astype(jnp.float32))
+  return 3.0 * total
+
+
+def round_flops(per_sample: float, dense_per_sample: float, samples: jax.Array, weights: jax.Array,
+                extra: Any = 0.0) -> dict[str, jax.Array]:
+  """A round's training FLOPs over the real clients (weight > 0) and the dense-training reference.
+
+  Args:
+    per_sample: training FLOPs per sample of the method's model.
+    dense_per_sample: training FLOPs per sample of the dense model.
+    samples: [S] samples each client trained on.
+    weights: [S] aggregation weights (0 marks padding).
+    extra: FLOPs on top (e.g. FedSpa's regrowth gradient batches).
+  """
+  seen = jnp.sum(jnp.where(weights > 0, samples, 0)).astype(jnp.float32)
+  return {"flops": per_sample * seen + extra, "flops_dense": dense_per_sample * seen}

@@ -11,9 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedspa_jax import accounting
 from fedspa_jax.client import make_preprocess
 from fedspa_jax.data.federated import FederatedData
 from fedspa_jax.evaluation import make_evaluate
+from fedspa_jax.models import flops
 from fedspa_jax.round import SimState, check_aggregation, check_mesh, make_round
 from fedspa_jax.server import init_server
 
@@ -178,7 +180,7 @@ def check_state_matches(state: Any, data: FederatedData) -> None:
 
 # (key, params, num_clients) -> the persistent client store, leaves [K, ...]
 InitClients = Callable[[jax.Array, Any, int], Any]
-# (params, cohort metrics, number of real clients, round) -> extra round metrics (bytes, FLOPs, ...)
+# (params, cohort metrics, number of real clients, round, sample shape) -> extra round metrics (bytes, FLOPs, ...)
 Account = Callable[[Any, dict, jax.Array], dict]
 
 
@@ -242,7 +244,7 @@ def assemble(
     )
     new_state, metrics = run(state, data.train)
     real = jnp.sum(metrics["cohort"] < data.num_clients)
-    metrics.update(account(state.server.params, metrics, real, state.round))
+    metrics.update(account(state.server.params, metrics, real, state.round, data.sample_shape))
     return new_state, metrics
 
   def evaluate_fn(state, data: FederatedData):
@@ -262,6 +264,16 @@ def assemble(
       evaluate=jax.jit(evaluate_fn),
       round_fn=round_fn,
   )
+
+
+def dense_training_flops(
+    model: nn.Module, sample_shape: tuple[int, ...], metrics: dict, sample_keys: tuple[str, ...] = ("samples",)
+) -> dict[str, jax.Array]:
+  """A dense method's round FLOPs: 3 x dense forward per sample trained on (summed over `sample_keys` metrics)."""
+  with jax.ensure_compile_time_eval():  # host-side arithmetic on shapes, even while the round is traced
+    per_sample = flops.training_flops(model, sample_shape).dense_per_sample
+  samples = sum(metrics[k] for k in sample_keys)
+  return accounting.round_flops(per_sample, per_sample, samples, metrics["weight"])
 
 
 def stacked(tree: Any, num_clients: int) -> Any:

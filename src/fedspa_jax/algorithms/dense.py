@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from fedspa_jax import accounting
-from fedspa_jax.algorithms.base import Algorithm, Common, assemble, make_apply_fn, stacked
+from fedspa_jax.algorithms.base import Algorithm, Common, assemble, dense_training_flops, make_apply_fn, stacked
 from fedspa_jax.client import ClientData, local_train
 from fedspa_jax.round import ClientOutput
 
@@ -28,17 +28,27 @@ def train_metrics(result) -> dict[str, jax.Array]:
   return {"loss": result.loss, "accuracy": result.accuracy, "steps": result.steps, "samples": result.samples}
 
 
-def dense_account(bytes_each_way: bool = True, state_bytes: Any = None):
-  """Per-round accounting of a dense method: the whole model down and up per real client (or nothing)."""
+def dense_account(
+    model: nn.Module, *, communicates: bool = True, state_bytes: Any = None, sample_keys: tuple[str, ...] = ("samples",)
+):
+  """Per-round accounting of a dense method: the whole model down and up per real client (or nothing), dense FLOPs.
 
-  def account(params, metrics, real, round):
-    del metrics, round
-    message = accounting.dense_bytes(params) if bytes_each_way else 0
+  Args:
+    model: the flax model (for FLOPs).
+    communicates: False for methods that send nothing (Local).
+    state_bytes: params -> bytes of one client's persistent state (None: no state).
+    sample_keys: the client metrics whose sum is the number of samples trained on (Ditto trains twice).
+  """
+
+  def account(params, metrics, real, round, sample_shape):
+    del round
+    message = accounting.dense_bytes(params) if communicates else 0
     state = 0 if state_bytes is None else state_bytes(params)
     return {
         "bytes_down": real * message,
         "bytes_up": real * message,
         "client_state_bytes": jnp.asarray(state),
+        **dense_training_flops(model, sample_shape, metrics, sample_keys),
     }
 
   return account
@@ -85,7 +95,7 @@ def fedavg(*, model: nn.Module, finetune_epochs: int = 0, **common: Any) -> Algo
   return assemble(
       name="fedavg_ft" if finetune_epochs else "fedavg", hparams={"finetune_epochs": finetune_epochs},
       model=model, common=common, init_clients=no_client_state, make_client_fn=make_client_fn,
-      make_personalize=make_personalize, account=dense_account(),
+      make_personalize=make_personalize, account=dense_account(model),
   )
 
 
@@ -111,7 +121,7 @@ def local(*, model: nn.Module, **common: Any) -> Algorithm:
       name="local", hparams={}, model=model, common=common,
       init_clients=lambda key, params, num_clients: stacked(params, num_clients),
       make_client_fn=make_client_fn, make_personalize=lambda preprocess: lambda w, params_k, train_k, key: params_k,
-      account=dense_account(bytes_each_way=False, state_bytes=accounting.dense_bytes),
+      account=dense_account(model, communicates=False, state_bytes=accounting.dense_bytes),
   )
 
 
@@ -152,7 +162,7 @@ def ditto(
           **personal_kwargs,
       )
       update = jax.tree.map(jnp.subtract, w, result.params)
-      metrics = {**train_metrics(personal), "global_loss": result.loss}
+      metrics = {**train_metrics(personal), "global_loss": result.loss, "global_samples": result.samples}
       return ClientOutput(update=update, coverage=None, state=personal.params, metrics=metrics)
 
     return client_update
@@ -161,7 +171,7 @@ def ditto(
       name="ditto", hparams={"ditto_lambda": ditto_lambda, "personal_epochs": personal_epochs}, model=model,
       common=common, init_clients=lambda key, params, num_clients: stacked(params, num_clients),
       make_client_fn=make_client_fn, make_personalize=lambda preprocess: lambda w, v, train_k, key: v,
-      account=dense_account(state_bytes=accounting.dense_bytes),
+      account=dense_account(model, state_bytes=accounting.dense_bytes, sample_keys=("samples", "global_samples")),
   )
 
 

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from fedspa_jax import accounting, masks
 from fedspa_jax.algorithms.base import Algorithm, Common, assemble, check_positive_int
 from fedspa_jax.client import ClientData, batch_gradient, local_train
+from fedspa_jax.models import flops
 from fedspa_jax.mask_update import REGROW_RULES, check_rate, cosine_prune_rate, prune_and_regrow
 from fedspa_jax.round import ClientOutput
 
@@ -111,14 +112,20 @@ def fedspa(
   def make_personalize(preprocess):
     return lambda w, mask, train_k, key: masks.apply_mask(w, mask)
 
-  def account(params, metrics, real, round):
+  def account(params, metrics, real, round, sample_shape):
     densities = densities_of(params)
     message = accounting.sparse_bytes(params, densities)
+    regrow_batch = common.batch_size if update_masks and regrow == "gradient" else 0
+    with jax.ensure_compile_time_eval():  # host-side arithmetic on shapes, even while the round is traced
+      cost = flops.training_flops(model, sample_shape, densities, regrow_batch=regrow_batch)
     return {
         "bytes_down": real * message,
         "bytes_up": real * message,
         "client_state_bytes": jnp.asarray(accounting.mask_state_bytes(params, densities)),
         "prune_rate": cosine_prune_rate(round, alpha, t_end) if update_masks else jnp.zeros(()),
+        **accounting.round_flops(
+            cost.per_sample, cost.dense_per_sample, metrics["samples"], metrics["weight"], extra=real * cost.regrow
+        ),
     }
 
   hparams = dict(

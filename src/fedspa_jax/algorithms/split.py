@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from fedspa_jax import accounting
-from fedspa_jax.algorithms.base import Algorithm, Common, assemble, make_apply_fn, stacked
+from fedspa_jax.algorithms.base import Algorithm, Common, assemble, dense_training_flops, make_apply_fn, stacked
 from fedspa_jax.algorithms.dense import train_metrics
 from fedspa_jax.client import ClientData, local_train
 from fedspa_jax.round import ClientOutput
@@ -58,29 +58,34 @@ def _split_algorithm(name: str, model: nn.Module, head_epochs: int | None, commo
       if head_epochs is not None:  # FedRep: head first with the body frozen, then the body with the head frozen
         trains_head = jax.tree.map(jnp.logical_not, trains_body)
         head_kwargs = {**train_kwargs, "local_epochs": head_epochs, "local_steps": None}
-        params = local_train(
+        head_result = local_train(
             params, None, data, k_head, apply_fn=apply_fn, preprocess=preprocess, trainable=trains_head, **head_kwargs
-        ).params
+        )
+        params, head_samples = head_result.params, head_result.samples
         result = local_train(
             params, None, data, k_body, apply_fn=apply_fn, preprocess=preprocess, trainable=trains_body,
             **train_kwargs,
         )
       else:  # FedPer: body and head together
         result = local_train(params, None, data, k_body, apply_fn=apply_fn, preprocess=preprocess, **train_kwargs)
+        head_samples = jnp.zeros((), jnp.int32)
       update = jax.tree.map(
           lambda a, b, body: jnp.where(body, a - b, 0.0), with_head(w, head), result.params, trains_body
       )
-      return ClientOutput(update=update, coverage=None, state=result.params[HEAD], metrics=train_metrics(result))
+      metrics = {**train_metrics(result), "head_samples": head_samples}
+      return ClientOutput(update=update, coverage=None, state=result.params[HEAD], metrics=metrics)
 
     return client_update
 
-  def account(params, metrics, real, round):
-    del metrics, round
+  def account(params, metrics, real, round, sample_shape):
+    del round
     body = accounting.dense_bytes({k: v for k, v in params.items() if k != HEAD})
     return {
         "bytes_down": real * body,
         "bytes_up": real * body,
         "client_state_bytes": jnp.asarray(accounting.dense_bytes(params[HEAD])),
+        # FedRep's head epochs still run full forward and backward passes in this implementation.
+        **dense_training_flops(model, sample_shape, metrics, ("samples", "head_samples")),
     }
 
   return assemble(

@@ -10,6 +10,7 @@ Message sizes vary by client and are counted in-graph from the actual masks.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -17,10 +18,11 @@ import jax
 import jax.numpy as jnp
 
 from fedspa_jax import accounting, masks
-from fedspa_jax.algorithms.base import Algorithm, Common, assemble, make_apply_fn, stacked
+from fedspa_jax.algorithms.base import Algorithm, Common, assemble, dense_training_flops, make_apply_fn, stacked
 from fedspa_jax.algorithms.dense import train_metrics
 from fedspa_jax.client import ClientData, local_train
 from fedspa_jax.mask_update import check_rate, prune_smallest
+from fedspa_jax.models import flops
 from fedspa_jax.round import ClientOutput
 
 
@@ -47,6 +49,7 @@ def subfedavg(
   check_rate(accuracy_threshold, "accuracy_threshold")
   apply_fn = make_apply_fn(model)
   train_kwargs = common.train_kwargs()
+  forward_flops = functools.lru_cache(lambda sample_shape: flops.forward_flops(model, sample_shape))
 
   def init_clients(key, params, num_clients):
     del key
@@ -73,16 +76,25 @@ def subfedavg(
           **train_metrics(result),
           "message_bytes": accounting.mask_message_bytes(mask),
           "density": masks.overall_density(new_mask),
+          "flops": accounting.mask_training_flops(forward_flops(data.x.shape[1:]), mask) * result.samples,
       }
       return ClientOutput(update=update, coverage=mask, state=new_mask, metrics=metrics)
 
     return client_update
 
-  def account(params, metrics, real, round):
+  def account(params, metrics, real, round, sample_shape):
     del real, round
-    sent = jnp.sum(jnp.where(metrics["weight"] > 0, metrics["message_bytes"], 0.0))
+    real_clients = metrics["weight"] > 0
+    sent = jnp.sum(jnp.where(real_clients, metrics["message_bytes"], 0.0))
     state = accounting.mask_state_bytes(params, masks.uniform_densities(params, density))
-    return {"bytes_down": sent, "bytes_up": sent, "client_state_bytes": jnp.asarray(state)}
+    dense = dense_training_flops(model, sample_shape, metrics)
+    return {
+        "bytes_down": sent,
+        "bytes_up": sent,
+        "client_state_bytes": jnp.asarray(state),
+        "flops": jnp.sum(jnp.where(real_clients, metrics["flops"], 0.0)),
+        "flops_dense": dense["flops_dense"],
+    }
 
   hparams = dict(density=density, prune_rate=prune_rate, accuracy_threshold=accuracy_threshold)
   return assemble(
