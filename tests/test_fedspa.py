@@ -105,6 +105,12 @@ def test_model_and_data_that_do_not_fit(data):
     algo.init(jax.random.key(0), data)
 
 
+def test_image_model_on_vector_data_is_rejected_before_compiling(data):
+  algo = fj.algorithms.get("fedspa", model=fj.models.get("lenet5", num_classes=10))
+  with pytest.raises(ValueError, match=r"does not accept inputs of shape \(60,\)"):
+    algo.init(jax.random.key(0), data)
+
+
 def test_data_with_another_client_count_is_rejected_before_compiling(trained):
   algo, state, _, _, _ = trained
   other = fj.data.synthetic(1.0, 1.0, num_clients=20, seed=0)
