@@ -1,72 +1,192 @@
-"""Command line: `fedspa-jax run ...` (also `python -m fedspa_jax`)."""
+"""fedspa-jax command line (also `python -m fedspa_jax`); docs/cli.md has the details.
+
+    fedspa-jax run                                        # the built-in default (configs/default.py)
+    fedspa-jax run --config fashion_mnist_pathological --set rounds=50 --out runs/fm
+    fedspa-jax run --algorithm fedspa --dataset fashion_mnist --partition pathological --num-clients 100 \\
+        --rounds 50 --out runs/x
+    fedspa-jax run --out runs/fm --resume                 # continue from the newest checkpoint
+    fedspa-jax compare --algorithms fedspa fedavg --config default --out runs/cmp
+    fedspa-jax plot runs/cmp/fedspa runs/cmp/fedavg --out figs
+    fedspa-jax list                                       # algorithms, datasets, models, shipped configs
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import pathlib
 import sys
 
-from fedspa_jax import experiment
+# Config fields that have their own flag: (flag, field, type).
+_FLAGS = (
+    ("--algorithm", "algorithm", str),
+    ("--dataset", "dataset", str),
+    ("--partition", "partition", str),
+    ("--num-clients", "num_clients", int),
+    ("--model", "model", str),
+    ("--rounds", "rounds", int),
+    ("--seed", "seed", int),
+    ("--eval-every", "eval_every", int),
+    ("--checkpoint-every", "checkpoint_every", int),
+    ("--rounds-per-dispatch", "rounds_per_dispatch", int),
+    ("--data-dir", "data_dir", str),
+)
+
+EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 
 
-def parse_value(text: str):
-  """`--set key=value` values: JSON when it parses (numbers, true/false, null, lists), else the string."""
-  try:
-    return json.loads(text)
-  except json.JSONDecodeError:
-    return text
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+  group = parser.add_argument_group("experiment (a config file, then flags, then --set, each overriding the last)")
+  group.add_argument("--config", help="shipped config name (see `fedspa-jax list`) or path to a .py config file "
+                                      "with get_config(); default: 'default'")
+  for flag, field, kind in _FLAGS:
+    group.add_argument(flag, dest=field, type=kind, default=None, help=f"config key {field}")
+  group.add_argument(
+      "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+      help="any config key (rounds=5), algorithm hyperparameter (density=0.2 or hparams.density=0.2), data option "
+           "(data.alpha=0.3) or model option (model.hidden=[64]); smoke=true picks the config's tiny variant",
+  )
+
+
+def _add_run_args(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--out", help="run folder (default: runs/<algorithm>-<dataset>-<time>)")
+  mode = parser.add_mutually_exclusive_group()
+  mode.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+  mode.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+  parser.add_argument("--stop-after", type=int, metavar="ROUND",
+                      help="stop after this round with a checkpoint (continue later with --resume)")
+  parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                      help="progress bar (default: only on a terminal)")
+  parser.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True, help="write PNG figures")
+  parser.add_argument("--quiet", action="store_true", help="no per-round lines")
 
 
 def make_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="fedspa-jax", description=__doc__)
-  sub = parser.add_subparsers(dest="command", required=True)
-  run = sub.add_parser("run", help="run one experiment")
-  defaults = experiment.Config()
-  run.add_argument("--algorithm", default=defaults.algorithm)
-  run.add_argument("--dataset", default=defaults.dataset)
-  run.add_argument("--partition", default=defaults.partition)
-  run.add_argument("--num-clients", type=int, default=defaults.num_clients)
-  run.add_argument("--model", default=defaults.model)
-  run.add_argument("--rounds", type=int, default=defaults.rounds)
-  run.add_argument("--eval-every", type=int, default=defaults.eval_every)
-  run.add_argument("--seed", type=int, default=defaults.seed)
-  run.add_argument("--data-dir", default=None)
-  run.add_argument(
-      "--set", action="append", default=[], metavar="KEY=VALUE",
-      help="algorithm hyperparameter (e.g. --set density=0.2); data.KEY=VALUE for the data source",
+  parser = argparse.ArgumentParser(
+      prog="fedspa-jax", description="Personalized federated learning with sparse masks (FedSpa) in JAX.",
+      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2],
   )
+  sub = parser.add_subparsers(dest="command", required=True)
+  run = sub.add_parser("run", help="run one experiment", description="Run one experiment.")
+  _add_config_args(run)
+  _add_run_args(run)
+  compare = sub.add_parser("compare", help="several algorithms on the same data, partition and seed",
+                           description="Run several algorithms on the same data, partition and seed; print a table "
+                                       "and write it as comparison.md and comparison.csv. --set ALGO.KEY=VALUE sets "
+                                       "one algorithm's hyperparameter.")
+  compare.add_argument("--algorithms", nargs="+", required=True, metavar="NAME",
+                       help="algorithms to compare (space- or comma-separated)")
+  _add_config_args(compare)
+  _add_run_args(compare)
+  plot = sub.add_parser("plot", help="figures from run folders", description="Draw figures from run folders: one "
+                        "folder gets its own figures, several get comparison figures.")
+  plot.add_argument("runs", nargs="+", metavar="RUN_DIR")
+  plot.add_argument("--out", help="where to write (default: the run folder; required for several runs)")
+  sub.add_parser("list", help="algorithms, datasets, models and shipped configs")
   return parser
 
 
-def config_from_args(args: argparse.Namespace) -> experiment.Config:
-  config = experiment.Config(
-      algorithm=args.algorithm, dataset=args.dataset, partition=args.partition, num_clients=args.num_clients,
-      model=args.model, rounds=args.rounds, eval_every=args.eval_every, seed=args.seed, data_dir=args.data_dir,
-  )
-  for item in args.set:
-    if "=" not in item:
-      raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
-    key, value = item.split("=", 1)
-    if key.startswith("data."):
-      config.data_args[key[5:]] = parse_value(value)
-    elif key.startswith("model."):
-      config.model_args[key[6:]] = parse_value(value)
+def resolve_config(args: argparse.Namespace, *, algorithm_names: tuple[str, ...] = ()):
+  """The config the arguments describe, and per-algorithm overrides `{name: {key: value}}` (for compare)."""
+  from fedspa_jax import config as config_lib
+
+  overrides, per_algorithm, smoke = [], {}, None
+  for item in args.overrides:
+    key, value = config_lib.split_override(item)
+    prefix = key.split(".", 1)[0]
+    if key == "smoke":
+      smoke = value
+    elif "." in key and prefix in algorithm_names:
+      per_algorithm.setdefault(prefix, {})[key.split(".", 1)[1]] = value
     else:
-      config.hparams[key] = parse_value(value)
-  return config
+      overrides.append((key, value))
+  if smoke is not None and not isinstance(smoke, bool):
+    raise ValueError(f"smoke must be true or false, got {smoke!r}")
+  saved = pathlib.Path(args.out or "") / "config.json"
+  if args.config is None and getattr(args, "resume", False) and args.out and saved.is_file():
+    config = config_lib.Config.from_dict(json.loads(saved.read_text()))  # resume: the run's own config
+    if smoke is not None:
+      config.smoke = smoke
+  else:
+    config = config_lib.load(args.config or "default", smoke=bool(smoke))
+  flags = [(field, getattr(args, field)) for _, field, _ in _FLAGS if getattr(args, field) is not None]
+  return config_lib.apply_overrides(config, flags + overrides), per_algorithm
+
+
+def _run(args) -> int:
+  from fedspa_jax import experiment
+
+  config, _ = resolve_config(args)
+  summary = experiment.run(
+      config, args.out, resume=args.resume, overwrite=args.overwrite, stop_after=args.stop_after,
+      progress=args.progress, echo=None if args.quiet else print, write_plots=args.plots,
+  )
+  if summary.get("status") == "complete":
+    s = summary["final_accuracy"]
+    print(f"done: {summary['algorithm']} on {summary['dataset']}, final accuracy {s['mean']:.4f} ± {s['std']:.4f} "
+          f"(p10 {s['p10']:.3f}, worst 10% {s['worst10']:.3f}), best {summary['best_accuracy_mean']:.4f}; "
+          f"{summary['bytes_total'] / 2**20:.2f} MiB communicated; {summary['wall_time']:.1f}s -> {summary['run_dir']}")
+  return 0
+
+
+def _compare(args) -> int:
+  from fedspa_jax import compare, experiment
+
+  names = tuple(n for item in args.algorithms for n in item.split(",") if n)
+  config, per_algorithm = resolve_config(args, algorithm_names=names)
+  out = args.out or str(experiment.default_workdir(dataclasses.replace(config, algorithm="compare")))
+  compare.run(
+      config, list(names), out, per_algorithm=per_algorithm, resume=args.resume, overwrite=args.overwrite,
+      stop_after=args.stop_after, progress=args.progress, echo=None if args.quiet else print,
+      write_plots=args.plots,
+  )
+  if args.quiet:
+    print((pathlib.Path(out) / "comparison.md").read_text())
+  print(f"table: {out}/comparison.md, {out}/comparison.csv")
+  return 0
+
+
+def _plot(args) -> int:
+  from fedspa_jax import plots
+
+  if len(args.runs) == 1:
+    paths = plots.plot_run(args.runs[0], args.out)
+  else:
+    if not args.out:
+      raise ValueError("several runs: pass --out DIR for the comparison figures")
+    paths = plots.plot_runs(args.runs, args.out)
+  print("\n".join(str(p) for p in paths))
+  return 0
+
+
+def _list(args) -> int:
+  from fedspa_jax import algorithms, config, data, models
+
+  describe = getattr(algorithms, "describe", lambda: {n: "" for n in algorithms.names()})()
+  print("algorithms:\n" + "\n".join(f"  {n:20s} {d}" for n, d in describe.items()))
+  print("datasets:  " + ", ".join(data.dataset_names()) + ", tfds:<name>")
+  print("models:    " + ", ".join(models.names()))
+  print("configs:   " + ", ".join(config.shipped_names()))
+  return 0
 
 
 def main(argv: list[str] | None = None) -> int:
   args = make_parser().parse_args(argv)
-  if args.command == "run":
-    config = config_from_args(args)
-    try:
-      summary = experiment.run(config, log=lambda r: print(experiment.format_record(r), flush=True))
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
-      print(f"fedspa-jax: error: {e}", file=sys.stderr)
-      return 2
-    print(experiment.summary_json({k: v for k, v in summary.items() if k != "config"}))
-  return 0
+  from fedspa_jax import experiment
+
+  command = {"run": _run, "compare": _compare, "plot": _plot, "list": _list}[args.command]
+  try:
+    return command(args)
+  except experiment.TrainingDiverged as e:
+    print(f"fedspa-jax: error: {e}", file=sys.stderr)
+    return EXIT_DIVERGED
+  except (ValueError, FileNotFoundError) as e:
+    print(f"fedspa-jax: error: {e}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+  except KeyboardInterrupt:
+    print("fedspa-jax: interrupted; continue with --resume (from the newest checkpoint)", file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ import pathlib
 from typing import Any
 
 # Fields that do not change the trajectory of a run: a run may be resumed with different values of these.
-RESUMABLE_FIELDS = ("eval_every", "checkpoint_every", "keep_checkpoints", "rounds_per_dispatch", "data_dir")
+RESUMABLE_FIELDS = ("eval_every", "checkpoint_every", "keep_checkpoints", "rounds_per_dispatch", "data_dir",
+                    "shard_clients")
 DICT_FIELDS = {"hparams": "hparams", "data": "data_args", "data_args": "data_args", "model": "model_args",
                "model_args": "model_args"}
 _INT_FIELDS = {"num_clients": 1, "rounds": 1, "eval_every": 1, "checkpoint_every": 0, "keep_checkpoints": 1,
@@ -50,6 +51,7 @@ class Config:
     keep_checkpoints: how many recent checkpoints to keep.
     rounds_per_dispatch: rounds fused into one compiled call (lax.scan) between evaluations and checkpoints.
     data_dir: where the data source looks first.
+    shard_clients: shard each round's cohort over all devices (a "clients" mesh); results equal one device's.
     smoke: this is the config file's tiny variant.
   """
 
@@ -68,6 +70,7 @@ class Config:
   keep_checkpoints: int = 2
   rounds_per_dispatch: int = 1
   data_dir: str | None = None
+  shard_clients: bool = False
   smoke: bool = False
 
   def to_dict(self) -> dict[str, Any]:
@@ -143,8 +146,9 @@ def check_fields(config: Config) -> None:
   for name in ("hparams", "data_args", "model_args"):
     if not isinstance(getattr(config, name), dict):
       raise ValueError(f"config key {name} must be a dict, got {getattr(config, name)!r}")
-  if not isinstance(config.smoke, bool):
-    raise ValueError(f"config key smoke must be true or false, got {config.smoke!r}")
+  for name in ("smoke", "shard_clients"):
+    if not isinstance(getattr(config, name), bool):
+      raise ValueError(f"config key {name} must be true or false, got {getattr(config, name)!r}")
 
 
 def shipped_names() -> list[str]:

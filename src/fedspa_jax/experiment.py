@@ -1,45 +1,115 @@
-"""An experiment from a flat config: data -> model -> algorithm -> rounds with evaluation and logging."""
+"""One experiment from a `Config`: data -> model -> algorithm -> rounds, with evaluation, logs, checkpoints, plots.
+
+    from fedspa_jax import config as config_lib, experiment
+    summary = experiment.run(config_lib.load("default"), "runs/x")
+    summary = experiment.run(config, "runs/x", resume=True)        # continue from the newest checkpoint
+
+The run folder (docs/cli.md has the details):
+
+    config.json       the config (resuming checks that it matches)
+    metrics.jsonl     one line per evaluated round: personalized accuracy distribution, losses, cumulative bytes
+                      (and FLOPs when the algorithm reports them), samples, wall time
+    summary.json      final and best accuracy, per-client final accuracies, totals, wall time, device
+    clients.npz       per-client final accuracy/loss, label counts, and mask distances for sparse methods
+    checkpoints/<r>/  orbax checkpoints (state + config + history), written atomically
+    tensorboard/      event files, when tensorboard is installed
+    *.png             accuracy vs round and vs bytes, per-client accuracy, mask Hamming heatmap (sparse methods)
+
+Everything a config can get wrong (unknown algorithm, dataset, model, hyperparameter or key; an occupied run folder;
+a checkpoint of another config) raises ValueError before anything is compiled. Metrics come to the host once per
+dispatch, one dispatch late (so the device never waits for the host between evaluations), and are checked for NaN:
+a diverged run stops with `TrainingDiverged` and never overwrites its last good checkpoint.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import pathlib
+import shutil
 import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from fedspa_jax import algorithms, data as data_lib, models
+from fedspa_jax import algorithms, client_stats, models, plots
+from fedspa_jax import config as config_lib
+from fedspa_jax import data as data_lib
+from fedspa_jax.checkpoint import Checkpointer
+from fedspa_jax.config import Config
+from fedspa_jax.logging_utils import MetricsLog, TensorBoardLog, format_record, human_bytes, make_progress
+from fedspa_jax.round import make_client_mesh
+
+CHECKPOINT_FORMAT = 1
+RUN_MARKERS = ("config.json", "metrics.jsonl", "summary.json", "checkpoints")
+OUTPUTS = (*RUN_MARKERS, "clients.npz", "tensorboard", "metrics.jsonl.tmp", *plots.FILES.values())
+
+
+class RunExistsError(ValueError):
+  """The output folder already holds a run."""
+
+
+class ConfigMismatchError(ValueError):
+  """A run is resumed with a config that differs from its checkpoint's."""
+
+
+class TrainingDiverged(FloatingPointError):
+  """A loss or a parameter became NaN or infinite."""
 
 
 @dataclasses.dataclass
-class Config:
-  """What one run needs. `hparams` go to the algorithm, `data_args` to the data source / partitioner."""
+class Totals:
+  """Running totals over all rounds so far (carried in checkpoints)."""
 
-  algorithm: str = "fedspa"
-  dataset: str = "synthetic"
-  partition: str | None = None
-  num_clients: int = 30
-  model: str = "mlp"
-  rounds: int = 30
-  eval_every: int = 1
-  seed: int = 0
-  data_dir: str | None = None
-  hparams: dict[str, Any] = dataclasses.field(
-      default_factory=lambda: {"density": 0.5, "clients_per_round": 10, "lr": 0.05, "batch_size": 32}
-  )
-  data_args: dict[str, Any] = dataclasses.field(default_factory=lambda: {"alpha": 1.0, "beta": 1.0})
-  model_args: dict[str, Any] = dataclasses.field(default_factory=dict)
+  bytes_up: int = 0
+  bytes_down: int = 0
+  flops: float | None = None
+  flops_dense: float | None = None
+  samples: int = 0
+  wall_time: float = 0.0
 
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+
+# ---------------------------------------------------------------------------------------------------- building
+
+
+def algorithm_hparams(config: Config) -> dict[str, Any]:
+  """`config.hparams` plus `rounds` (when the algorithm takes it and the config does not set it)."""
+  hparams = dict(config.hparams)
+  if "rounds" in algorithms.known_hparams(config.algorithm):
+    hparams.setdefault("rounds", config.rounds)
+  return hparams
+
+
+def check_config(config: Config) -> None:
+  """Every check that needs no data: field types, algorithm, dataset, model and their arguments.
+
+  Raises:
+    ValueError: with the known names listed.
+  """
+  config_lib.check_fields(config)
+  if config.algorithm not in algorithms.names():
+    raise ValueError(f"unknown algorithm {config.algorithm!r}; known algorithms: {', '.join(algorithms.names())}")
+  data_lib.loader.canonical_name(config.dataset)  # raises, listing the known datasets
+  if config.model not in models.names():
+    raise ValueError(f"unknown model {config.model!r}; known models: {', '.join(models.names())}")
+  try:
+    placeholder = models.get(config.model, num_classes=2, **config.model_args)
+  except TypeError as e:
+    raise ValueError(f"bad model arguments {config.model_args} for model {config.model!r}: {e}") from e
+  try:
+    algorithms.get(config.algorithm, model=placeholder, **algorithm_hparams(config))
+  except ValueError as e:
+    if "unknown hyperparameters" in str(e):
+      raise ValueError(f"{e}; config keys: {', '.join(config_lib.field_names())}") from e
+    raise
+  except TypeError as e:
+    raise ValueError(f"bad hyperparameters for {config.algorithm!r}: {e}") from e
 
 
 def load_data(config: Config) -> data_lib.FederatedData:
-  """The federated dataset a config names."""
-  if config.dataset == "synthetic" and not hasattr(data_lib, "load"):
-    return data_lib.synthetic(num_clients=config.num_clients, seed=config.seed, **config.data_args)
+  """The federated dataset a config names (host-side numpy)."""
   return data_lib.load(
       config.dataset, num_clients=config.num_clients, partition=config.partition, seed=config.seed,
       data_dir=config.data_dir, **config.data_args,
@@ -47,57 +117,333 @@ def load_data(config: Config) -> data_lib.FederatedData:
 
 
 def build(config: Config, data: data_lib.FederatedData):
-  """(model, algorithm) for a config and its data; errors are raised here, before anything compiles."""
+  """(model, algorithm) for a config and its data."""
   model = models.get(config.model, num_classes=data.num_classes, **config.model_args)
-  hparams = {"rounds": config.rounds, **config.hparams}
+  hparams = algorithm_hparams(config)
+  if config.shard_clients:
+    hparams["mesh"] = make_client_mesh()
   return model, algorithms.get(config.algorithm, model=model, **hparams)
 
 
-def run(config: Config, *, log: Callable[[dict[str, Any]], None] = print) -> dict[str, Any]:
-  """Runs a config to the end and returns a summary; `log` gets one record per evaluated round."""
-  data = load_data(config)
+# ---------------------------------------------------------------------------------------------------- run folder
+
+
+def default_workdir(config: Config, root: str | pathlib.Path = "runs") -> pathlib.Path:
+  """`runs/<algorithm>-<dataset>-<date>-<time>`, made unique."""
+  base = pathlib.Path(root) / f"{config.algorithm}-{config.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+  path, i = base, 1
+  while path.exists():
+    path, i = base.with_name(f"{base.name}-{i}"), i + 1
+  return path
+
+
+def saved_config(workdir: pathlib.Path) -> dict[str, Any] | None:
+  """The config of the run in `workdir`: its newest checkpoint's, else its config.json's, else None."""
+  ckpt = Checkpointer(workdir / "checkpoints")
+  try:
+    meta = ckpt.read_meta()
+  finally:
+    ckpt.close()
+  if meta is not None:
+    return meta["config"]
+  if (workdir / "config.json").is_file():
+    return json.loads((workdir / "config.json").read_text())
+  return None
+
+
+def prepare_workdir(workdir: pathlib.Path, config: Config, *, resume: bool, overwrite: bool) -> None:
+  """Makes `workdir` ready: refuses to mix two runs in one folder, clears it for `overwrite`, checks `resume`.
+
+  Raises:
+    RunExistsError: the folder holds a run and neither `resume` nor `overwrite` is set.
+    ConfigMismatchError: `resume` with a config that changes the run's trajectory (the differences are listed).
+  """
+  if resume and overwrite:
+    raise ValueError("choose one of resume and overwrite")
+  held = [name for name in RUN_MARKERS if (workdir / name).exists()]
+  if held and overwrite:
+    for name in OUTPUTS:
+      target = workdir / name
+      if target.is_dir():
+        shutil.rmtree(target)
+      elif target.exists():
+        target.unlink()
+  elif held and not resume:
+    raise RunExistsError(
+        f"{workdir} already holds a run ({', '.join(held)}); pass --resume to continue it, --overwrite to replace "
+        "it, or choose another --out"
+    )
+  elif held:
+    saved = saved_config(workdir)
+    diff = config_lib.trajectory_diff(saved, config.to_dict()) if saved is not None else []
+    if diff:
+      raise ConfigMismatchError(
+          f"the checkpoint in {workdir} was written by a different config (saved -> now):\n  " + "\n  ".join(diff)
+          + "\nresume with the saved config (run --resume --out DIR alone), or pass --overwrite to start over"
+      )
+  workdir.mkdir(parents=True, exist_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------------- the loop
+
+
+def make_multi_round(round_fn: Callable, rounds: int) -> Callable:
+  """jit of `rounds` consecutive rounds in one `lax.scan`; metrics come back stacked [rounds, ...]."""
+
+  def multi(state, data):
+    return jax.lax.scan(lambda s, _: round_fn(s, data), state, None, length=rounds)
+
+  return jax.jit(multi)
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(tree) if jnp.issubdtype(a.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def _jsonable(value: Any) -> Any:
+  try:
+    return json.loads(json.dumps(value))
+  except TypeError:
+    if isinstance(value, dict):
+      return {str(k): _jsonable(v) for k, v in value.items()}
+    return repr(value)
+
+
+def _device() -> str:
+  devices = jax.devices()
+  return f"{jax.default_backend()}: {len(devices)} x {devices[0].device_kind}"
+
+
+def _next_chunk(r: int, *, config: Config, end: int) -> int:
+  """Rounds in the next dispatch: up to the next evaluation, checkpoint or end, aligned to rounds_per_dispatch."""
+  stops = [end, (r // config.eval_every + 1) * config.eval_every]
+  if config.checkpoint_every:
+    stops.append((r // config.checkpoint_every + 1) * config.checkpoint_every)
+  fuse = config.rounds_per_dispatch
+  return min(fuse - r % fuse, min(stops) - r)
+
+
+def _consume(metrics: dict[str, Any], first_round: int, totals: Totals) -> dict[str, float]:
+  """Adds a dispatch's round metrics [n, ...] to `totals`; returns the last round's training loss and accuracy.
+
+  Raises:
+    TrainingDiverged: a sampled client's training loss is not finite.
+  """
+  host = jax.device_get(metrics)
+  train = {}
+  for j in range(host["weight"].shape[0]):
+    real = host["weight"][j] > 0
+    loss = host["loss"][j][real]
+    if not np.all(np.isfinite(loss)):
+      raise TrainingDiverged(f"training diverged in round {first_round + j + 1}: client training losses {loss}")
+    totals.bytes_up += int(host["bytes_up"][j])
+    totals.bytes_down += int(host["bytes_down"][j])
+    for key in ("flops", "flops_dense"):
+      if key in host:
+        setattr(totals, key, (getattr(totals, key) or 0.0) + float(host[key][j]))
+    if "samples" in host:
+      totals.samples += int(np.sum(host["samples"][j][real]))
+    train = {"train_loss": float(np.mean(loss)), "train_accuracy": float(np.mean(host["accuracy"][j][real]))}
+  return train
+
+
+def _eval_record(round: int, ev: dict[str, Any], train: dict[str, float], totals: Totals) -> dict[str, Any]:
+  record = {"round": round}
+  record.update({f"accuracy_{k}": float(v) for k, v in ev["accuracy_summary"].items()})
+  record["loss_mean"] = float(ev["loss_summary"]["mean"])
+  record.update(train)
+  record.update(bytes_up=totals.bytes_up, bytes_down=totals.bytes_down, samples=totals.samples)
+  if totals.flops is not None:
+    record.update(flops=totals.flops, flops_dense=totals.flops_dense)
+  record["wall_time"] = round_time(totals.wall_time)
+  return record
+
+
+def round_time(seconds: float) -> float:
+  return float(f"{seconds:.3f}")
+
+
+def run(
+    config: Config,
+    workdir: str | pathlib.Path | None = None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    stop_after: int | None = None,
+    on_eval: Callable[[dict[str, Any]], None] | None = None,
+    progress: bool | None = None,
+    echo: Callable[[str], None] | None = print,
+    write_plots: bool = True,
+    data: data_lib.FederatedData | None = None,
+) -> dict[str, Any]:
+  """Runs `config` in `workdir` and returns its summary.
+
+  Args:
+    config: the experiment.
+    workdir: the run folder (default: a new `runs/<algorithm>-<dataset>-<time>`).
+    resume: continue from the newest checkpoint in `workdir` (starts fresh when there is none).
+    overwrite: replace the run `workdir` holds.
+    stop_after: stop (with a checkpoint) after this round, as a preempted job would; `resume` continues.
+    on_eval: called with each evaluated round's record (after it is logged, before its checkpoint).
+    progress: show a tqdm bar (None: only on a terminal).
+    echo: prints one line per evaluated round and a few notes (None: silent).
+    write_plots: write the PNG figures at the end.
+    data: the dataset, when the caller already loaded it for this config (as `compare` does).
+
+  Returns:
+    The summary (also written to summary.json), or, when stopped early, {"status": "stopped", "round", ...}.
+
+  Raises:
+    ValueError: bad config or run folder (see the module docstring), before anything is compiled.
+    TrainingDiverged: a loss or a parameter became NaN or infinite; the last good checkpoint stays as it is.
+  """
+  say = echo or (lambda line: None)
+  check_config(config)
+  workdir = pathlib.Path(workdir) if workdir is not None else default_workdir(config)
+  prepare_workdir(workdir, config, resume=resume, overwrite=overwrite)
+  data = load_data(config) if data is None else data
   _, algo = build(config, data)
-  device_data = jax.device_put(data)
   state = algo.init(jax.random.key(config.seed), data)
-  start = time.perf_counter()
-  history = []
-  for r in range(1, config.rounds + 1):
-    state, metrics = algo.round(state, device_data)
-    if r % config.eval_every == 0 or r == config.rounds:
-      ev = algo.evaluate(state, device_data)
-      summary = jax.device_get(ev["accuracy_summary"])
-      loss = float(np.mean(jax.device_get(metrics["loss"])[np.asarray(metrics["weight"]) > 0]))
-      if not np.isfinite(loss):
-        raise FloatingPointError(f"training loss became {loss} at round {r}")
-      record = {
-          "round": r,
-          "accuracy_mean": float(summary["mean"]),
-          "accuracy_std": float(summary["std"]),
-          "accuracy_p10": float(summary["p10"]),
-          "accuracy_p90": float(summary["p90"]),
-          "train_loss": loss,
-          "wall_time": time.perf_counter() - start,
-      }
-      history.append(record)
-      log(record)
-  final = history[-1]
+
+  ckpt = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
+  history, totals = [], Totals()
+  if resume and (latest := ckpt.latest_round()) is not None:
+    state, meta = ckpt.restore(state)
+    history, totals = meta["history"], Totals(**meta["totals"])
+    say(f"resuming {workdir} from round {latest}")
+  (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+  metrics_log = MetricsLog(workdir / "metrics.jsonl", history)
+  tensorboard = TensorBoardLog.create(workdir / "tensorboard")
+  start = int(state.round)
+  end = config.rounds if stop_after is None else max(start, min(config.rounds, stop_after))
+  say(f"{algo.name} on {data.name}: {data.num_clients} clients, rounds {start + 1}..{end} of {config.rounds} "
+      f"-> {workdir}")
+  bar = make_progress(total=config.rounds, initial=start, desc=algo.name, enable=progress)
+  device_data = jax.device_put(data)
+  steps: dict[int, Callable] = {}
+  segment_start, segment_samples, wall_before = time.perf_counter(), totals.samples, totals.wall_time
+  ev, train, r, pending = None, {}, start, None
+
+  def settle() -> None:
+    """Takes in the pending dispatch's metrics: totals, NaN check, progress bar."""
+    nonlocal pending, train
+    if pending is None:
+      return
+    (first, metrics), pending = pending, None
+    train = _consume(metrics, first, totals) or train
+    totals.wall_time = wall_before + time.perf_counter() - segment_start
+    elapsed = max(time.perf_counter() - segment_start, 1e-9)
+    bar.update(first + jax.tree.leaves(metrics)[0].shape[0] - bar.n)
+    parts = [f"acc {history[-1]['accuracy_mean']:.3f}"] if history else []
+    parts += [f"{(totals.samples - segment_samples) / elapsed:,.0f} samples/s",
+              f"comm {human_bytes(totals.bytes_up + totals.bytes_down)}"]
+    bar.set_postfix_str(", ".join(parts))
+
+  try:
+    while r < end:
+      n = _next_chunk(r, config=config, end=end)
+      if n == 1:
+        new_state, metrics = algo.round(state, device_data)
+        metrics = jax.tree.map(lambda a: a[None], metrics)
+      else:
+        if n not in steps:
+          steps[n] = make_multi_round(algo.round_fn, n)
+        new_state, metrics = steps[n](state, device_data)
+      settle()  # the previous dispatch's metrics, fetched while this one runs
+      state, pending, r = new_state, (r, metrics), r + n
+      evaluate = r % config.eval_every == 0 or r == config.rounds
+      save = (config.checkpoint_every and r % config.checkpoint_every == 0) or r == end
+      if not (evaluate or save):
+        continue
+      settle()
+      if evaluate:
+        ev = jax.device_get(algo.evaluate(state, device_data))
+        record = _eval_record(r, ev, train, totals)
+        if not np.isfinite(record["loss_mean"]):
+          raise TrainingDiverged(f"training diverged by round {r}: mean test loss {record['loss_mean']}")
+        history.append(record)
+        metrics_log.write(record)
+        if tensorboard is not None:
+          tensorboard.write(r, record, time.time())
+        with bar.external_write_mode():
+          say(format_record(record))
+        if on_eval is not None:
+          on_eval(record)
+      if save:
+        if not bool(_all_finite(state.server.params)):
+          raise TrainingDiverged(f"training diverged by round {r}: the model holds NaN or inf")
+        meta = {"format": CHECKPOINT_FORMAT, "round": r, "config": config.to_dict(), "history": history,
+                "totals": dataclasses.asdict(totals)}
+        ckpt.save(r, state, meta)
+    settle()
+    if r < config.rounds:
+      path = ckpt.path(ckpt.latest_round())
+      say(f"stopped after round {r}; checkpoint {path}; continue with --resume")
+      return {"status": "stopped", "round": r, "checkpoint": str(path), "run_dir": str(workdir)}
+    if ev is None:  # the run was complete already: evaluate the restored final state again
+      ev = jax.device_get(algo.evaluate(state, device_data))
+    summary = _summary(config, algo, data, ev, history, totals, workdir)
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _write_clients(workdir / "clients.npz", state, data, ev)
+    if write_plots:
+      plots.plot_run(workdir)
+    return summary
+  except TrainingDiverged as e:
+    good = ckpt.latest_round()
+    where = f"the last good checkpoint is {ckpt.path(good)} (round {good})" if good is not None else (
+        "no checkpoint was written before it")
+    raise TrainingDiverged(
+        f"{e}; {where}. Lower the learning rate (hparams.lr={config.hparams.get('lr')}) or check the data, "
+        "and rerun with --overwrite."
+    ) from None
+  finally:
+    bar.close()
+    ckpt.close()
+    if tensorboard is not None:
+      tensorboard.close()
+
+
+def _summary(config, algo, data, ev, history, totals, workdir) -> dict[str, Any]:
+  best = max(history, key=lambda h: h["accuracy_mean"])
+  final = {k: float(v) for k, v in ev["accuracy_summary"].items()}
   return {
-      "algorithm": config.algorithm,
+      "status": "complete",
+      "algorithm": algo.name,
       "dataset": data.name,
-      "final_accuracy_mean": final["accuracy_mean"],
-      "best_accuracy_mean": max(h["accuracy_mean"] for h in history),
-      "wall_time": final["wall_time"],
-      "config": config.to_dict(),
+      "partition": config.partition,
+      "model": config.model,
+      "num_clients": data.num_clients,
+      "rounds": config.rounds,
+      "seed": config.seed,
+      "hparams": _jsonable(algo.hparams),
+      "final_accuracy_mean": final["mean"],
+      "final_accuracy": final,
+      "final_loss_mean": float(ev["loss_summary"]["mean"]),
+      "best_accuracy_mean": best["accuracy_mean"],
+      "best_round": best["round"],
+      "client_accuracy": [float(a) for a in ev["accuracy"]],
+      "bytes_up": totals.bytes_up,
+      "bytes_down": totals.bytes_down,
+      "bytes_total": totals.bytes_up + totals.bytes_down,
+      "flops": totals.flops,
+      "flops_dense": totals.flops_dense,
+      "samples": totals.samples,
+      "wall_time": round_time(totals.wall_time),
+      "device": _device(),
+      "jax_version": jax.__version__,
+      "run_dir": str(workdir),
   }
 
 
-def format_record(record: dict[str, Any]) -> str:
-  return (
-      f"round {record['round']:4d}  acc {record['accuracy_mean']:.4f} ± {record['accuracy_std']:.4f}  "
-      f"(p10 {record['accuracy_p10']:.3f}, p90 {record['accuracy_p90']:.3f})  loss {record['train_loss']:.4f}  "
-      f"{record['wall_time']:.1f}s"
-  )
-
-
-def summary_json(summary: dict[str, Any]) -> str:
-  return json.dumps(summary, indent=2, sort_keys=True)
+def _write_clients(path: pathlib.Path, state: Any, data: data_lib.FederatedData, ev: dict[str, Any]) -> None:
+  arrays = {
+      "accuracy": np.asarray(ev["accuracy"]),
+      "loss": np.asarray(ev["loss"]),
+      "test_count": np.asarray(ev["count"]),
+      "label_counts": data_lib.client_label_counts(data.train, data.num_classes),
+  }
+  if client_stats.is_mask_store(state.clients):
+    arrays["hamming"], arrays["active"] = client_stats.mask_distances(state.clients)
+  np.savez(path, **arrays)
