@@ -1,0 +1,59 @@
+"""Checkpoints: exact round trip of a SimState (typed keys included), newest-N retention, atomic writes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fedspa_jax as fj
+from fedspa_jax.checkpoint import Checkpointer, from_storable, to_storable
+
+
+@pytest.fixture(scope="module")
+def state():
+  data = fj.data.synthetic(num_clients=4, max_samples_per_client=20, seed=0)
+  model = fj.models.get("mlp", num_classes=data.num_classes, hidden=(8,))
+  algo = fj.algorithms.get("fedspa", model=model, clients_per_round=2, local_steps=1, local_epochs=None,
+                           momentum=0.9, rounds=3)
+  return algo.init(jax.random.key(0), data)
+
+
+def assert_trees_equal(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    assert x.dtype == y.dtype
+    np.testing.assert_array_equal(x, y)
+
+
+def test_storable_round_trip_of_typed_keys(state):
+  stored = to_storable(state)
+  assert stored.key.dtype == jnp.uint32
+  back = from_storable(stored, state)
+  assert jax.dtypes.issubdtype(back.key.dtype, jax.dtypes.prng_key)
+  np.testing.assert_array_equal(jax.random.key_data(back.key), jax.random.key_data(state.key))
+
+
+def test_save_restore_is_exact_and_keeps_the_newest(state, tmp_path):
+  ckpt = Checkpointer(tmp_path / "ckpt", keep=2)
+  assert ckpt.latest_round() is None and ckpt.read_meta() is None
+  states = {}
+  for r in (1, 2, 3):
+    states[r] = state._replace(round=jnp.asarray(r, jnp.int32))
+    ckpt.save(r, states[r], {"round": r, "history": [{"round": r, "acc": 0.5}]})
+  assert ckpt.rounds() == [2, 3] and ckpt.latest_round() == 3
+  restored, meta = ckpt.restore(state)
+  assert_trees_equal(to_storable(restored), to_storable(states[3]))
+  assert type(restored) is type(state) and type(restored.server) is type(state.server)
+  assert meta == {"round": 3, "history": [{"round": 3, "acc": 0.5}]}
+  older, meta = ckpt.restore(state, round=2)
+  assert int(older.round) == 2 and meta["round"] == 2
+  # A round that exists is not written again.
+  ckpt.save(3, state, {"round": "other"})
+  assert ckpt.read_meta()["round"] == 3
+  ckpt.close()
+  assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["2", "3"]  # no temporary folders left
+
+
+def test_restore_from_an_empty_folder(state, tmp_path):
+  with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    Checkpointer(tmp_path / "none").restore(state)
