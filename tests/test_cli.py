@@ -101,8 +101,9 @@ def test_stop_after_then_resume_from_the_saved_config(run_dir, tmp_path):
   out = tmp_path / "run"
   code, stdout, _ = call("run", *SMOKE, "--out", out, "--stop-after", "1", "--no-plots")
   assert code == 0 and "continue with --resume" in stdout
-  code, stdout, _ = call("run", "--out", out, "--resume", "--no-plots")  # no config arguments: its own config
+  code, stdout, stderr = call("run", "--out", out, "--resume", "--no-plots", "--progress")  # its own config
   assert code == 0 and "resuming" in stdout
+  assert "samples/s" in stderr and "comm" in stderr  # the progress bar
   a, b = (json.loads((d / "summary.json").read_text()) for d in (ref, out))
   for key in ("client_accuracy", "final_accuracy", "bytes_up", "bytes_down", "samples", "hparams"):
     assert a[key] == b[key], key
@@ -146,7 +147,8 @@ def test_flags_make_the_config():
   assert (config.algorithm, config.dataset, config.partition, config.num_clients) == (
       "fedspa", "fashion_mnist", "pathological", 100)
   assert config.rounds == 40  # --set comes after flags
-  assert config.hparams["density"] == 0.2 and config.data_args == {"alpha": 1.0, "beta": 1.0, "classes_per_client": 2}
+  # The default's data options (Synthetic's alpha, beta) were dropped with its dataset.
+  assert config.hparams["density"] == 0.2 and config.data_args == {"classes_per_client": 2}
 
 
 @pytest.fixture(scope="module")

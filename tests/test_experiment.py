@@ -149,6 +149,15 @@ def test_bad_config_fails_before_data_and_compilation(changes, message, tmp_path
   assert not (tmp_path / "bad").exists()
 
 
+def test_changing_dataset_or_partition_drops_their_data_options():
+  base = config_lib.load("fashion_mnist_pathological")
+  assert base.data_args == {"classes_per_client": 2}
+  changed = config_lib.apply_overrides(base, [("data.alpha", 0.1), ("partition", "dirichlet")])
+  assert changed.data_args == {"alpha": 0.1}
+  same = config_lib.apply_overrides(base, [("partition", "pathological"), ("data.classes_per_client", 3)])
+  assert same.data_args == {"classes_per_client": 3}
+
+
 def test_unknown_dotted_key():
   with pytest.raises(ValueError, match="unknown config key 'dat.alpha'.*dict fields"):
     config_lib.apply_overrides(tiny(), {"dat.alpha": 1})

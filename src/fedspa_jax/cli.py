@@ -102,7 +102,7 @@ def resolve_config(args: argparse.Namespace, *, algorithm_names: tuple[str, ...]
     else:
       overrides.append((key, value))
   if smoke is not None and not isinstance(smoke, bool):
-    raise ValueError(f"smoke must be true or false, got {smoke!r}")
+    raise config_lib.ConfigError(f"smoke must be true or false, got {smoke!r}")
   saved = pathlib.Path(args.out or "") / "config.json"
   if args.config is None and getattr(args, "resume", False) and args.out and saved.is_file():
     config = config_lib.Config.from_dict(json.loads(saved.read_text()))  # resume: the run's own config
@@ -154,7 +154,9 @@ def _plot(args) -> int:
     paths = plots.plot_run(args.runs[0], args.out)
   else:
     if not args.out:
-      raise ValueError("several runs: pass --out DIR for the comparison figures")
+      from fedspa_jax.config import ConfigError
+
+      raise ConfigError("several runs: pass --out DIR for the comparison figures")
     paths = plots.plot_runs(args.runs, args.out)
   print("\n".join(str(p) for p in paths))
   return 0
@@ -181,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
   except experiment.TrainingDiverged as e:
     print(f"fedspa-jax: error: {e}", file=sys.stderr)
     return EXIT_DIVERGED
-  except (ValueError, FileNotFoundError) as e:
+  except (experiment.ConfigError, FileNotFoundError) as e:  # other errors are bugs: they keep their traceback
     print(f"fedspa-jax: error: {e}", file=sys.stderr)
     return EXIT_BAD_INPUT
   except KeyboardInterrupt:

@@ -16,7 +16,7 @@ import pathlib
 from typing import Any, Callable
 
 from fedspa_jax import algorithms, experiment, plots
-from fedspa_jax.config import Config
+from fedspa_jax.config import Config, ConfigError
 
 COLUMNS = (
     ("algorithm", "algorithm", "{}"),
@@ -35,7 +35,7 @@ COLUMNS = (
 def for_algorithm(config: Config, name: str, own: dict[str, Any] | None = None) -> tuple[Config, list[str]]:
   """`config` for algorithm `name`: shared hyperparameters it takes, then its own; also the names skipped."""
   if name not in algorithms.names():
-    raise ValueError(f"unknown algorithm {name!r}; known algorithms: {', '.join(algorithms.names())}")
+    raise ConfigError(f"unknown algorithm {name!r}; known algorithms: {', '.join(algorithms.names())}")
   known = set(algorithms.known_hparams(name))
   hparams = {k: v for k, v in config.hparams.items() if k in known}
   skipped = sorted(set(config.hparams) - known)
@@ -111,11 +111,11 @@ def run(
   """
   say = echo or (lambda line: None)
   if not names or len(set(names)) != len(names):
-    raise ValueError(f"give distinct algorithms to compare, got {names}")
+    raise ConfigError(f"give distinct algorithms to compare, got {names}")
   per_algorithm = per_algorithm or {}
   stray = sorted(set(per_algorithm) - set(names))
   if stray:
-    raise ValueError(f"per-algorithm settings for {', '.join(stray)}, which is not among {', '.join(names)}")
+    raise ConfigError(f"per-algorithm settings for {', '.join(stray)}, which is not among {', '.join(names)}")
   configs = []
   for name in names:  # every check before the first run starts
     cfg, skipped = for_algorithm(config, name, per_algorithm.get(name))
@@ -124,7 +124,10 @@ def run(
       say(f"{name}: not its hyperparameters, skipped: {', '.join(skipped)}")
     configs.append(cfg)
   out = pathlib.Path(out)
-  data = experiment.load_data(config)
+  try:
+    data = experiment.load_data(config)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
   summaries = [experiment.run(cfg, out / cfg.algorithm, data=data, echo=echo, **run_kwargs) for cfg in configs]
   unfinished = [s for s in summaries if s.get("status") != "complete"]
   if unfinished:

@@ -8,7 +8,8 @@ file is named by its path.
 Overrides are `key=value` strings: a top-level field (`rounds=50`, `partition=dirichlet`), an entry of one of the
 dict fields (`hparams.density=0.2`, `data.alpha=0.3`, `model.hidden=[64]`), or a bare name that is not a field,
 which is taken as an algorithm hyperparameter (`density=0.2`, as in `fedspa-jax run --set density=0.2`). Values
-are JSON when they parse (numbers, true/false, null, lists, dicts), else strings.
+are JSON when they parse (numbers, true/false, null, lists, dicts), else strings. Changing `dataset` or `partition`
+drops the config's data options (they belong to the old data).
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ _INT_FIELDS = {"num_clients": 1, "rounds": 1, "eval_every": 1, "checkpoint_every
                "rounds_per_dispatch": 1, "seed": None}
 _STR_FIELDS = ("algorithm", "dataset", "model")
 _OPTIONAL_STR_FIELDS = ("partition", "data_dir")
+
+
+class ConfigError(ValueError):
+  """Bad input (config, names, arguments, run folder), found before anything is compiled."""
 
 
 @dataclasses.dataclass
@@ -81,7 +86,7 @@ class Config:
   def from_dict(cls, d: dict[str, Any]) -> "Config":
     unknown = sorted(set(d) - set(field_names()))
     if unknown:
-      raise ValueError(f"unknown config keys {', '.join(unknown)}; known: {', '.join(field_names())}")
+      raise ConfigError(f"unknown config keys {', '.join(unknown)}; known: {', '.join(field_names())}")
     return cls(**d)
 
 
@@ -101,25 +106,31 @@ def split_override(item: str) -> tuple[str, Any]:
   """`"key=value"` -> (key, parsed value)."""
   key, sep, value = item.partition("=")
   if not sep or not key.strip():
-    raise ValueError(f"overrides are KEY=VALUE, got {item!r}")
+    raise ConfigError(f"overrides are KEY=VALUE, got {item!r}")
   return key.strip(), parse_value(value)
 
 
 def apply_overrides(config: Config, overrides: list[tuple[str, Any]] | dict[str, Any]) -> Config:
   """A copy of `config` with `(key, value)` overrides applied (see the module docstring for the keys).
 
+  Data options belong to a dataset and partition: an override that changes `dataset` or `partition` drops the
+  config's `data_args` first (whatever the order of the overrides), so only the `data.*` overrides given apply.
+
   Raises:
-    ValueError: a dotted key whose prefix is not a dict field (listing the fields).
+    ConfigError: a dotted key whose prefix is not a dict field (listing the fields).
   """
   config = dataclasses.replace(
       config, hparams=dict(config.hparams), data_args=dict(config.data_args), model_args=dict(config.model_args)
   )
-  items = overrides.items() if isinstance(overrides, dict) else overrides
-  for key, value in items:
+  items = list(overrides.items() if isinstance(overrides, dict) else overrides)
+  data_keys = ("dataset", "partition")
+  if any(key in data_keys and value != getattr(config, key) for key, value in items):
+    config.data_args = {}
+  for key, value in sorted(items, key=lambda item: item[0] not in data_keys):  # stable: data keys first
     if "." in key:
       prefix, name = key.split(".", 1)
       if prefix not in DICT_FIELDS:
-        raise ValueError(
+        raise ConfigError(
             f"unknown config key {key!r}: {prefix!r} is not one of the dict fields {', '.join(sorted(DICT_FIELDS))}; "
             f"top-level keys: {', '.join(field_names())}"
         )
@@ -136,19 +147,19 @@ def check_fields(config: Config) -> None:
   for name, low in _INT_FIELDS.items():
     value = getattr(config, name)
     if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
-      raise ValueError(f"config key {name} must be an integer{f' >= {low}' if low is not None else ''}, got {value!r}")
+      raise ConfigError(f"config key {name} must be an integer{f' >= {low}' if low is not None else ''}, got {value!r}")
   for name in _STR_FIELDS:
     if not isinstance(getattr(config, name), str):
-      raise ValueError(f"config key {name} must be a string, got {getattr(config, name)!r}")
+      raise ConfigError(f"config key {name} must be a string, got {getattr(config, name)!r}")
   for name in _OPTIONAL_STR_FIELDS:
     if getattr(config, name) is not None and not isinstance(getattr(config, name), str):
-      raise ValueError(f"config key {name} must be a string or null, got {getattr(config, name)!r}")
+      raise ConfigError(f"config key {name} must be a string or null, got {getattr(config, name)!r}")
   for name in ("hparams", "data_args", "model_args"):
     if not isinstance(getattr(config, name), dict):
-      raise ValueError(f"config key {name} must be a dict, got {getattr(config, name)!r}")
+      raise ConfigError(f"config key {name} must be a dict, got {getattr(config, name)!r}")
   for name in ("smoke", "shard_clients"):
     if not isinstance(getattr(config, name), bool):
-      raise ValueError(f"config key {name} must be true or false, got {getattr(config, name)!r}")
+      raise ConfigError(f"config key {name} must be true or false, got {getattr(config, name)!r}")
 
 
 def shipped_names() -> list[str]:
@@ -161,13 +172,13 @@ def _load_module(spec: str):
   path = pathlib.Path(spec).expanduser()
   if spec.endswith(".py") or path.is_file():
     if not path.is_file():
-      raise FileNotFoundError(f"config file {spec} does not exist")
+      raise ConfigError(f"config file {spec} does not exist")
     module_spec = importlib.util.spec_from_file_location(f"_fedspa_config_{path.stem}", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module
   if spec not in shipped_names():
-    raise ValueError(f"unknown config {spec!r}; shipped configs: {', '.join(shipped_names())} (or a path to a .py file)")
+    raise ConfigError(f"unknown config {spec!r}; shipped configs: {', '.join(shipped_names())} (or a path to a .py file)")
   return importlib.import_module(f"fedspa_jax.configs.{spec}")
 
 
@@ -180,12 +191,12 @@ def load(spec: str = "default", *, smoke: bool = False) -> Config:
   """
   module = _load_module(spec)
   if not hasattr(module, "get_config"):
-    raise ValueError(f"config {spec!r} has no get_config() function")
+    raise ConfigError(f"config {spec!r} has no get_config() function")
   config = module.get_config(smoke=True) if smoke else module.get_config()
   if isinstance(config, dict):
     config = Config.from_dict(config)
   if not isinstance(config, Config):
-    raise ValueError(f"get_config() of {spec!r} must return a fedspa_jax.config.Config or a dict, got {config!r}")
+    raise ConfigError(f"get_config() of {spec!r} must return a fedspa_jax.config.Config or a dict, got {config!r}")
   return config
 
 

@@ -16,7 +16,7 @@ The run folder (docs/cli.md has the details):
     *.png             accuracy vs round and vs bytes, per-client accuracy, mask Hamming heatmap (sparse methods)
 
 Everything a config can get wrong (unknown algorithm, dataset, model, hyperparameter or key; an occupied run folder;
-a checkpoint of another config) raises ValueError before anything is compiled. Metrics come to the host once per
+a checkpoint of another config) raises ConfigError (a ValueError) before anything is compiled. Metrics come to the host once per
 dispatch, one dispatch late (so the device never waits for the host between evaluations), and are checked for NaN:
 a diverged run stops with `TrainingDiverged` and never overwrites its last good checkpoint.
 """
@@ -38,7 +38,7 @@ from fedspa_jax import algorithms, client_stats, models, plots
 from fedspa_jax import config as config_lib
 from fedspa_jax import data as data_lib
 from fedspa_jax.checkpoint import Checkpointer
-from fedspa_jax.config import Config
+from fedspa_jax.config import Config, ConfigError
 from fedspa_jax.logging_utils import MetricsLog, TensorBoardLog, format_record, human_bytes, make_progress
 from fedspa_jax.round import make_client_mesh
 
@@ -47,11 +47,11 @@ RUN_MARKERS = ("config.json", "metrics.jsonl", "summary.json", "checkpoints")
 OUTPUTS = (*RUN_MARKERS, "clients.npz", "tensorboard", "metrics.jsonl.tmp", *plots.FILES.values())
 
 
-class RunExistsError(ValueError):
+class RunExistsError(ConfigError):
   """The output folder already holds a run."""
 
 
-class ConfigMismatchError(ValueError):
+class ConfigMismatchError(ConfigError):
   """A run is resumed with a config that differs from its checkpoint's."""
 
 
@@ -86,26 +86,35 @@ def check_config(config: Config) -> None:
   """Every check that needs no data: field types, algorithm, dataset, model and their arguments.
 
   Raises:
-    ValueError: with the known names listed.
+    ConfigError (a ValueError): with the known names listed.
   """
+  try:
+    _check_config(config)
+  except ConfigError:
+    raise
+  except (ValueError, TypeError) as e:
+    raise ConfigError(str(e)) from e
+
+
+def _check_config(config: Config) -> None:
   config_lib.check_fields(config)
   if config.algorithm not in algorithms.names():
-    raise ValueError(f"unknown algorithm {config.algorithm!r}; known algorithms: {', '.join(algorithms.names())}")
+    raise ConfigError(f"unknown algorithm {config.algorithm!r}; known algorithms: {', '.join(algorithms.names())}")
   data_lib.loader.canonical_name(config.dataset)  # raises, listing the known datasets
   if config.model not in models.names():
-    raise ValueError(f"unknown model {config.model!r}; known models: {', '.join(models.names())}")
+    raise ConfigError(f"unknown model {config.model!r}; known models: {', '.join(models.names())}")
   try:
     placeholder = models.get(config.model, num_classes=2, **config.model_args)
   except TypeError as e:
-    raise ValueError(f"bad model arguments {config.model_args} for model {config.model!r}: {e}") from e
+    raise ConfigError(f"bad model arguments {config.model_args} for model {config.model!r}: {e}") from e
   try:
     algorithms.get(config.algorithm, model=placeholder, **algorithm_hparams(config))
   except ValueError as e:
     if "unknown hyperparameters" in str(e):
-      raise ValueError(f"{e}; config keys: {', '.join(config_lib.field_names())}") from e
+      raise ConfigError(f"{e}; config keys: {', '.join(config_lib.field_names())}") from e
     raise
   except TypeError as e:
-    raise ValueError(f"bad hyperparameters for {config.algorithm!r}: {e}") from e
+    raise ConfigError(f"bad hyperparameters for {config.algorithm!r}: {e}") from e
 
 
 def load_data(config: Config) -> data_lib.FederatedData:
@@ -159,7 +168,7 @@ def prepare_workdir(workdir: pathlib.Path, config: Config, *, resume: bool, over
     ConfigMismatchError: `resume` with a config that changes the run's trajectory (the differences are listed).
   """
   if resume and overwrite:
-    raise ValueError("choose one of resume and overwrite")
+    raise ConfigError("choose one of resume and overwrite")
   held = [name for name in RUN_MARKERS if (workdir / name).exists()]
   if held and overwrite:
     for name in OUTPUTS:
@@ -296,16 +305,23 @@ def run(
     The summary (also written to summary.json), or, when stopped early, {"status": "stopped", "round", ...}.
 
   Raises:
-    ValueError: bad config or run folder (see the module docstring), before anything is compiled.
+    ConfigError (a ValueError): bad config, data options or run folder, before anything is compiled.
+    FileNotFoundError: the dataset's files are missing.
     TrainingDiverged: a loss or a parameter became NaN or infinite; the last good checkpoint stays as it is.
   """
   say = echo or (lambda line: None)
   check_config(config)
   workdir = pathlib.Path(workdir) if workdir is not None else default_workdir(config)
   prepare_workdir(workdir, config, resume=resume, overwrite=overwrite)
-  data = load_data(config) if data is None else data
-  _, algo = build(config, data)
-  state = algo.init(jax.random.key(config.seed), data)
+  try:  # data options, model/data fit: still input errors, found before compilation
+    try:
+      data = load_data(config) if data is None else data
+    except TypeError as e:  # an option the data source does not take
+      raise ConfigError(f"bad data options {config.data_args}: {e}") from e
+    _, algo = build(config, data)
+    state = algo.init(jax.random.key(config.seed), data)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
 
   ckpt = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
   history, totals = [], Totals()
