@@ -8,6 +8,7 @@ masked step still computes densely) and MFU = achieved FLOP/s / this machine's m
   python scripts/bench_models.py                                   # every model, auto and xla, 1/10/50 clients
   python scripts/bench_models.py --models lenet5 --clients 10 --convs auto,xla --steps 10
   python scripts/bench_models.py --models cnn --clients 20 --batch 10 --engine   # the engine's client.local_train
+  python scripts/bench_models.py --models cnn --clients 20 --batch 10 --cohort map:2  # lax.map, 2 clients at a time
 """
 
 from __future__ import annotations
@@ -74,7 +75,15 @@ def random_masks(key: jax.Array, params, density: float):
   return jax.tree.unflatten(treedef, masks)
 
 
-def make_minimal_train(model, lr: float):
+def over_cohort(client, cohort: str):
+  """vmap the one-client function over the cohort, or (cohort="map:K") loop over it K clients at a time."""
+  if cohort == "vmap":
+    return jax.jit(jax.vmap(client))
+  k = int(cohort.split(":")[1]) if ":" in cohort else 1
+  return jax.jit(lambda *args: jax.lax.map(lambda a: client(*a), args, batch_size=k if k > 1 else None))
+
+
+def make_minimal_train(model, lr: float, cohort: str = "vmap"):
   """clients' (params, mask, x [steps, B, ...], y [steps, B]) -> params, one masked SGD step per scan step."""
 
   def loss_fn(params, x, y):
@@ -88,10 +97,10 @@ def make_minimal_train(model, lr: float):
 
     return jax.lax.scan(step, params, (xs, ys))[0]
 
-  return jax.jit(jax.vmap(client))
+  return over_cohort(client, cohort)
 
 
-def make_engine_train(model, lr: float, batch: int, steps: int):
+def make_engine_train(model, lr: float, batch: int, steps: int, cohort: str = "vmap"):
   """The same work through the engine's `fedspa_jax.client.local_train` (in-graph batch drawing, optax SGD)."""
   from fedspa_jax.client import ClientData, local_train
 
@@ -104,10 +113,11 @@ def make_engine_train(model, lr: float, batch: int, steps: int):
     return local_train(params, mask, data, jax.random.key(0), apply_fn=apply_fn, optimizer=optax.sgd(lr),
                        batch_size=batch, local_epochs=None, local_steps=steps).params
 
-  return jax.jit(jax.vmap(client))
+  return over_cohort(client, cohort)
 
 
-def bench_one(name: str, conv: str, clients: int, batch: int, steps: int, repeats: int, engine: bool):
+def bench_one(name: str, conv: str, clients: int, batch: int, steps: int, repeats: int, engine: bool,
+              cohort: str = "vmap"):
   sample_shape = SAMPLE_SHAPES[name]
   kw = {} if name == "mlp" else {"conv": conv}
   model = models.get(name, 10, **kw)
@@ -117,7 +127,10 @@ def bench_one(name: str, conv: str, clients: int, batch: int, steps: int, repeat
   masks = jax.vmap(lambda k: random_masks(k, jax.tree.map(lambda p: p[0], params), 0.5))(keys)
   xs = jax.random.normal(jax.random.key(1), (clients, steps, batch) + sample_shape, jnp.float32)
   ys = jax.random.randint(jax.random.key(2), (clients, steps, batch), 0, 10)
-  train = make_engine_train(model, 0.01, batch, steps) if engine else make_minimal_train(model, 0.01)
+  if engine:
+    train = make_engine_train(model, 0.01, batch, steps, cohort)
+  else:
+    train = make_minimal_train(model, 0.01, cohort)
   start = time.perf_counter()
   jax.block_until_ready(train(params, masks, xs, ys))
   first = time.perf_counter() - start
@@ -136,6 +149,8 @@ def main(argv=None) -> None:
   parser.add_argument("--steps", type=int, default=5, help="local steps per timed call")
   parser.add_argument("--repeats", type=int, default=3, help="timed calls; the best is reported")
   parser.add_argument("--engine", action="store_true", help="train with fedspa_jax.client.local_train")
+  parser.add_argument("--cohort", default="vmap",
+                      help="vmap (the engine's way) or map:K (lax.map over clients, K at a time: better cache use on CPU)")
   args = parser.parse_args(argv)
 
   peak = matmul_flops_per_s()
@@ -145,7 +160,7 @@ def main(argv=None) -> None:
   print(f"# load average before: {load_average()}")
   print(f"# measured float32 matmul (2048^3): {peak / 1e9:.1f} GFLOP/s")
   print(f"# step: {'engine client.local_train' if args.engine else 'minimal masked SGD'}, batch {args.batch}, "
-        f"{args.steps} steps per call, best of {args.repeats}")
+        f"{args.steps} steps per call, best of {args.repeats}, cohort {args.cohort}")
   print("| model | conv | clients | samples/s | train GFLOP/s | MFU | first call s |")
   print("|---|---|---:|---:|---:|---:|---:|")
   for name in args.models.split(","):
@@ -153,7 +168,8 @@ def main(argv=None) -> None:
       resolved = conv if name == "mlp" else models.conv.resolve_conv(conv)
       label = f"{conv} ({resolved})" if conv == "auto" else conv
       for clients in (int(c) for c in args.clients.split(",")):
-        rate, achieved, first = bench_one(name, conv, clients, args.batch, args.steps, args.repeats, args.engine)
+        rate, achieved, first = bench_one(name, conv, clients, args.batch, args.steps, args.repeats, args.engine,
+                                          args.cohort)
         print(f"| {name} | {label} | {clients} | {rate:,.0f} | {achieved / 1e9:.1f} | {achieved / peak:.1%} "
               f"| {first:.1f} |", flush=True)
   print(f"# load average after: {load_average()}")

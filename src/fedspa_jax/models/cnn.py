@@ -32,10 +32,8 @@ class CNN(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = nn.relu(layers.conv(32, 5, conv=self.conv, padding=self.padding, name="conv1")(x))
-    x = layers.max_pool(x)
-    x = nn.relu(layers.conv(64, 5, conv=self.conv, padding=self.padding, name="conv2")(x))
-    x = layers.max_pool(x)
+    x = nn.relu(layers.max_pool(layers.conv(32, 5, conv=self.conv, padding=self.padding, name="conv1")(x)))
+    x = nn.relu(layers.max_pool(layers.conv(64, 5, conv=self.conv, padding=self.padding, name="conv2")(x)))
     x = layers.dense_stack(layers.flatten(x), (512,))
     return nn.Dense(self.num_classes, name="head")(x)
 
@@ -55,9 +53,7 @@ class CifarCNN(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = nn.relu(layers.conv(64, 5, conv=self.conv, padding="VALID", name="conv1")(x))
-    x = layers.max_pool(x)
-    x = nn.relu(layers.conv(64, 5, conv=self.conv, padding="VALID", name="conv2")(x))
-    x = layers.max_pool(x)
+    x = nn.relu(layers.max_pool(layers.conv(64, 5, conv=self.conv, padding="VALID", name="conv1")(x)))
+    x = nn.relu(layers.max_pool(layers.conv(64, 5, conv=self.conv, padding="VALID", name="conv2")(x)))
     x = layers.dense_stack(layers.flatten(x), (120, 64))
     return nn.Dense(self.num_classes, name="head")(x)

@@ -22,7 +22,9 @@ def max_pool(x: jax.Array, window: int = 2, *, ceil: bool = False) -> jax.Array:
   """Non-overlapping `window` x `window` max pooling of NHWC `x` (stride = window).
 
   Written as a reshape + max, which XLA on CPU runs (and differentiates) faster than `reduce_window`. A trailing
-  remainder is dropped (floor, as PyTorch's default) or, with `ceil=True`, padded with -inf and pooled.
+  remainder is dropped (floor, as PyTorch's default) or, with `ceil=True`, padded with -inf and pooled. The models
+  apply ReLU after the pool rather than before: max pooling commutes with ReLU (both monotone), so values and
+  gradients are the same, and ReLU then touches a quarter of the elements (measured +15% for the vmapped CNN).
   """
   batch, height, width, channels = x.shape
   if ceil:

@@ -28,9 +28,7 @@ class LeNet5(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     height, width = x.shape[1:3]
     pad = ((max(0, 32 - height) // 2,) * 2, (max(0, 32 - width) // 2,) * 2)
-    x = nn.relu(layers.conv(6, 5, conv=self.conv, padding=pad, name="conv1")(x))
-    x = layers.max_pool(x)
-    x = nn.relu(layers.conv(16, 5, conv=self.conv, padding="VALID", name="conv2")(x))
-    x = layers.max_pool(x)
+    x = nn.relu(layers.max_pool(layers.conv(6, 5, conv=self.conv, padding=pad, name="conv1")(x)))
+    x = nn.relu(layers.max_pool(layers.conv(16, 5, conv=self.conv, padding="VALID", name="conv2")(x)))
     x = layers.dense_stack(layers.flatten(x), (120, 84))
     return nn.Dense(self.num_classes, name="head")(x)
