@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-import shutil
 import time
 from typing import Any, Callable
 
@@ -41,18 +40,10 @@ from fedspa_jax.checkpoint import Checkpointer
 from fedspa_jax.config import Config, ConfigError
 from fedspa_jax.logging_utils import MetricsLog, TensorBoardLog, format_record, human_bytes, make_progress
 from fedspa_jax.round import make_client_mesh
+# Re-exported: the run-folder errors are part of what `run` raises.
+from fedspa_jax.run_folder import ConfigMismatchError, RunExistsError, default_workdir, prepare_workdir  # noqa: F401
 
 CHECKPOINT_FORMAT = 1
-RUN_MARKERS = ("config.json", "metrics.jsonl", "summary.json", "checkpoints")
-OUTPUTS = (*RUN_MARKERS, "clients.npz", "tensorboard", "metrics.jsonl.tmp", *plots.FILES.values())
-
-
-class RunExistsError(ConfigError):
-  """The output folder already holds a run."""
-
-
-class ConfigMismatchError(ConfigError):
-  """A run is resumed with a config that differs from its checkpoint's."""
 
 
 class TrainingDiverged(FloatingPointError):
@@ -69,9 +60,6 @@ class Totals:
   flops_dense: float | None = None
   samples: int = 0
   wall_time: float = 0.0
-
-
-# ---------------------------------------------------------------------------------------------------- building
 
 
 def algorithm_hparams(config: Config) -> dict[str, Any]:
@@ -132,68 +120,6 @@ def build(config: Config, data: data_lib.FederatedData):
   if config.shard_clients:
     hparams["mesh"] = make_client_mesh()
   return model, algorithms.get(config.algorithm, model=model, **hparams)
-
-
-# ---------------------------------------------------------------------------------------------------- run folder
-
-
-def default_workdir(config: Config, root: str | pathlib.Path = "runs") -> pathlib.Path:
-  """`runs/<algorithm>-<dataset>-<date>-<time>`, made unique."""
-  base = pathlib.Path(root) / f"{config.algorithm}-{config.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-  path, i = base, 1
-  while path.exists():
-    path, i = base.with_name(f"{base.name}-{i}"), i + 1
-  return path
-
-
-def saved_config(workdir: pathlib.Path) -> dict[str, Any] | None:
-  """The config of the run in `workdir`: its newest checkpoint's, else its config.json's, else None."""
-  ckpt = Checkpointer(workdir / "checkpoints")
-  try:
-    meta = ckpt.read_meta()
-  finally:
-    ckpt.close()
-  if meta is not None:
-    return meta["config"]
-  if (workdir / "config.json").is_file():
-    return json.loads((workdir / "config.json").read_text())
-  return None
-
-
-def prepare_workdir(workdir: pathlib.Path, config: Config, *, resume: bool, overwrite: bool) -> None:
-  """Makes `workdir` ready: refuses to mix two runs in one folder, clears it for `overwrite`, checks `resume`.
-
-  Raises:
-    RunExistsError: the folder holds a run and neither `resume` nor `overwrite` is set.
-    ConfigMismatchError: `resume` with a config that changes the run's trajectory (the differences are listed).
-  """
-  if resume and overwrite:
-    raise ConfigError("choose one of resume and overwrite")
-  held = [name for name in RUN_MARKERS if (workdir / name).exists()]
-  if held and overwrite:
-    for name in OUTPUTS:
-      target = workdir / name
-      if target.is_dir():
-        shutil.rmtree(target)
-      elif target.exists():
-        target.unlink()
-  elif held and not resume:
-    raise RunExistsError(
-        f"{workdir} already holds a run ({', '.join(held)}); pass --resume to continue it, --overwrite to replace "
-        "it, or choose another --out"
-    )
-  elif held:
-    saved = saved_config(workdir)
-    diff = config_lib.trajectory_diff(saved, config.to_dict()) if saved is not None else []
-    if diff:
-      raise ConfigMismatchError(
-          f"the checkpoint in {workdir} was written by a different config (saved -> now):\n  " + "\n  ".join(diff)
-          + "\nresume with the saved config (run --resume --out DIR alone), or pass --overwrite to start over"
-      )
-  workdir.mkdir(parents=True, exist_ok=True)
-
-
-# ---------------------------------------------------------------------------------------------------- the loop
 
 
 def make_multi_round(round_fn: Callable, rounds: int) -> Callable:
