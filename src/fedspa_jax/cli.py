@@ -1,6 +1,6 @@
 """fedspa-jax command line (also `python -m fedspa_jax`); docs/cli.md has the details.
 
-    fedspa-jax run                                        # the built-in default (configs/default.py)
+    fedspa-jax run                                        # the built-in default (fedspa_jax/configs/default.py)
     fedspa-jax run --config fashion_mnist_pathological --set rounds=50 --out runs/fm
     fedspa-jax run --algorithm fedspa --dataset fashion_mnist --partition pathological --num-clients 100 \\
         --rounds 50 --out runs/x
