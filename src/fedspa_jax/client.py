@@ -47,7 +47,8 @@ def make_preprocess(mean: tuple[float, ...] | None, std: tuple[float, ...] | Non
     if x.dtype == jnp.uint8:
       x = x.astype(jnp.float32) / 255.0
       if mean is not None:
-        x = (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+        channels = (1,) * (x.ndim - 1) + (-1,)  # explicit broadcast over [..., C]
+        x = (x - jnp.asarray(mean, jnp.float32).reshape(channels)) / jnp.asarray(std, jnp.float32).reshape(channels)
       return x
     return x.astype(jnp.float32)
 

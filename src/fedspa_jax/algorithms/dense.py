@@ -45,8 +45,8 @@ def dense_account(
     message = accounting.dense_bytes(params) if communicates else 0
     state = 0 if state_bytes is None else state_bytes(params)
     return {
-        "bytes_down": real * message,
-        "bytes_up": real * message,
+        "bytes_down": real.astype(jnp.float32) * message,
+        "bytes_up": real.astype(jnp.float32) * message,
         "client_state_bytes": jnp.asarray(state),
         **dense_training_flops(model, sample_shape, metrics, sample_keys),
     }

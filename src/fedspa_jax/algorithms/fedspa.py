@@ -119,8 +119,8 @@ def fedspa(
     with jax.ensure_compile_time_eval():  # host-side arithmetic on shapes, even while the round is traced
       cost = flops.training_flops(model, sample_shape, densities, regrow_batch=regrow_batch)
     return {
-        "bytes_down": real * message,
-        "bytes_up": real * message,
+        "bytes_down": real.astype(jnp.float32) * message,
+        "bytes_up": real.astype(jnp.float32) * message,
         "client_state_bytes": jnp.asarray(accounting.mask_state_bytes(params, densities)),
         "prune_rate": cosine_prune_rate(round, alpha, t_end) if update_masks else jnp.zeros(()),
         **accounting.round_flops(

@@ -81,8 +81,8 @@ def _split_algorithm(name: str, model: nn.Module, head_epochs: int | None, commo
     del round
     body = accounting.dense_bytes({k: v for k, v in params.items() if k != HEAD})
     return {
-        "bytes_down": real * body,
-        "bytes_up": real * body,
+        "bytes_down": real.astype(jnp.float32) * body,
+        "bytes_up": real.astype(jnp.float32) * body,
         "client_state_bytes": jnp.asarray(accounting.dense_bytes(params[HEAD])),
         # FedRep's head epochs still run full forward and backward passes in this implementation.
         **dense_training_flops(model, sample_shape, metrics, ("samples", "head_samples")),
