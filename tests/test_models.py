@@ -112,7 +112,7 @@ def test_resolve_conv():
     conv_lib.resolve_conv("winograd")
 
 
-def _conv_case(c_in, stride, padding, kernel=3, c_out=4, groups=1, size=9, batch=2):
+def _conv_case(c_in, stride, padding, kernel=3, c_out=4, groups=1, size=9, batch=2, method="auto"):
   kx, kw = jax.random.split(jax.random.key(c_in * 100 + stride * 10 + kernel))
   x = jax.random.normal(kx, (batch, size, size, c_in))
   w = jax.random.normal(kw, (kernel, kernel, c_in // groups, c_out))
@@ -124,18 +124,20 @@ def _conv_case(c_in, stride, padding, kernel=3, c_out=4, groups=1, size=9, batch
 
   grad = lambda conv_fn: jax.jit(jax.grad(functools.partial(loss, conv_fn), (0, 1), has_aux=True))
   ref_grads, ref_y = grad(lax.conv_general_dilated)(x, w)
-  grads, y = grad(conv_lib.conv_general_dilated_im2col)(x, w)
+  grads, y = grad(functools.partial(conv_lib.conv_general_dilated_im2col, method=method))(x, w)
   scale = float(jnp.max(jnp.abs(ref_y)))
   np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-6 * scale)
   for g, ref in zip(grads, ref_grads):
     np.testing.assert_allclose(g, ref, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(ref))))
 
 
+@pytest.mark.parametrize("method", ["patches", "rows"])
 @pytest.mark.parametrize("c_in", [1, 3])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("padding", ["SAME", "VALID"])
-def test_im2col_matches_lax_conv(c_in, stride, padding):
-  _conv_case(c_in, stride, padding)
+def test_im2col_matches_lax_conv(c_in, stride, padding, method):
+  """Both CPU forms: full im2col patches, and row windows with a banded kernel."""
+  _conv_case(c_in, stride, padding, kernel=5 if method == "rows" else 3, method=method)
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -145,9 +147,23 @@ def test_im2col_matches_lax_conv(c_in, stride, padding):
     dict(c_in=3, stride=1, padding=((2, 1), (0, 3)), kernel=5),  # explicit, asymmetric padding
     dict(c_in=4, stride=1, padding="SAME", groups=2),
     dict(c_in=2, stride=2, padding="SAME", size=10, kernel=4),  # even kernel: SAME pads asymmetrically
+    dict(c_in=6, stride=1, padding="VALID", kernel=5, size=14, c_out=16, batch=32),  # LeNet's conv2: rows
+    dict(c_in=16, stride=1, padding="SAME", kernel=1, method="rows"),
+    dict(c_in=2, stride=3, padding="VALID", kernel=4, size=11, method="rows"),
 ])
 def test_im2col_matches_lax_conv_more(kwargs):
   _conv_case(**kwargs)
+
+
+def test_im2col_method_choice():
+  """The cost model picks row windows for LeNet-5's small layers and full patches for wide ones."""
+  prefer = conv_lib._prefer_rows  # (batch, H_out, W_out, W_pad, kw, C_out, stride)
+  assert prefer(32, 28, 28, 32, 5, 6, 1) and prefer(32, 10, 10, 14, 5, 16, 1)  # LeNet-5 conv1, conv2
+  assert not prefer(10, 8, 8, 12, 5, 64, 1)  # FedAvg CNN conv2
+  assert not prefer(32, 32, 32, 34, 3, 64, 1)  # VGG-11 conv1
+  with pytest.raises(ValueError, match="unknown method"):
+    conv_lib.conv_general_dilated_im2col(jnp.zeros((1, 4, 4, 1)), jnp.zeros((3, 3, 1, 1)), (1, 1), "SAME",
+                                         dimension_numbers=DN, method="fft")
 
 
 def test_im2col_falls_back_for_dilation():
