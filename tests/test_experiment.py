@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import pathlib
 
 import jax
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 from fedspa_jax import config as config_lib
 from fedspa_jax import experiment
 from fedspa_jax.checkpoint import Checkpointer
+from fedspa_jax.data import idx_sources
 
 # Summary fields that legitimately differ between two runs of the same config.
 VOLATILE = {"wall_time", "run_dir"}
@@ -190,13 +192,18 @@ def test_config_file_by_path(tmp_path):
     config_lib.load("nope")
 
 
+FASHION_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.skipif(
+    not all((FASHION_DIR / f).is_file() for f in idx_sources.FILES),
+    reason="Fashion-MNIST IDX files absent: run scripts/install_datasets.sh",
+)
 def test_fashion_mnist_smoke_runs_end_to_end(tmp_path):
   config = config_lib.load("fashion_mnist_pathological", smoke=True)
   config.data_args["download"] = False  # no network in tests
-  try:
-    data = experiment.load_data(config)
-  except FileNotFoundError as e:
-    pytest.skip(f"Fashion-MNIST not installed: {e}")
+  config = dataclasses.replace(config, data_dir=str(FASHION_DIR))
+  data = experiment.load_data(config)
   summary = quiet_run(config, tmp_path / "fm", data=data)
   assert summary["dataset"] == "fashion_mnist" and len(summary["client_accuracy"]) == 4
   assert summary["bytes_total"] > 0
