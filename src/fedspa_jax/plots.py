@@ -30,6 +30,16 @@ def _figure(width: float = 5.5, height: float = 3.6):
   return Figure(figsize=(width, height), dpi=110, layout="constrained")
 
 
+def _line_axes(fig):
+  """Axes whose lines cycle through 10 colors, solid then dashed, so up to 20 runs stay distinguishable."""
+  from cycler import cycler
+  from matplotlib import colormaps
+
+  ax = fig.add_subplot()
+  ax.set_prop_cycle(cycler(linestyle=["-", "--"]) * cycler(color=colormaps["tab10"].colors))
+  return ax
+
+
 def _save(fig, path: pathlib.Path) -> pathlib.Path:
   path.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(path)
@@ -63,7 +73,7 @@ def _labels(runs: list[dict[str, Any]]) -> list[str]:
 def plot_accuracy_vs_round(runs: list[dict[str, Any]], path: pathlib.Path) -> pathlib.Path:
   """Mean personalized accuracy per evaluated round, with the p10-p90 band over clients."""
   fig = _figure()
-  ax = fig.add_subplot()
+  ax = _line_axes(fig)
   for run, label in zip(runs, _labels(runs)):
     rec = run["records"]
     x = [r["round"] for r in rec]
@@ -79,7 +89,7 @@ def plot_accuracy_vs_round(runs: list[dict[str, Any]], path: pathlib.Path) -> pa
 def plot_accuracy_vs_bytes(runs: list[dict[str, Any]], path: pathlib.Path) -> pathlib.Path:
   """Mean personalized accuracy against cumulative bytes communicated (up + down, all clients)."""
   fig = _figure()
-  ax = fig.add_subplot()
+  ax = _line_axes(fig)
   for run, label in zip(runs, _labels(runs)):
     rec = run["records"]
     ax.plot([(r["bytes_up"] + r["bytes_down"]) / 2**20 for r in rec], [r["accuracy_mean"] for r in rec],
