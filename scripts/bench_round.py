@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import os
 import platform
 import time
@@ -51,6 +52,8 @@ def main() -> None:
   parser.add_argument("--num-clients", type=int, default=100)
   parser.add_argument("--rounds", type=int, default=5, help="timed rounds (after one warm-up round)")
   parser.add_argument("--batch-size", type=int, default=32)
+  parser.add_argument("--cohort-batches", nargs="+", default=["vmap"],
+                      help="'vmap' (whole cohort vmapped) and/or group sizes k for lax.map over k clients")
   args = parser.parse_args()
 
   data = load_data(args.num_clients)
@@ -59,12 +62,13 @@ def main() -> None:
   print(f"# {datetime.date.today()} | {jax.devices()[0].platform}: {cpu_name()} x{os.cpu_count()} | "
         f"jax {jax.__version__} | {data.name}, {data.num_clients} clients, {args.model}, batch {args.batch_size}, "
         f"1 local epoch")
-  print("| algorithm | cohort | compile (s) | rounds/s | samples/s | train GFLOP/s |")
-  print("| --- | --- | --- | --- | --- | --- |")
+  print("| algorithm | cohort | cohort run | compile (s) | rounds/s | samples/s | train GFLOP/s |")
+  print("| --- | --- | --- | --- | --- | --- | --- |")
   for name in args.algorithms:
-    for cohort in args.cohorts:
+    for cohort, grouping in itertools.product(args.cohorts, args.cohort_batches):
+      cohort_batch = None if grouping == "vmap" else int(grouping)
       algo = fj.algorithms.get(name, model=model, clients_per_round=cohort, batch_size=args.batch_size, lr=0.05,
-                               rounds=args.rounds + 1)
+                               rounds=args.rounds + 1, cohort_batch=cohort_batch)
       state = algo.init(jax.random.key(0), data)
       start = time.perf_counter()
       state, metrics = algo.round(state, device_data)
@@ -79,7 +83,8 @@ def main() -> None:
       elapsed = time.perf_counter() - start
       samples = sum(float(np.sum(m["samples"])) for m in history)
       flops = sum(float(m["flops"]) for m in history)
-      print(f"| {name} | {cohort} | {compile_s:.1f} | {args.rounds / elapsed:.2f} | {samples / elapsed:,.0f} | "
+      label = "vmap" if cohort_batch is None else f"lax.map of {cohort_batch}"
+      print(f"| {name} | {cohort} | {label} | {compile_s:.1f} | {args.rounds / elapsed:.2f} | {samples / elapsed:,.0f} | "
             f"{flops / elapsed / 1e9:.2f} |", flush=True)
 
 

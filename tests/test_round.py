@@ -179,3 +179,14 @@ def test_mesh_without_auto_client_axis_is_rejected(model):
   explicit = jax.make_mesh((8,), ("clients",), axis_types=(jax.sharding.AxisType.Explicit,))
   with pytest.raises(ValueError, match="Auto"):
     fj.algorithms.get("fedspa", model=model, mesh=explicit, **HPARAMS)
+
+
+def test_cohort_in_groups_equals_vmapped_cohort(model, algo, state0, data):
+  grouped = fj.algorithms.get("fedspa", model=model, cohort_batch=2, **HPARAMS)
+  a, ma = algo.round(state0, data)
+  b, mb = grouped.round(state0, data)
+  assert_trees_close(a.server.params, b.server.params)
+  chex.assert_trees_all_equal(a.clients, b.clients)
+  np.testing.assert_allclose(ma["loss"], mb["loss"], rtol=1e-5)
+  with pytest.raises(ValueError, match="cohort_batch"):
+    fj.algorithms.get("fedspa", model=model, cohort_batch=0, **HPARAMS)

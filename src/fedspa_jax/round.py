@@ -127,6 +127,7 @@ def run_cohort(
     aggregation: str,
     server_optimizer: optax.GradientTransformation,
     mesh: Mesh | None = None,
+    cohort_batch: int | None = None,
 ) -> tuple[ServerState, Any, dict[str, jax.Array]]:
   """The cohort's part of a round: vmapped client updates, aggregation and the server step.
 
@@ -141,12 +142,19 @@ def run_cohort(
     aggregation: "mean" or "masked_mean".
     server_optimizer: optax transformation applied to the aggregated update.
     mesh: optional mesh whose "clients" axis shards the cohort.
+    cohort_batch: None vmaps the whole cohort at once; an int k runs it as `lax.map` over groups of k vmapped
+      clients (still one program, same results). On CPU this keeps a group's working set in cache: measured 1.5x
+      faster for the FedAvg CNN with k=2 (docs/models.md). Not combined with `mesh`.
 
   Returns:
     (new server state, new cohort state [S, ...], per-client metrics [S]).
   """
   cohort_state, cohort_data, weights, keys = shard_cohort((cohort_state, cohort_data, weights, keys), mesh)
-  out = jax.vmap(client_fn, in_axes=(None, 0, 0, 0, None))(server.params, cohort_state, cohort_data, keys, round)
+  if cohort_batch is None:
+    out = jax.vmap(client_fn, in_axes=(None, 0, 0, 0, None))(server.params, cohort_state, cohort_data, keys, round)
+  else:
+    one = lambda args: client_fn(server.params, *args, round)
+    out = jax.lax.map(one, (cohort_state, cohort_data, keys), batch_size=cohort_batch)
   delta = aggregate(aggregation, out.update, out.coverage, weights)
   return server_update(server, delta, server_optimizer), out.state, out.metrics
 
@@ -160,6 +168,7 @@ def make_round(
     weighting: str = "samples",
     server_optimizer: optax.GradientTransformation,
     mesh: Mesh | None = None,
+    cohort_batch: int | None = None,
 ) -> Callable[[SimState, Any], tuple[SimState, dict[str, jax.Array]]]:
   """Builds `round(state, train) -> (state, metrics)`, pure and jit-able.
 
@@ -171,6 +180,7 @@ def make_round(
     weighting: "samples" (weights = sample counts) or "uniform" (1 per client).
     server_optimizer: optax transformation for the server step (optax.sgd(server_lr) by default upstream).
     mesh: optional mesh with a "clients" axis.
+    cohort_batch: see `run_cohort`.
 
   Returns:
     A function of (SimState, ClientSplit-like train data with x [K, N_max, ...], y, count) returning the new state
@@ -198,6 +208,7 @@ def make_round(
         aggregation=aggregation,
         server_optimizer=server_optimizer,
         mesh=mesh,
+        cohort_batch=cohort_batch,
     )
     clients = scatter_clients(state.clients, cohort, cohort_state)
     new_state = SimState(server=server, clients=clients, round=state.round + 1, key=state.key)

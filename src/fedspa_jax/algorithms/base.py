@@ -57,6 +57,8 @@ class Common:
     server_lr: server learning rate eta_s.
     mesh: optional `jax.sharding.Mesh` with a "clients" axis to shard the cohort over.
     eval_clients_per_batch: clients evaluated together (memory bound of `evaluate`).
+    cohort_batch: None vmaps the whole cohort; k runs it as `lax.map` over groups of k clients (faster on CPU for
+      larger convolutional models; see `round.run_cohort`). Not combined with `mesh`.
   """
 
   clients_per_round: int = 10
@@ -72,6 +74,7 @@ class Common:
   server_lr: float = 1.0
   mesh: jax.sharding.Mesh | None = None
   eval_clients_per_batch: int = 16
+  cohort_batch: int | None = None
 
   def __post_init__(self):
     check_positive_int("clients_per_round", self.clients_per_round)
@@ -80,6 +83,10 @@ class Common:
     check_positive_int("eval_clients_per_batch", self.eval_clients_per_batch)
     check_aggregation("mean", self.weighting)
     check_mesh(self.mesh)
+    if self.cohort_batch is not None:
+      check_positive_int("cohort_batch", self.cohort_batch)
+      if self.mesh is not None:
+        raise ValueError("cohort_batch and mesh cannot be combined: the mesh shards the vmapped cohort")
     if not (isinstance(self.server_lr, (int, float)) and self.server_lr > 0):
       raise ValueError(f"server_lr must be > 0, got {self.server_lr!r}")
     make_optimizer(self.optimizer, self.lr, self.momentum, self.weight_decay)  # validates lr and momentum
@@ -241,6 +248,7 @@ def assemble(
         weighting=common.weighting,
         server_optimizer=server_optimizer,
         mesh=common.mesh,
+        cohort_batch=common.cohort_batch,
     )
     new_state, metrics = run(state, data.train)
     real = jnp.sum(metrics["cohort"] < data.num_clients)
