@@ -13,7 +13,7 @@ import argparse
 import datetime
 import itertools
 import os
-import platform
+import sys
 import time
 
 import jax
@@ -21,16 +21,8 @@ import numpy as np
 
 import fedspa_jax as fj
 
-
-def cpu_name() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown CPU"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_models  # noqa: E402  (the sibling script: one place that names the machine)
 
 
 def load_data(num_clients: int) -> fj.data.FederatedData:
@@ -59,7 +51,7 @@ def main() -> None:
   data = load_data(args.num_clients)
   device_data = jax.device_put(data)
   model = fj.models.get(args.model, num_classes=data.num_classes)
-  print(f"# {datetime.date.today()} | {jax.devices()[0].platform}: {cpu_name()} x{os.cpu_count()} | "
+  print(f"# {datetime.date.today()} | {jax.devices()[0].platform}: {bench_models.cpu_model()} x{os.cpu_count()} | "
         f"jax {jax.__version__} | {data.name}, {data.num_clients} clients, {args.model}, batch {args.batch_size}, "
         f"1 local epoch")
   print("| algorithm | cohort | cohort run | compile (s) | rounds/s | samples/s | train GFLOP/s |")
