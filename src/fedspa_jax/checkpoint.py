@@ -38,6 +38,18 @@ def from_storable(tree: Any, like: Any) -> Any:
   )
 
 
+def layout(tree: Any) -> dict[str, list]:
+  """{leaf path: [shape, dtype]} of a state (after `to_storable`): what a checkpoint must match to be restored."""
+  return {
+      jax.tree_util.keystr(path): [list(a.shape), str(a.dtype)]
+      for path, a in jax.tree_util.tree_flatten_with_path(to_storable(tree))[0]
+  }
+
+
+class LayoutMismatch(ValueError):
+  """A checkpoint's arrays do not have the structure, shapes or dtypes of the state to restore into."""
+
+
 def _abstract(tree: Any) -> Any:
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)), tree)
 
@@ -85,6 +97,7 @@ class Checkpointer:
     """
     if round in self.rounds():
       return self.path(round)
+    meta = {**meta, "layout": layout(state)}
     args = ocp.args.Composite(
         **{_STATE: ocp.args.StandardSave(to_storable(state)), _META: ocp.args.JsonSave(meta)}
     )
@@ -109,10 +122,20 @@ class Checkpointer:
 
     Raises:
       FileNotFoundError: no checkpoint in the folder.
+      LayoutMismatch: the checkpoint holds other arrays than `like` (another algorithm, model, population or
+        storage layout); nothing is read.
     """
     round = self.latest_round() if round is None else round
     if round is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    saved, want = self.read_meta(round).get("layout"), layout(like)
+    if saved != want:
+      differ = sorted(k for k in set(want) | set(saved or {}) if (saved or {}).get(k) != want.get(k))
+      detail = "; ".join(f"{k}: saved {(saved or {}).get(k)}, expected {want.get(k)}" for k in differ[:3])
+      raise LayoutMismatch(
+          f"checkpoint {self.path(round)} does not match this run's state"
+          f"{' (written before layouts were recorded)' if saved is None else ''}: {detail}"
+      )
     args = ocp.args.Composite(
         **{_STATE: ocp.args.StandardRestore(_abstract(to_storable(like))), _META: ocp.args.JsonRestore()}
     )

@@ -1,15 +1,16 @@
-"""One client's local training as a pure function: masked optax steps in `lax.scan` over static shapes.
+"""One client's local training as a pure function: masked optax steps over exactly the client's own samples.
 
-Written for ONE client; the round vmaps it. The client's data are padded to N_max samples with `count` valid ones
-first. Batches are drawn in-graph from a per-epoch permutation that puts the valid samples first, so padding never
-enters a loss: a partial last batch weighs its padding 0, and a step whose batch would start past `count` is a
-no-op (params and optimizer state are left unchanged). Gradients and updated params are masked with `where`, so
-coordinates outside the mask stay exactly 0 (sparse-to-sparse training).
+Written for ONE client; the round vmaps it. A client's data are rows `offset : offset + count` of the flat
+[N_total, ...] arrays (see `fedspa_jax.data.federated`). Every epoch visits each of the client's samples exactly
+once, in an order given by a keyed pseudo-random permutation of [0, count) evaluated per position (`permute`): a
+step costs O(batch) index work, never O(client size). The loop runs exactly `local_epochs * ceil(count / B)` steps
+(or `local_steps`), a traced trip count: no step is computed past the client's data, and under vmap the lanes run
+to the group's largest client only. Gradients and updated params are masked with `where`, so coordinates outside
+the mask stay exactly 0 (sparse-to-sparse training).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -17,17 +18,23 @@ import jax.numpy as jnp
 import optax
 
 from fedspa_jax.masks import apply_mask
+from fedspa_jax.permute import permute
 
 Params = Any
 ApplyFn = Callable[[Params, jax.Array], jax.Array]
 
 
 class ClientData(NamedTuple):
-  """One client's padded samples: x [N_max, ...], y [N_max] int32, count [] int32 (valid samples come first)."""
+  """One client's view of a flat split: x [N_total, ...] and y [N_total] shared, offset [] and count [] its own."""
 
   x: jax.Array
   y: jax.Array
+  offset: jax.Array
   count: jax.Array
+
+
+# How `ClientData` is vmapped over clients: the flat sample arrays are shared, offsets and counts are per client.
+CLIENT_DATA_AXES = ClientData(None, None, 0, 0)
 
 
 class TrainResult(NamedTuple):
@@ -77,32 +84,38 @@ def weighted_loss(
   return jnp.sum(weight * losses) / total, correct
 
 
-def num_local_steps(max_count: int, batch_size: int, local_epochs: int | None, local_steps: int | None) -> int:
-  """Static number of scan steps: `local_steps`, or `local_epochs` passes over the largest client's data."""
+def steps_per_epoch(count: jax.Array, batch_size: int) -> jax.Array:
+  """ceil(count / batch_size): a partial last batch is a step of its own."""
+  return (count + batch_size - 1) // batch_size
+
+
+def num_local_steps(
+    count: jax.Array, batch_size: int, local_epochs: int | None, local_steps: int | None
+) -> jax.Array:
+  """A client's number of local steps: `local_epochs` passes over its own data, or `local_steps` (0 without data)."""
+  count = jnp.asarray(count, jnp.int32)
   if local_steps is not None:
-    return int(local_steps)
-  return int(local_epochs) * math.ceil(max_count / batch_size)
+    return jnp.where(count > 0, jnp.int32(local_steps), 0)
+  return jnp.int32(local_epochs) * steps_per_epoch(count, batch_size)
 
 
 def draw_batch(
-    data: ClientData, key: jax.Array, step: jax.Array, batch_size: int, steps_per_epoch: jax.Array
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """The batch of local step `step`: a slice of epoch `step // steps_per_epoch`'s valid-first permutation.
+    data: ClientData, key: jax.Array, step: jax.Array, batch_size: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The batch of local step `step`: positions of epoch `step // steps_per_epoch`'s permutation of the client's data.
 
   Returns:
-    (x [B, ...], y [B], weight [B] float32 with 0 on padding, active: whether the batch holds any valid sample).
+    (x [B, ...], y [B], weight [B] float32: 1 for the batch's samples, 0 for the slots of a partial last batch,
+    which re-read one of the client's samples so that no other client's or unused row enters the loss).
   """
-  n_max = data.y.shape[0]
-  epoch, index = step // steps_per_epoch, step % steps_per_epoch
-  valid = jnp.arange(n_max) < data.count
-  scores = jnp.where(valid, jax.random.uniform(jax.random.fold_in(key, epoch), (n_max,)), 2.0)
-  perm = jnp.argsort(scores)
-  pos = index * batch_size + jnp.arange(batch_size)
-  # A slot past the client's data re-reads a valid sample with weight 0, so padding values (even nan) never
-  # enter the computation.
-  idx = perm[jnp.clip(jnp.minimum(pos, data.count - 1), 0, n_max - 1)]
+  per_epoch = jnp.maximum(steps_per_epoch(data.count, batch_size), 1)
+  epoch, index = step // per_epoch, step % per_epoch
+  pos = index * batch_size + jnp.arange(batch_size, dtype=jnp.int32)
   weight = (pos < data.count).astype(jnp.float32)
-  return data.x[idx], data.y[idx], weight, index * batch_size < data.count
+  count = jnp.maximum(data.count, 1)
+  local = permute(jnp.minimum(pos, count - 1), count, jax.random.fold_in(key, epoch))
+  rows = jnp.clip(data.offset + local, 0, data.y.shape[0] - 1)
+  return data.x[rows], data.y[rows], weight
 
 
 def local_train(
@@ -125,27 +138,23 @@ def local_train(
   Args:
     params: starting params (already m ⊙ w for sparse training).
     mask: bool pytree like params, or None for dense training.
-    data: the client's padded data.
+    data: the client's view of the flat training split.
     key: PRNG key for batch order.
     apply_fn: (params, x) -> logits.
     optimizer: optax transformation (its state starts fresh every round).
     batch_size: samples per step.
-    local_epochs: passes over the client's own data (steps past its data are no-ops), if `local_steps` is None.
-    local_steps: a fixed number of steps instead (cycling through the data epoch by epoch).
+    local_epochs: passes over the client's own data, if `local_steps` is None.
+    local_steps: a fixed number of steps instead (cycling through the data epoch by epoch; 0 without data).
     preprocess: maps stored inputs to model inputs.
     trainable: bool pytree (per leaf: a bool or an array like the leaf); leaves or entries marked False are frozen
       (unchanged, though unlike masked entries not zeroed). None trains everything.
     regularizer: params -> scalar added to the loss (e.g. Ditto's proximal term); not part of the reported loss.
 
   Returns:
-    A `TrainResult`.
+    A `TrainResult`; `steps` and `samples` count exactly the work done.
   """
-  n_max = data.y.shape[0]
-  num_steps = num_local_steps(n_max, batch_size, local_epochs, local_steps)
-  if local_steps is None:
-    steps_per_epoch = jnp.asarray(math.ceil(n_max / batch_size), jnp.int32)
-  else:
-    steps_per_epoch = jnp.maximum((data.count + batch_size - 1) // batch_size, 1)
+  num_steps = num_local_steps(data.count, batch_size, local_epochs, local_steps)
+
   def objective(p, x, y, w):
     loss, correct = weighted_loss(apply_fn, p, preprocess(x), y, w)
     penalty = regularizer(p) if regularizer is not None else 0.0
@@ -158,27 +167,25 @@ def local_train(
   else:
     freeze = lambda new, old: jax.tree.map(lambda n, o, t: jnp.where(t, n, o), new, old, trainable)
 
-  def step(carry, s):
-    p, opt_state = carry
-    x, y, w, active = draw_batch(data, key, s, batch_size, steps_per_epoch)
+  def step(s, carry):
+    p, opt_state, loss_sum, correct_sum, seen_sum = carry
+    x, y, w = draw_batch(data, key, s, batch_size)
     (_, (loss, correct)), grads = loss_and_grad(p, x, y, w)
-    updates, new_opt_state = optimizer.update(mask_tree(grads, mask), opt_state, p)
-    new_p = freeze(mask_tree(optax.apply_updates(p, updates), mask), p)
-    keep = lambda new, old: jnp.where(active, new, old)
-    carry = (jax.tree.map(keep, new_p, p), jax.tree.map(keep, new_opt_state, opt_state))
-    seen = jnp.where(active, jnp.sum(w), 0.0)
-    return carry, (loss * seen, correct * active, seen, active)
+    updates, opt_state = optimizer.update(mask_tree(grads, mask), opt_state, p)
+    p = freeze(mask_tree(optax.apply_updates(p, updates), mask), p)
+    seen = jnp.sum(w)
+    return p, opt_state, loss_sum + loss * seen, correct_sum + correct, seen_sum + seen
 
-  (params, _), (losses, correct, seen, active) = jax.lax.scan(
-      step, (params, optimizer.init(params)), jnp.arange(num_steps)
+  zero = jnp.zeros((), jnp.float32)
+  params, _, loss_sum, correct_sum, samples = jax.lax.fori_loop(
+      0, num_steps, step, (params, optimizer.init(params), zero, zero, zero)
   )
-  samples = jnp.sum(seen)
   denominator = jnp.maximum(samples, 1.0)
   return TrainResult(
       params=params,
-      loss=jnp.sum(losses) / denominator,
-      accuracy=jnp.sum(correct) / denominator,
-      steps=jnp.sum(active, dtype=jnp.int32),
+      loss=loss_sum / denominator,
+      accuracy=correct_sum / denominator,
+      steps=num_steps,
       samples=samples.astype(jnp.int32),
   )
 
@@ -193,5 +200,5 @@ def batch_gradient(
     preprocess: Callable[[jax.Array], jax.Array] = lambda x: x,
 ) -> Params:
   """Dense gradient (every coordinate, masked or not) of the loss on one random batch of the client's own data."""
-  x, y, w, _ = draw_batch(data, key, jnp.zeros((), jnp.int32), batch_size, jnp.ones((), jnp.int32))
+  x, y, w = draw_batch(data, key, jnp.zeros((), jnp.int32), batch_size)
   return jax.grad(lambda p: weighted_loss(apply_fn, p, preprocess(x), y, w)[0])(params)

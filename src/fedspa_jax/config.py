@@ -22,7 +22,7 @@ import pathlib
 from typing import Any
 
 # Fields that do not change the trajectory of a run: a run may be resumed with different values of these.
-RESUMABLE_FIELDS = ("eval_every", "checkpoint_every", "keep_checkpoints", "rounds_per_dispatch", "data_dir",
+RESUMABLE_FIELDS = ("eval_every", "eval_clients", "checkpoint_every", "keep_checkpoints", "rounds_per_dispatch", "data_dir",
                     "shard_clients")
 DICT_FIELDS = {"hparams": "hparams", "data": "data_args", "data_args": "data_args", "model": "model_args",
                "model_args": "model_args"}
@@ -51,7 +51,9 @@ class Config:
     hparams: the algorithm's hyperparameters (`rounds` is added when the algorithm takes it).
     data_args: options of the data source / partitioner (`classes_per_client`, `alpha`, ...).
     model_args: options of the model constructor.
-    eval_every: evaluate all clients every this many rounds (and after the last).
+    eval_every: evaluate every this many rounds (and after the last).
+    eval_clients: evaluate a seeded sample of this many clients at the periodic evaluations (None: all K); the
+      final evaluation always covers all clients. metrics.jsonl records how many were evaluated.
     checkpoint_every: checkpoint every this many rounds (0: only at the end).
     keep_checkpoints: how many recent checkpoints to keep.
     rounds_per_dispatch: rounds fused into one compiled call (lax.scan) between evaluations and checkpoints.
@@ -71,6 +73,7 @@ class Config:
   data_args: dict[str, Any] = dataclasses.field(default_factory=dict)
   model_args: dict[str, Any] = dataclasses.field(default_factory=dict)
   eval_every: int = 1
+  eval_clients: int | None = None
   checkpoint_every: int = 10
   keep_checkpoints: int = 2
   rounds_per_dispatch: int = 1
@@ -148,6 +151,11 @@ def check_fields(config: Config) -> None:
     value = getattr(config, name)
     if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
       raise ConfigError(f"config key {name} must be an integer{f' >= {low}' if low is not None else ''}, got {value!r}")
+  value = config.eval_clients
+  if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+    raise ConfigError(f"config key eval_clients must be an integer >= 1 or null (all clients), got {value!r}")
+  if value is not None and value > config.num_clients:
+    raise ConfigError(f"config key eval_clients={value} exceeds num_clients={config.num_clients}")
   for name in _STR_FIELDS:
     if not isinstance(getattr(config, name), str):
       raise ConfigError(f"config key {name} must be a string, got {getattr(config, name)!r}")

@@ -1,12 +1,18 @@
-"""Personalized evaluation: every client's own model on its own test data, vmapped over all clients.
+"""Personalized evaluation: every client's own model on its own test data, in memory-bounded groups of clients.
 
 Personalized FL is judged by the distribution over clients, not one pooled number, so `summarize` reports the mean,
-std, p10, median, p90 and the mean of the worst 10% of clients.
+std, p10, median, p90 and the mean of the worst 10% of clients. Clients without test samples have no accuracy: they
+get NaN in the per-client arrays, are left out of every summary, and are counted (`with_test_data`). Each
+evaluation also reports participation (clients sampled in at least one round) and the summaries over the
+participating clients beside those over all evaluated clients, so short runs do not hide clients that never trained.
+
+Cost follows the test samples: clients are sorted by test size and evaluated `clients_per_batch` at a time
+(vmapped within a group, `lax.map` across groups); a client's samples are read from the flat test split in chunks,
+exactly as many chunks as its own data need.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
 import jax
@@ -27,48 +33,65 @@ def evaluate_client(
     preprocess: Callable[[jax.Array], jax.Array],
     chunk_size: int = 256,
 ) -> dict[str, jax.Array]:
-  """Loss and accuracy of `params` on the valid samples of one client's data (padding never counts).
+  """Loss and accuracy of `params` on one client's samples (NaN when it has none).
 
   Args:
     apply_fn: (params, x) -> logits.
     params: the client's model.
-    data: x [N_max, ...], y [N_max], count [].
+    data: the client's view of a flat split (x [N_total, ...], y [N_total], offset [], count []).
     preprocess: maps stored inputs to model inputs.
-    chunk_size: samples per forward pass (bounds memory).
+    chunk_size: samples per forward pass (bounds memory); ceil(count / chunk_size) passes are run.
 
   Returns:
     {"loss": [], "accuracy": [], "count": []}.
   """
-  n_max = data.y.shape[0]
-  chunk = min(chunk_size, n_max)
-  chunks = math.ceil(n_max / chunk)
-  pad = chunks * chunk - n_max
-  x = jnp.pad(data.x, [(0, pad)] + [(0, 0)] * (data.x.ndim - 1)).reshape((chunks, chunk) + data.x.shape[1:])
-  y = jnp.pad(data.y, (0, pad)).reshape((chunks, chunk))
-  valid = (jnp.arange(chunks * chunk) < data.count).reshape((chunks, chunk))
+  last = data.y.shape[0] - 1
 
-  def one_chunk(args):
-    xc, yc, vc = args
-    logits = apply_fn(params, preprocess(xc))
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, yc)
-    return jnp.sum(jnp.where(vc, losses, 0.0)), jnp.sum(vc & (jnp.argmax(logits, -1) == yc))
+  def one_chunk(c, totals):
+    loss_sum, correct_sum = totals
+    pos = c * chunk_size + jnp.arange(chunk_size, dtype=jnp.int32)
+    valid = pos < data.count
+    rows = jnp.clip(data.offset + jnp.minimum(pos, jnp.maximum(data.count - 1, 0)), 0, last)
+    logits = apply_fn(params, preprocess(data.x[rows]))
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, data.y[rows])
+    correct = valid & (jnp.argmax(logits, -1) == data.y[rows])
+    return loss_sum + jnp.sum(jnp.where(valid, losses, 0.0)), correct_sum + jnp.sum(correct, dtype=jnp.int32)
 
-  losses, correct = jax.lax.map(one_chunk, (x, y, valid))
-  count = jnp.maximum(data.count, 1).astype(jnp.float32)
-  return {"loss": jnp.sum(losses) / count, "accuracy": jnp.sum(correct) / count, "count": data.count}
-
-
-def summarize(values: jax.Array) -> dict[str, jax.Array]:
-  """Distribution of a per-client metric [K]: mean, std, p10, median, p90, worst10 (mean of the lowest 10%)."""
-  k = values.shape[0]
-  worst = max(1, math.ceil(0.1 * k))
+  chunks = (data.count + chunk_size - 1) // chunk_size
+  loss_sum, correct = jax.lax.fori_loop(0, chunks, one_chunk, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)))
+  count = data.count.astype(jnp.float32)
+  nan = jnp.full((), jnp.nan, jnp.float32)
   return {
-      "mean": jnp.mean(values),
-      "std": jnp.std(values),
-      "p10": jnp.percentile(values, 10),
-      "median": jnp.median(values),
-      "p90": jnp.percentile(values, 90),
-      "worst10": jnp.mean(jnp.sort(values)[:worst]),
+      "loss": jnp.where(data.count > 0, loss_sum / jnp.maximum(count, 1.0), nan),
+      "accuracy": jnp.where(data.count > 0, correct / jnp.maximum(count, 1.0), nan),
+      "count": data.count,
+  }
+
+
+def summarize(values: jax.Array, valid: jax.Array | None = None) -> dict[str, jax.Array]:
+  """Distribution over the valid clients of a per-client metric [C]: mean, std, p10, median, p90, worst10.
+
+  Args:
+    values: [C] per-client values.
+    valid: [C] bool, which clients count (default: those whose value is not NaN).
+
+  Returns:
+    Scalars; worst10 is the mean of the lowest ceil(10%) of the valid values. All NaN when no client is valid.
+  """
+  valid = ~jnp.isnan(values) if valid is None else valid & ~jnp.isnan(values)
+  kept = jnp.where(valid, values, jnp.nan)
+  n = jnp.sum(valid)
+  worst = jnp.maximum(1, jnp.ceil(0.1 * n).astype(jnp.int32))
+  lowest_first = jnp.sort(jnp.where(valid, values, jnp.inf))
+  in_worst = jnp.arange(values.shape[0]) < worst
+  nan = jnp.full((), jnp.nan, jnp.float32)
+  return {
+      "mean": jnp.nanmean(kept),
+      "std": jnp.nanstd(kept),
+      "p10": jnp.nanpercentile(kept, 10),
+      "median": jnp.nanmedian(kept),
+      "p90": jnp.nanpercentile(kept, 90),
+      "worst10": jnp.where(n > 0, jnp.sum(jnp.where(in_worst, lowest_first, 0.0)) / worst, nan),
   }
 
 
@@ -78,32 +101,52 @@ def make_evaluate(
     *,
     clients_per_batch: int = 16,
     chunk_size: int = 256,
-) -> Callable[[Any, Any, Any, Any, Callable], dict[str, Any]]:
-  """Builds evaluate(server_params, clients, train, test, key, preprocess) over all K clients.
+) -> Callable[..., dict[str, Any]]:
+  """Builds evaluate(server_params, gather_state, ids, participation, train, test, key, preprocess).
 
-  Clients are processed `clients_per_batch` at a time (vmapped within a batch, `lax.map` across batches) so that
-  memory stays bounded for large K.
+  `gather_state(ids [G])` returns those clients' decoded state; only one group's state is decoded at a time.
 
   Returns:
-    A function returning {"accuracy": [K], "loss": [K], "count": [K], "accuracy_summary": {...},
-    "loss_summary": {...}}.
+    A function returning, for the clients `ids` [C] (in that order): "clients" [C], "accuracy" [C], "loss" [C]
+    (NaN without test data), "count" [C], "participated" [C] bool; "accuracy_summary" / "loss_summary" over the
+    clients with test data; "accuracy_summary_participating" / "loss_summary_participating" over those that also
+    took part in a round; and the numbers "evaluated", "with_test_data", "participating".
   """
 
-  def evaluate(server_params, clients, train, test, key, preprocess):
-    num_clients = test.y.shape[0]
+  def evaluate(server_params, gather_state, ids, participation, train, test, key, preprocess):
+    num = ids.shape[0]
+    group = min(clients_per_batch, num)
+    groups = -(-num // group)
+    chunk = max(1, min(chunk_size, test.max_count))
+    # Largest test sets first, so a group's lanes need similar numbers of chunks; padding ids (K) are clipped.
+    order = jnp.argsort(-jnp.take(test.count, ids), stable=True)
+    padded = jnp.concatenate([ids[order], jnp.full((groups * group - num,), test.count.shape[0], jnp.int32)])
 
-    def one(args):
-      client_state, train_k, test_k, k = args
-      params = personalize(server_params, client_state, ClientData(*train_k), jax.random.fold_in(key, k))
-      return evaluate_client(apply_fn, params, ClientData(*test_k), preprocess=preprocess, chunk_size=chunk_size)
+    def one(state_k, k):
+      view = lambda split: ClientData(split.x, split.y, jnp.take(split.offset, k, mode="clip"),
+                                      jnp.take(split.count, k, mode="clip"))
+      params = personalize(server_params, state_k, view(train), jax.random.fold_in(key, k))
+      return evaluate_client(apply_fn, params, view(test), preprocess=preprocess, chunk_size=chunk)
 
-    ids = jnp.arange(num_clients, dtype=jnp.int32)
-    args = (clients, (train.x, train.y, train.count), (test.x, test.y, test.count), ids)
-    out = jax.lax.map(one, args, batch_size=min(clients_per_batch, num_clients))
+    def run_group(ids_g):
+      return jax.vmap(one)(gather_state(ids_g), ids_g)
+
+    out = jax.lax.map(run_group, padded.reshape(groups, group))
+    unsort = jnp.argsort(order)
+    out = jax.tree.map(lambda a: a.reshape((groups * group,) + a.shape[2:])[:num][unsort], out)
+    participated = jnp.take(participation, ids) > 0
+    with_data = out["count"] > 0
     return {
+        "clients": ids,
         **out,
+        "participated": participated,
         "accuracy_summary": summarize(out["accuracy"]),
         "loss_summary": summarize(out["loss"]),
+        "accuracy_summary_participating": summarize(out["accuracy"], participated),
+        "loss_summary_participating": summarize(out["loss"], participated),
+        "evaluated": jnp.int32(num),
+        "with_test_data": jnp.sum(with_data, dtype=jnp.int32),
+        "participating": jnp.sum(participated, dtype=jnp.int32),
     }
 
   return evaluate

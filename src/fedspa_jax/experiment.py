@@ -36,14 +36,14 @@ import numpy as np
 from fedspa_jax import algorithms, client_stats, models, plots
 from fedspa_jax import config as config_lib
 from fedspa_jax import data as data_lib
-from fedspa_jax.checkpoint import Checkpointer
+from fedspa_jax.checkpoint import Checkpointer, LayoutMismatch
 from fedspa_jax.config import Config, ConfigError
 from fedspa_jax.logging_utils import MetricsLog, TensorBoardLog, format_record, human_bytes, make_progress
 from fedspa_jax.round import make_client_mesh
 # Re-exported: the run-folder errors are part of what `run` raises.
 from fedspa_jax.run_folder import ConfigMismatchError, RunExistsError, default_workdir, prepare_workdir  # noqa: F401
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: flat data, masks stored as uint32 bit words, participation counts
 
 
 class TrainingDiverged(FloatingPointError):
@@ -128,7 +128,15 @@ def make_multi_round(round_fn: Callable, rounds: int) -> Callable:
   def multi(state, data):
     return jax.lax.scan(lambda s, _: round_fn(s, data), state, None, length=rounds)
 
-  return jax.jit(multi)
+  return jax.jit(multi, donate_argnums=0)
+
+
+def eval_ids(config: Config, num_clients: int, round: int) -> np.ndarray | None:
+  """The clients a periodic evaluation covers: a sample seeded by (seed, round), or None (all)."""
+  if config.eval_clients is None or config.eval_clients >= num_clients:
+    return None
+  rng = np.random.default_rng([config.seed, round, 2])
+  return np.sort(rng.choice(num_clients, size=config.eval_clients, replace=False)).astype(np.int32)
 
 
 @jax.jit
@@ -188,6 +196,11 @@ def _eval_record(round: int, ev: dict[str, Any], train: dict[str, float], totals
   record = {"round": round}
   record.update({f"accuracy_{k}": float(v) for k, v in ev["accuracy_summary"].items()})
   record["loss_mean"] = float(ev["loss_summary"]["mean"])
+  record["accuracy_mean_participating"] = float(ev["accuracy_summary_participating"]["mean"])
+  record.update(
+      eval_clients=int(ev["evaluated"]), eval_with_test_data=int(ev["with_test_data"]),
+      eval_participating=int(ev["participating"]),
+  )
   record.update(train)
   record.update(bytes_up=totals.bytes_up, bytes_down=totals.bytes_down, samples=totals.samples)
   if totals.flops is not None:
@@ -252,7 +265,10 @@ def run(
   ckpt = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
   history, totals = [], Totals()
   if resume and (latest := ckpt.latest_round()) is not None:
-    state, meta = ckpt.restore(state)
+    try:
+      state, meta = ckpt.restore(state)
+    except LayoutMismatch as e:
+      raise ConfigError(f"cannot resume: {e}") from e
     history, totals = meta["history"], Totals(**meta["totals"])
     say(f"resuming {workdir} from round {latest}")
   (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
@@ -301,9 +317,10 @@ def run(
         continue
       settle()
       if evaluate:
-        ev = jax.device_get(algo.evaluate(state, device_data))
+        ev = jax.device_get(algo.evaluate(state, device_data, None if r == config.rounds else
+                                          eval_ids(config, data.num_clients, r)))
         record = _eval_record(r, ev, train, totals)
-        if not np.isfinite(record["loss_mean"]):
+        if not np.isfinite(record["loss_mean"]) and record["eval_with_test_data"]:
           raise TrainingDiverged(f"training diverged by round {r}: mean test loss {record['loss_mean']}")
         history.append(record)
         metrics_log.write(record)
@@ -328,7 +345,7 @@ def run(
       ev = jax.device_get(algo.evaluate(state, device_data))
     summary = _summary(config, algo, data, ev, history, totals, workdir)
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    _write_clients(workdir / "clients.npz", state, data, ev)
+    _write_clients(workdir / "clients.npz", algo, state, data, ev)
     if write_plots:
       plots.plot_run(workdir)
     return summary
@@ -350,6 +367,7 @@ def run(
 def _summary(config, algo, data, ev, history, totals, workdir) -> dict[str, Any]:
   best = max(history, key=lambda h: h["accuracy_mean"])
   final = {k: float(v) for k, v in ev["accuracy_summary"].items()}
+  participating = {k: float(v) for k, v in ev["accuracy_summary_participating"].items()}
   return {
       "status": "complete",
       "algorithm": algo.name,
@@ -362,10 +380,13 @@ def _summary(config, algo, data, ev, history, totals, workdir) -> dict[str, Any]
       "hparams": _jsonable(algo.hparams),
       "final_accuracy_mean": final["mean"],
       "final_accuracy": final,
+      "final_accuracy_participating": participating,
+      "clients_with_test_data": int(ev["with_test_data"]),
+      "clients_participating": int(ev["participating"]),
       "final_loss_mean": float(ev["loss_summary"]["mean"]),
       "best_accuracy_mean": best["accuracy_mean"],
       "best_round": best["round"],
-      "client_accuracy": [float(a) for a in ev["accuracy"]],
+      "client_accuracy": [None if np.isnan(a) else float(a) for a in ev["accuracy"]],
       "bytes_up": totals.bytes_up,
       "bytes_down": totals.bytes_down,
       "bytes_total": totals.bytes_up + totals.bytes_down,
@@ -379,13 +400,20 @@ def _summary(config, algo, data, ev, history, totals, workdir) -> dict[str, Any]
   }
 
 
-def _write_clients(path: pathlib.Path, state: Any, data: data_lib.FederatedData, ev: dict[str, Any]) -> None:
+# Pairwise mask distances are written for populations up to this size ([K, K] int64 entries).
+MAX_DISTANCE_CLIENTS = 2000
+
+
+def _write_clients(path: pathlib.Path, algo, state: Any, data: data_lib.FederatedData, ev: dict[str, Any]) -> None:
   arrays = {
       "accuracy": np.asarray(ev["accuracy"]),
       "loss": np.asarray(ev["loss"]),
       "test_count": np.asarray(ev["count"]),
+      "participation": np.asarray(state.participation),
       "label_counts": data_lib.client_label_counts(data.train, data.num_classes),
   }
-  if client_stats.is_mask_store(state.clients):
-    arrays["hamming"], arrays["active"] = client_stats.mask_distances(state.clients)
+  if data.num_clients <= MAX_DISTANCE_CLIENTS:
+    clients = algo.client_states(state, data)
+    if client_stats.is_mask_store(clients):
+      arrays["hamming"], arrays["active"] = client_stats.mask_distances(clients)
   np.savez(path, **arrays)

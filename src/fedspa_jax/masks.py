@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedspa_jax.permute import permute
+
 Params = Any
 Mask = Any
 Densities = Any
@@ -93,11 +95,12 @@ def target_counts(params: Params, densities: Densities) -> Any:
 
 
 def _random_leaf_mask(key: jax.Array, shape: tuple[int, ...], count: int) -> jax.Array:
+  # The first `count` positions of a keyed permutation of the entries: exact count, O(size) work, no sort.
   size = int(np.prod(shape))
   if count >= size:
     return jnp.ones(shape, dtype=bool)
-  chosen = jax.random.permutation(key, size)[:count]
-  return jnp.zeros(size, dtype=bool).at[chosen].set(True).reshape(shape)
+  entries = permute(jnp.arange(size, dtype=jnp.int32), jnp.int32(size), key)
+  return jnp.zeros(size, dtype=bool).at[entries].set(jnp.arange(size) < count).reshape(shape)
 
 
 def init_masks(key: jax.Array, params: Params, densities: Densities) -> Mask:
@@ -120,25 +123,28 @@ def init_masks(key: jax.Array, params: Params, densities: Densities) -> Mask:
 
 
 def init_client_masks(
-    key: jax.Array, params: Params, densities: Densities, num_clients: int, *, shared: bool = False
+    key: jax.Array, params: Params, densities: Densities, num_clients: int | None = None, *, shared: bool = False,
+    ids: jax.Array | None = None,
 ) -> Mask:
-  """Masks for `num_clients` clients, stacked as [num_clients, ...] leaves.
+  """Masks for a set of clients, stacked as [clients, ...] leaves.
 
   Args:
     key: a PRNG key; client k's mask is drawn from `fold_in(key, k)` (independent per client).
     params: params pytree.
     densities: per-leaf densities.
-    num_clients: K.
+    num_clients: K, for clients 0..K-1 (or give `ids`).
     shared: give every client the same initial mask (the one drawn for client 0).
+    ids: int32 [C] the clients to draw masks for (the engine draws a large population in chunks).
 
   Returns:
-    A bool pytree with leaves [K, *leaf.shape].
+    A bool pytree with leaves [C, *leaf.shape].
   """
+  if (num_clients is None) == (ids is None):
+    raise ValueError("give num_clients or ids")
+  ids = jnp.arange(num_clients, dtype=jnp.int32) if ids is None else jnp.asarray(ids, jnp.int32)
   if shared:
-    one = init_masks(jax.random.fold_in(key, 0), params, densities)
-    return jax.tree.map(lambda m: jnp.broadcast_to(m, (num_clients, *m.shape)), one)
-  keys = jax.vmap(lambda k: jax.random.fold_in(key, k))(jnp.arange(num_clients))
-  return jax.vmap(lambda k: init_masks(k, params, densities))(keys)
+    ids = jnp.zeros_like(ids)
+  return jax.vmap(lambda k: init_masks(jax.random.fold_in(key, k), params, densities))(ids)
 
 
 def dense_mask(params: Params) -> Mask:
@@ -189,6 +195,31 @@ def hamming_distance(mask_a: Mask, mask_b: Mask) -> jax.Array:
 def pairwise_hamming(masks: Mask) -> jax.Array:
   """[K, K] Hamming distances between the K stacked masks (leaves [K, ...])."""
   return jax.vmap(lambda a: jax.vmap(lambda b: hamming_distance(a, b))(masks))(masks)
+
+
+def pack_words(mask: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Packs bool [..., *shape] into uint32 words [..., ceil(n / 32)] (n = prod(shape); bit i of word j is entry 32j+i).
+
+  The form masks are stored in between rounds: 1 bit per weight per client.
+  """
+  shape = tuple(shape)
+  lead = mask.shape[: mask.ndim - len(shape)]
+  n = int(np.prod(shape))
+  words = -(-n // 32)
+  flat = mask.reshape(lead + (n,))
+  flat = jnp.pad(flat, [(0, 0)] * len(lead) + [(0, words * 32 - n)]).reshape(lead + (words, 32))
+  shifts = jnp.arange(32, dtype=jnp.uint32).reshape((1,) * (len(lead) + 1) + (32,))
+  return jnp.sum(flat.astype(jnp.uint32) << shifts, axis=-1, dtype=jnp.uint32)  # distinct bits: sum == or
+
+
+def unpack_words(words: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Inverse of `pack_words`: uint32 [..., W] -> bool [..., *shape]."""
+  shape = tuple(shape)
+  n = int(np.prod(shape))
+  lead = words.shape[:-1]
+  shifts = jnp.arange(32, dtype=jnp.uint32).reshape((1,) * words.ndim + (32,))
+  bits = (words[..., None] >> shifts) & jnp.uint32(1)
+  return bits.reshape(lead + (words.shape[-1] * 32,))[..., :n].astype(bool).reshape(lead + shape)
 
 
 def pack_bits(mask: Mask) -> Any:

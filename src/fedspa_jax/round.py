@@ -1,11 +1,19 @@
-"""One federated round as one pure function: sample, gather, vmapped client updates, aggregate, scatter.
+"""One federated round as one pure function: sample, gather, client updates in work-sized groups, aggregate, scatter.
 
 The round never loops over clients in Python and never syncs with the host: the cohort is drawn in-graph from
-`fold_in(key, round)`, the cohort's data and persistent state are gathered from the [K, ...] stores, the client
-function is vmapped over the cohort, the server aggregates (padding clients weigh 0), and the updated client state is
-scattered back. Client k's randomness is `fold_in(round key, k)`, so a client's work does not depend on its position
-in the cohort. With a `jax.sharding.Mesh` the cohort axis is sharded over the mesh's "clients" axis (padded to a
-multiple of its size with weight-0 clients).
+`fold_in(key, round)` (a uniform subset, in O(S^2) work, independent of K), the cohort's persistent state is
+gathered from the [K, ...] store (and decoded, e.g. mask bits unpacked), its samples are read from the flat data by
+offset, the client function runs over the cohort, the server aggregates (padding clients weigh 0), and the updated
+client state is encoded and scattered back into the store, which the jitted round donates: a round costs O(S * P),
+not O(K * P). Client k's randomness is `fold_in(round key, k)`, so a client's work does not depend on its position
+in the cohort.
+
+Work follows the samples: each client runs exactly its own number of local steps (a traced loop bound, see
+`client.local_train`). The cohort is sorted by size and run as `lax.map` over groups of `cohort_batch` clients,
+vmapped within a group, so a group costs its own largest client's steps times its width: with groups of one, the
+round's work is exactly the cohort's samples; with one group (the default, `cohort_batch=None`), every lane runs to
+the cohort's largest client. With a `jax.sharding.Mesh`, each group's client axis is sharded over the mesh's
+"clients" axis (groups padded to a multiple of its size with weight-0 clients).
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from fedspa_jax.client import ClientData
+from fedspa_jax.client import CLIENT_DATA_AXES, ClientData
 from fedspa_jax.server import AGGREGATIONS, WEIGHTINGS, ServerState, aggregate, server_update
 
 CLIENT_AXIS = "clients"
@@ -28,15 +36,17 @@ class SimState(NamedTuple):
 
   Attributes:
     server: the shared model and server optimizer state.
-    clients: persistent per-client state, leaves [K, ...] (FedSpa: masks).
+    clients: persistent per-client state, leaves [K, ...] (FedSpa: mask bits packed in uint32 words).
     round: int32 scalar, rounds completed.
     key: PRNG key of the simulation.
+    participation: int32 [K], rounds in which each client was sampled.
   """
 
   server: ServerState
   clients: Any
   round: jax.Array
   key: jax.Array
+  participation: jax.Array
 
 
 class ClientOutput(NamedTuple):
@@ -60,8 +70,19 @@ ClientFn = Callable[[Any, Any, ClientData, jax.Array, jax.Array], ClientOutput]
 
 
 def sample_cohort(key: jax.Array, num_clients: int, cohort_size: int) -> jax.Array:
-  """[cohort_size] distinct client ids drawn uniformly without replacement."""
-  return jax.random.permutation(key, num_clients)[:cohort_size].astype(jnp.int32)
+  """[cohort_size] distinct client ids, a uniformly random subset of [0, num_clients).
+
+  Floyd's algorithm: for j = K - S, ..., K - 1, draw t uniform in [0, j] and take t, or j if t is taken already.
+  O(S^2) work and O(S) memory, whatever K is (a permutation of all K ids would cost O(K log K) every round).
+  """
+  start = num_clients - cohort_size
+
+  def take(i, chosen):
+    j = start + i
+    t = jax.random.randint(jax.random.fold_in(key, i), (), 0, j + 1, dtype=jnp.int32)
+    return chosen.at[i].set(jnp.where(jnp.any(chosen == t), j, t))
+
+  return jax.lax.fori_loop(0, cohort_size, take, jnp.full((cohort_size,), -1, jnp.int32))
 
 
 def client_keys(key: jax.Array, cohort: jax.Array) -> jax.Array:
@@ -79,12 +100,19 @@ def scatter_clients(tree: Any, cohort: jax.Array, rows: Any) -> Any:
   return jax.tree.map(lambda a, r: a.at[cohort].set(r.astype(a.dtype), mode="drop"), tree, rows)
 
 
-def cohort_size_for(cohort_size: int, mesh: Mesh | None) -> int:
-  """The padded cohort size: a multiple of the mesh's client-axis size."""
+def group_size_for(cohort_size: int, cohort_batch: int | None, mesh: Mesh | None) -> int:
+  """Clients vmapped together: `cohort_batch` (default: the whole cohort), a multiple of the mesh's client axis."""
+  group = cohort_size if cohort_batch is None else min(cohort_batch, cohort_size)
   if mesh is None:
-    return cohort_size
+    return group
   shards = mesh.shape[CLIENT_AXIS]
-  return -(-cohort_size // shards) * shards
+  return -(-group // shards) * shards
+
+
+def cohort_size_for(cohort_size: int, mesh: Mesh | None, cohort_batch: int | None = None) -> int:
+  """The padded cohort size: a multiple of the group size (itself a multiple of the mesh's client axis)."""
+  group = group_size_for(cohort_size, cohort_batch, mesh)
+  return -(-cohort_size // group) * group
 
 
 def make_client_mesh(devices: Any = None) -> Mesh:
@@ -126,35 +154,44 @@ def run_cohort(
     *,
     aggregation: str,
     server_optimizer: optax.GradientTransformation,
+    group_size: int,
     mesh: Mesh | None = None,
-    cohort_batch: int | None = None,
 ) -> tuple[ServerState, Any, dict[str, jax.Array]]:
-  """The cohort's part of a round: vmapped client updates, aggregation and the server step.
+  """The cohort's part of a round: client updates in groups, aggregation and the server step.
 
   Args:
     client_fn: one client's update.
     server: server state.
-    cohort_state: the cohort's client state, leaves [S, ...].
-    cohort_data: the cohort's data, leaves [S, N_max, ...] and count [S].
+    cohort_state: the cohort's client state, leaves [S, ...] (S a multiple of `group_size`).
+    cohort_data: the flat training split's x and y, with the cohort's offset [S] and count [S].
     weights: [S] aggregation weights (0 for padding clients).
     keys: [S] client keys.
     round: int32 round index.
     aggregation: "mean" or "masked_mean".
     server_optimizer: optax transformation applied to the aggregated update.
-    mesh: optional mesh whose "clients" axis shards the cohort.
-    cohort_batch: None vmaps the whole cohort at once; an int k runs it as `lax.map` over groups of k vmapped
-      clients (still one program, same results). On CPU this keeps a group's working set in cache: measured 1.5x
-      faster for the FedAvg CNN with k=2 (docs/models.md). Not combined with `mesh`.
+    group_size: clients vmapped together; groups run one after another (`lax.map`), in one program.
+    mesh: optional mesh whose "clients" axis shards each group.
 
   Returns:
     (new server state, new cohort state [S, ...], per-client metrics [S]).
   """
-  cohort_state, cohort_data, weights, keys = shard_cohort((cohort_state, cohort_data, weights, keys), mesh)
-  if cohort_batch is None:
-    out = jax.vmap(client_fn, in_axes=(None, 0, 0, 0, None))(server.params, cohort_state, cohort_data, keys, round)
+  x, y, offset, count = cohort_data
+  per_client = (cohort_state, offset, count, keys)
+
+  def run_group(group):
+    state_g, offset_g, count_g, keys_g = shard_cohort(group, mesh)
+    data_g = ClientData(x, y, offset_g, count_g)
+    return jax.vmap(client_fn, in_axes=(None, 0, CLIENT_DATA_AXES, 0, None))(
+        server.params, state_g, data_g, keys_g, round
+    )
+
+  num_groups = weights.shape[0] // group_size
+  if num_groups == 1:
+    out = run_group(per_client)
   else:
-    one = lambda args: client_fn(server.params, *args, round)
-    out = jax.lax.map(one, (cohort_state, cohort_data, keys), batch_size=cohort_batch)
+    split = lambda a: a.reshape((num_groups, group_size) + a.shape[1:])
+    merge = lambda a: a.reshape((num_groups * group_size,) + a.shape[2:])
+    out = jax.tree.map(merge, jax.lax.map(run_group, jax.tree.map(split, per_client)))
   delta = aggregate(aggregation, out.update, out.coverage, weights)
   return server_update(server, delta, server_optimizer), out.state, out.metrics
 
@@ -169,49 +206,65 @@ def make_round(
     server_optimizer: optax.GradientTransformation,
     mesh: Mesh | None = None,
     cohort_batch: int | None = None,
+    gather_state: Callable[[Any, jax.Array], Any] | None = None,
+    scatter_state: Callable[[Any, jax.Array, Any], Any] | None = None,
 ) -> Callable[[SimState, Any], tuple[SimState, dict[str, jax.Array]]]:
   """Builds `round(state, train) -> (state, metrics)`, pure and jit-able.
 
   Args:
-    client_fn: one client's update (vmapped over the cohort).
+    client_fn: one client's update (vmapped over each group of the cohort).
     num_clients: K.
     cohort_size: S clients sampled per round.
     aggregation: "mean" or "masked_mean".
     weighting: "samples" (weights = sample counts) or "uniform" (1 per client).
     server_optimizer: optax transformation for the server step (optax.sgd(server_lr) by default upstream).
     mesh: optional mesh with a "clients" axis.
-    cohort_batch: see `run_cohort`.
+    cohort_batch: clients vmapped together (None: the whole cohort); see the module docstring.
+    gather_state: (store, ids [S]) -> the clients' state [S, ...] (default `gather_clients`; e.g. unpacks bits).
+    scatter_state: (store, ids [S], rows) -> the store with rows written (default `scatter_clients`).
 
   Returns:
-    A function of (SimState, ClientSplit-like train data with x [K, N_max, ...], y, count) returning the new state
-    and metrics: "cohort" [S_pad] (ids; K marks padding), "weight" [S_pad], and each client metric [S_pad].
+    A function of (SimState, flat training split with x, y, offset [K], count [K]) returning the new state and
+    metrics: "cohort" [S_pad] (ids in execution order, largest client first; K marks padding), "weight" [S_pad],
+    and each client metric [S_pad].
   """
-  padded = cohort_size_for(cohort_size, mesh)
+  group = group_size_for(cohort_size, cohort_batch, mesh)
+  padded = cohort_size_for(cohort_size, mesh, cohort_batch)
+  gather_state = gather_state or gather_clients
+  scatter_state = scatter_state or scatter_clients
 
   def round_fn(state: SimState, train: Any) -> tuple[SimState, dict[str, jax.Array]]:
     key = jax.random.fold_in(state.key, state.round)
     cohort = sample_cohort(jax.random.fold_in(key, 0), num_clients, cohort_size)
     cohort = jnp.concatenate([cohort, jnp.full((padded - cohort_size,), num_clients, jnp.int32)])
+    count = jnp.where(cohort < num_clients, jnp.take(train.count, cohort, mode="clip"), 0)
+    order = jnp.argsort(-count, stable=True)  # largest first: groups of similar work
+    cohort, count = cohort[order], count[order]
     real = cohort < num_clients
-    data = gather_clients(ClientData(train.x, train.y, train.count), cohort)
-    base = data.count.astype(jnp.float32) if weighting == "samples" else jnp.ones((padded,), jnp.float32)
+    offset = jnp.take(train.offset, cohort, mode="clip")
+    base = count.astype(jnp.float32) if weighting == "samples" else jnp.ones((padded,), jnp.float32)
     weights = jnp.where(real, base, 0.0)
     keys = client_keys(jax.random.fold_in(key, 1), cohort)
     server, cohort_state, metrics = run_cohort(
         client_fn,
         state.server,
-        gather_clients(state.clients, cohort),
-        data,
+        gather_state(state.clients, cohort),
+        ClientData(train.x, train.y, offset, count),
         weights,
         keys,
         state.round,
         aggregation=aggregation,
         server_optimizer=server_optimizer,
+        group_size=group,
         mesh=mesh,
-        cohort_batch=cohort_batch,
     )
-    clients = scatter_clients(state.clients, cohort, cohort_state)
-    new_state = SimState(server=server, clients=clients, round=state.round + 1, key=state.key)
+    new_state = SimState(
+        server=server,
+        clients=scatter_state(state.clients, cohort, cohort_state),
+        round=state.round + 1,
+        key=state.key,
+        participation=state.participation.at[cohort].add(1, mode="drop"),
+    )
     return new_state, {"cohort": cohort, "weight": weights, **metrics}
 
   return round_fn

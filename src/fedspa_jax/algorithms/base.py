@@ -12,6 +12,7 @@ import numpy as np
 import optax
 
 from fedspa_jax import accounting
+from fedspa_jax import store as store_lib
 from fedspa_jax.client import make_preprocess
 from fedspa_jax.data.federated import FederatedData
 from fedspa_jax.evaluation import make_evaluate
@@ -28,9 +29,13 @@ class Algorithm:
     name: registry name.
     hparams: the hyperparameters it was built with (for logs and configs).
     init: (key, data) -> SimState.
-    round: jitted (state, data) -> (state, metrics); one compiled program per round, clients vmapped.
-    evaluate: jitted (state, data) -> per-client test metrics [K] and their summaries.
+    round: jitted (state, data) -> (state, metrics); one compiled program per round. The state is donated: use
+      the returned one (the argument's buffers are reused).
+    evaluate: (state, data, clients=None) -> per-client test metrics of those clients (default all K, in id order)
+      and their summaries; jitted, memory-bounded for any K.
     round_fn: the pure, un-jitted round (for tests, tracing counters and custom jit/sharding).
+    client_states: (state, data, clients=None) -> the decoded persistent state of those clients (default all),
+      leaves [C, ...]: FedSpa's bool masks, Ditto's personal models, ...
   """
 
   name: str
@@ -39,6 +44,7 @@ class Algorithm:
   round: Callable[..., Any]
   evaluate: Callable[..., Any]
   round_fn: Callable[..., Any]
+  client_states: Callable[..., Any]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,8 +63,9 @@ class Common:
     server_lr: server learning rate eta_s.
     mesh: optional `jax.sharding.Mesh` with a "clients" axis to shard the cohort over.
     eval_clients_per_batch: clients evaluated together (memory bound of `evaluate`).
-    cohort_batch: None vmaps the whole cohort; k runs it as `lax.map` over groups of k clients (faster on CPU for
-      larger convolutional models; see `round.run_cohort`). Not combined with `mesh`.
+    cohort_batch: clients vmapped together. The cohort is sorted by size and run as `lax.map` over groups of this
+      many clients, each group costing its own largest client's steps (see `fedspa_jax.round`); None runs the
+      whole cohort as one vmapped group. With `mesh`, groups are rounded up to a multiple of the mesh's size.
   """
 
   clients_per_round: int = 10
@@ -85,8 +92,6 @@ class Common:
     check_mesh(self.mesh)
     if self.cohort_batch is not None:
       check_positive_int("cohort_batch", self.cohort_batch)
-      if self.mesh is not None:
-        raise ValueError("cohort_batch and mesh cannot be combined: the mesh shards the vmapped cohort")
     if not (isinstance(self.server_lr, (int, float)) and self.server_lr > 0):
       raise ValueError(f"server_lr must be > 0, got {self.server_lr!r}")
     make_optimizer(self.optimizer, self.lr, self.momentum, self.weight_decay)  # validates lr and momentum
@@ -175,18 +180,34 @@ def check_cohort(clients_per_round: Any, data: FederatedData) -> None:
     )
 
 
-def check_state_matches(state: Any, data: FederatedData) -> None:
-  """The client store and the data must have the same number of clients."""
+def check_state_matches(state: Any, data: FederatedData, layout: store_lib.StoreLayout) -> None:
+  """The client store must hold exactly this algorithm's encoded state for the data's K clients."""
+  if not isinstance(state, SimState):
+    raise TypeError(f"state must be a SimState from this algorithm's init, got {type(state).__name__}")
   leaves = jax.tree.leaves(state.clients)
   if leaves and leaves[0].shape[0] != data.num_clients:
     raise ValueError(
         f"state holds {leaves[0].shape[0]} clients but data has {data.num_clients}; "
         "call init with this dataset"
     )
+  store_lib.check_store(state.clients, layout, data.num_clients)
 
 
-# (key, params, num_clients) -> the persistent client store, leaves [K, ...]
-InitClients = Callable[[jax.Array, Any, int], Any]
+def check_eval_clients(clients: Any, num_clients: int) -> None:
+  """`clients` for `evaluate`: None (all K), or distinct ids in [0, K) on the host."""
+  if clients is None:
+    return
+  ids = np.asarray(clients)
+  if ids.ndim != 1 or ids.size < 1 or not np.issubdtype(ids.dtype, np.integer):
+    raise ValueError(f"clients to evaluate must be a non-empty 1-D array of client ids, got shape {ids.shape}")
+  if ids.min() < 0 or ids.max() >= num_clients:
+    raise ValueError(f"client ids to evaluate must lie in [0, {num_clients}), got [{ids.min()}, {ids.max()}]")
+  if np.unique(ids).size != ids.size:
+    raise ValueError("client ids to evaluate must be distinct")
+
+
+# (key, params, ids [C]) -> the decoded state of clients `ids`, leaves [C, ...] (client k's from fold_in(key, k))
+InitClients = Callable[[jax.Array, Any, jax.Array], Any]
 # (params, cohort metrics, number of real clients, round, sample shape) -> extra round metrics (bytes, FLOPs, ...)
 Account = Callable[[Any, dict, jax.Array], dict]
 
@@ -209,7 +230,7 @@ def assemble(
     name, hparams: for the registry and logs (the common hyperparameters are added to `hparams`).
     model: the flax model.
     common: the hyperparameters every algorithm shares.
-    init_clients: builds the [K, ...] client store from the initial params.
+    init_clients: the initial (decoded) state of a chunk of clients; the store encodes it (bool leaves as bits).
     make_client_fn: preprocess -> one client's update (w, client_state, data, key, round) -> ClientOutput.
     make_personalize: preprocess -> (w, client_state, train_data, key) -> the params client k is evaluated with.
     account: extra per-round metrics from the params and the cohort's metrics (bytes, FLOPs).
@@ -219,6 +240,7 @@ def assemble(
   clients_per_round = common.clients_per_round
   server_optimizer = optax.sgd(common.server_lr)
   apply_fn = make_apply_fn(model)
+  layout_of = lambda params: store_lib.make_layout(init_clients, params)
 
   def init(key: jax.Array, data: FederatedData):
     check_cohort(clients_per_round, data)
@@ -226,19 +248,22 @@ def assemble(
     params = init_params(model, k_params, data)
     return SimState(
         server=init_server(params, server_optimizer),
-        clients=init_clients(k_clients, params, data.num_clients),
+        clients=store_lib.init_store(init_clients, layout_of(params), k_clients, params, data.num_clients),
         round=jnp.zeros((), jnp.int32),
         key=k_sim,
+        participation=jnp.zeros((data.num_clients,), jnp.int32),
     )
 
   def check(state, data):
     # Runs at trace time: bad input surfaces here, before compilation.
     check_model_fits(model, data)
     check_cohort(clients_per_round, data)
-    check_state_matches(state, data)
+    layout = layout_of(state.server.params)
+    check_state_matches(state, data, layout)
+    return layout
 
   def round_fn(state, data: FederatedData):
-    check(state, data)
+    layout = check(state, data)
     preprocess = make_preprocess(data.mean, data.std)
     run = make_round(
         make_client_fn(preprocess),
@@ -249,28 +274,47 @@ def assemble(
         server_optimizer=server_optimizer,
         mesh=common.mesh,
         cohort_batch=common.cohort_batch,
+        gather_state=layout.gather,
+        scatter_state=layout.scatter,
     )
     new_state, metrics = run(state, data.train)
     real = jnp.sum(metrics["cohort"] < data.num_clients)
     metrics.update(account(state.server.params, metrics, real, state.round, data.sample_shape))
     return new_state, metrics
 
-  def evaluate_fn(state, data: FederatedData):
-    check(state, data)
+  def evaluate_fn(state, data: FederatedData, clients=None):
+    layout = check(state, data)
     preprocess = make_preprocess(data.mean, data.std)
     evaluate_clients = make_evaluate(
         make_personalize(preprocess), apply_fn, clients_per_batch=common.eval_clients_per_batch
     )
     key = jax.random.fold_in(jax.random.fold_in(state.key, state.round), 2)  # 0: cohort, 1: clients
-    return evaluate_clients(state.server.params, state.clients, data.train, data.test, key, preprocess)
+    ids = jnp.arange(data.num_clients, dtype=jnp.int32) if clients is None else jnp.asarray(clients, jnp.int32)
+    return evaluate_clients(
+        state.server.params, lambda i: layout.gather(state.clients, i), ids, state.participation, data.train,
+        data.test, key, preprocess,
+    )
+
+  jitted_evaluate = jax.jit(evaluate_fn)
+
+  def evaluate(state, data: FederatedData, clients=None):
+    check_eval_clients(clients, data.num_clients)
+    return jitted_evaluate(state, data, None if clients is None else np.asarray(clients, np.int32))
+
+  def client_states(state, data: FederatedData, clients=None):
+    """The decoded state of `clients` (default: all), leaves [C, ...] (FedSpa: bool masks)."""
+    check_eval_clients(clients, data.num_clients)
+    ids = np.arange(data.num_clients) if clients is None else np.asarray(clients)
+    return layout_of(state.server.params).gather(state.clients, jnp.asarray(ids, jnp.int32))
 
   return Algorithm(
       name=name,
       hparams={**common.as_dict(), **hparams, "aggregation": aggregation},
       init=init,
-      round=jax.jit(round_fn),
-      evaluate=jax.jit(evaluate_fn),
+      round=jax.jit(round_fn, donate_argnums=0),
+      evaluate=evaluate,
       round_fn=round_fn,
+      client_states=client_states,
   )
 
 
@@ -284,6 +328,6 @@ def dense_training_flops(
   return accounting.round_flops(per_sample, per_sample, samples, metrics["weight"])
 
 
-def stacked(tree: Any, num_clients: int) -> Any:
-  """`num_clients` copies of every leaf, stacked on a new leading axis."""
-  return jax.tree.map(lambda a: jnp.broadcast_to(a, (num_clients, *a.shape)), tree)
+def stacked(tree: Any, ids: jax.Array) -> Any:
+  """One copy of every leaf per client in `ids` [C], stacked on a new leading axis."""
+  return jax.tree.map(lambda a: jnp.broadcast_to(a, (ids.shape[0], *a.shape)), tree)

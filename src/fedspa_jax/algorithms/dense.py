@@ -54,9 +54,9 @@ def dense_account(
   return account
 
 
-def no_client_state(key, params, num_clients):
+def no_client_state(key, params, ids):
   del key, params
-  return jnp.zeros((num_clients,), jnp.int32)  # a placeholder leaf keeps the [K] client axis visible
+  return jnp.zeros(ids.shape, jnp.int32)  # a placeholder leaf keeps the [K] client axis visible
 
 
 def fedavg(*, model: nn.Module, finetune_epochs: int = 0, **common: Any) -> Algorithm:
@@ -119,7 +119,7 @@ def local(*, model: nn.Module, **common: Any) -> Algorithm:
 
   return assemble(
       name="local", hparams={}, model=model, common=common,
-      init_clients=lambda key, params, num_clients: stacked(params, num_clients),
+      init_clients=lambda key, params, ids: stacked(params, ids),
       make_client_fn=make_client_fn, make_personalize=lambda preprocess: lambda w, params_k, train_k, key: params_k,
       account=dense_account(model, communicates=False, state_bytes=accounting.dense_bytes),
   )
@@ -169,7 +169,7 @@ def ditto(
 
   return assemble(
       name="ditto", hparams={"ditto_lambda": ditto_lambda, "personal_epochs": personal_epochs}, model=model,
-      common=common, init_clients=lambda key, params, num_clients: stacked(params, num_clients),
+      common=common, init_clients=lambda key, params, ids: stacked(params, ids),
       make_client_fn=make_client_fn, make_personalize=lambda preprocess: lambda w, v, train_k, key: v,
       account=dense_account(model, state_bytes=accounting.dense_bytes, sample_keys=("samples", "global_samples")),
   )

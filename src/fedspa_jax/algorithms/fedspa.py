@@ -86,7 +86,7 @@ def fedspa(
       local_steps, batch_size, lr, momentum, weight_decay, optimizer, rounds, weighting, server_lr, mesh, ...
 
   Returns:
-    An `Algorithm`; its client state is the mask store (bool leaves [K, ...]).
+    An `Algorithm`; its client state is the masks (bool, stored as uint32 bit words [K, W] per leaf).
   """
   common = Common(**common)
   masks.check_density(density)
@@ -100,8 +100,8 @@ def fedspa(
   densities_of = lambda params: make_densities(params, density, density_rule)
   apply_fn = lambda params, x: model.apply({"params": params}, x)
 
-  def init_clients(key, params, num_clients):
-    return masks.init_client_masks(key, params, densities_of(params), num_clients, shared=shared_init_mask)
+  def init_clients(key, params, ids):
+    return masks.init_client_masks(key, params, densities_of(params), ids=ids, shared=shared_init_mask)
 
   def make_client_fn(preprocess):
     return make_client_update(

@@ -45,9 +45,9 @@ def _split_algorithm(name: str, model: nn.Module, head_epochs: int | None, commo
   apply_fn = make_apply_fn(model)
   train_kwargs = common.train_kwargs()
 
-  def init_clients(key, params, num_clients):
+  def init_clients(key, params, ids):
     check_head(params)
-    return stacked(params[HEAD], num_clients)
+    return stacked(params[HEAD], ids)
 
   def make_client_fn(preprocess):
     def client_update(w, head, data: ClientData, key, round):

@@ -51,9 +51,9 @@ def subfedavg(
   train_kwargs = common.train_kwargs()
   forward_flops = functools.lru_cache(lambda sample_shape: flops.forward_flops(model, sample_shape))
 
-  def init_clients(key, params, num_clients):
+  def init_clients(key, params, ids):
     del key
-    return stacked(masks.dense_mask(params), num_clients)
+    return stacked(masks.dense_mask(params), ids)
 
   def make_client_fn(preprocess):
     def client_update(w, mask, data: ClientData, key, round):

@@ -1,4 +1,4 @@
-"""Federated datasets: sources, partitioners and the padded static-shape `FederatedData` the engine consumes.
+"""Federated datasets: sources, partitioners and the flat, static-shape `FederatedData` the engine consumes.
 
     data = fedspa_jax.data.load("fashion_mnist", num_clients=100, partition="pathological", classes_per_client=2)
     print(fedspa_jax.data.format_summary(data))
@@ -8,7 +8,7 @@ See docs/data.md.
 
 from fedspa_jax.data.build import channel_stats, from_arrays, from_clients
 from fedspa_jax.data.cache import cache_dir
-from fedspa_jax.data.federated import ClientSplit, FederatedData, pad_clients
+from fedspa_jax.data.federated import ClientSplit, FederatedData, split_from_flat, stack_clients, take_clients
 from fedspa_jax.data.holdout import draw_global, split_local
 from fedspa_jax.data.idx import read_idx, write_idx
 from fedspa_jax.data.loader import dataset_names, load, load_arrays
@@ -32,13 +32,15 @@ __all__ = [
     "iid",
     "load",
     "load_arrays",
-    "pad_clients",
     "partition",
     "pathological",
     "plot_label_histogram",
     "read_idx",
+    "split_from_flat",
     "split_local",
+    "stack_clients",
     "summarize",
     "synthetic",
+    "take_clients",
     "write_idx",
 ]

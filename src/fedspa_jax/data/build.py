@@ -13,7 +13,7 @@ import numpy as np
 
 from fedspa_jax.data import holdout
 from fedspa_jax.data import partitioners as partition_lib
-from fedspa_jax.data.federated import FederatedData, pad_clients
+from fedspa_jax.data.federated import FederatedData, stack_clients, take_clients
 
 TEST_MODES = ("global", "split")
 
@@ -68,10 +68,6 @@ def _normalisation(x: np.ndarray, mean, std):
   return (None if mean is None else tuple(mean)), (None if std is None else tuple(std))
 
 
-def _gather(x: np.ndarray, y: np.ndarray, parts: list[np.ndarray]):
-  return pad_clients([x[p] for p in parts], [y[p].astype(np.int32) for p in parts])
-
-
 def from_arrays(
     x: np.ndarray,
     y: np.ndarray,
@@ -111,7 +107,7 @@ def from_arrays(
     **partition_args: the partitioner's options, e.g. `classes_per_client=2`, `alpha=0.1, min_samples=10`.
 
   Returns:
-    `FederatedData` with train x [K, N_max, ...] and test x [K, M_max, ...].
+    `FederatedData` whose splits hold each client's samples flat (see `federated.ClientSplit`).
   """
   x = _as_inputs(x)
   y = _check_labels(x, y, "the training data")
@@ -131,15 +127,15 @@ def from_arrays(
   parts = partition_lib.partition(y, num_clients, partition, seed=seed, **partition_args)
   if test_mode == "split":
     train_parts, test_parts = holdout.split_local(y, parts, test_fraction=test_fraction, seed=seed)
-    test = _gather(x, y, test_parts)
+    test = take_clients(x, y, test_parts)
   else:
     train_parts = parts
     counts = holdout.label_counts(y, parts, num_classes)
     test_parts = holdout.draw_global(counts, y_test, min_test_samples=min_test_samples, seed=seed)
-    test = _gather(x_test, y_test, test_parts)
+    test = take_clients(x_test, y_test, test_parts)
   mean, std = _normalisation(x, mean, std)
   return FederatedData(
-      train=_gather(x, y, train_parts), test=test, num_classes=num_classes, name=name, mean=mean, std=std
+      train=take_clients(x, y, train_parts), test=test, num_classes=num_classes, name=name, mean=mean, std=std
   )
 
 
@@ -186,8 +182,8 @@ def from_clients(
   mean, std = _normalisation(np.concatenate(xs) if xs[0].dtype == np.uint8 else xs[0], mean, std)
   as_int32 = lambda arrays: [a.astype(np.int32) for a in arrays]
   return FederatedData(
-      train=pad_clients(xs, as_int32(ys)),
-      test=pad_clients(xs_test, as_int32(ys_test)),
+      train=stack_clients(xs, as_int32(ys)),
+      test=stack_clients(xs_test, as_int32(ys_test)),
       num_classes=num_classes,
       name=name,
       mean=mean,

@@ -20,7 +20,7 @@ from fedspa_jax.data.federated import ClientSplit, FederatedData
 
 ENV_VAR = "FEDSPA_JAX_CACHE"
 # Bump when the partitioners or the file layout change, so stale entries are never read.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: flat splits (x [N_total, ...], offset, count)
 
 
 def cache_dir() -> pathlib.Path:
@@ -48,7 +48,7 @@ def save_partition(path: pathlib.Path, data: FederatedData) -> None:
   arrays = {
       f"{split}_{field}": np.asarray(getattr(getattr(data, split), field))
       for split in ("train", "test")
-      for field in ("x", "y", "count")
+      for field in ("x", "y", "offset", "count")
   }
   fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
   try:
@@ -67,7 +67,13 @@ def load_partition(path: pathlib.Path) -> FederatedData | None:
     return None
   with np.load(path, allow_pickle=False) as f:
     meta = json.loads(str(f["meta"]))
-    splits = {s: ClientSplit(x=f[f"{s}_x"], y=f[f"{s}_y"], count=f[f"{s}_count"]) for s in ("train", "test")}
+    splits = {
+        s: ClientSplit(
+            x=f[f"{s}_x"], y=f[f"{s}_y"], offset=f[f"{s}_offset"], count=f[f"{s}_count"],
+            max_count=int(f[f"{s}_count"].max()),
+        )
+        for s in ("train", "test")
+    }
   as_tuple = lambda v: None if v is None else tuple(v)
   return FederatedData(
       train=splits["train"],

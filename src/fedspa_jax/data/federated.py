@@ -1,11 +1,12 @@
-"""Federated datasets as static-shape, padded per-client arrays.
+"""Federated datasets as flat (ragged) per-client arrays with static shapes.
 
-Every source and partitioner in `fedspa_jax.data` ends in a `FederatedData`: for each split, client k's samples sit
-in row k of `x [K, N_max, ...]` / `y [K, N_max]`, the first `count[k]` of them valid and the rest padding. The
-engine vmaps over the client axis and never reads a padding sample (it masks by `count`).
+Every source and partitioner in `fedspa_jax.data` ends in a `FederatedData`. Each split stores the samples of all
+clients back to back, `x [N_total, ...]` / `y [N_total]`, with client k's samples at rows
+`offset[k] : offset[k] + count[k]`. Memory is the data plus O(K): a skewed split costs what its samples cost, not
+K times its largest client. The engine gathers each step's batch in-graph from `offset + position`.
 
-`FederatedData` and `ClientSplit` are JAX pytrees (arrays are leaves; names and normalisation are static), so
-`jax.device_put(data)` moves a dataset to the device once and a jitted round can take it as an argument.
+`FederatedData` and `ClientSplit` are JAX pytrees (arrays are leaves; `max_count`, names and normalisation are
+static), so `jax.device_put(data)` moves a dataset to the device once and a jitted round can take it as an argument.
 """
 
 from __future__ import annotations
@@ -19,39 +20,54 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class ClientSplit:
-  """One split (train or test) of a federated dataset.
+  """One split (train or test) of a federated dataset, stored flat.
 
   Attributes:
-    x: [K, N_max, ...] inputs; images stay uint8 (normalised inside the step), features float32.
-    y: [K, N_max] int32 labels; padding entries are 0.
-    count: [K] int32 number of valid samples per client (valid samples come first).
+    x: [N_total, ...] inputs of all clients, client by client; images stay uint8 (normalised inside the step),
+      features float32. At least one row (an all-empty split holds one unused zero sample).
+    y: [N_total] int32 labels.
+    offset: [K] int32 first row of each client.
+    count: [K] int32 number of samples of each client.
+    max_count: the largest client's count (static: it sizes evaluation chunks without a host sync).
   """
 
   x: np.ndarray
   y: np.ndarray
+  offset: np.ndarray
   count: np.ndarray
+  max_count: int
 
   @property
   def num_clients(self) -> int:
-    return int(self.x.shape[0])
+    return int(self.count.shape[0])
 
   @property
-  def max_count(self) -> int:
-    return int(self.x.shape[1])
+  def total(self) -> int:
+    """Samples held by clients (the rows in use)."""
+    return int(np.asarray(self.count, np.int64).sum())
 
   @property
   def sample_shape(self) -> tuple[int, ...]:
-    return tuple(self.x.shape[2:])
+    return tuple(self.x.shape[1:])
 
   def client(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Client k's valid samples `(x [n_k, ...], y [n_k])` as numpy arrays (host side)."""
-    n = int(np.asarray(self.count)[k])
-    return np.asarray(self.x[k, :n]), np.asarray(self.y[k, :n])
+    """Client k's samples `(x [n_k, ...], y [n_k])` as numpy arrays (host side)."""
+    start, n = int(np.asarray(self.offset)[k]), int(np.asarray(self.count)[k])
+    return np.asarray(self.x[start : start + n]), np.asarray(self.y[start : start + n])
+
+  def owners(self) -> np.ndarray:
+    """[N_total] int64 client of every row (-1 for rows no client owns), host side."""
+    owner = np.full(self.x.shape[0], -1, np.int64)
+    count = np.asarray(self.count, np.int64)
+    starts = np.repeat(np.asarray(self.offset, np.int64), count)
+    within = np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)
+    owner[starts + within] = np.repeat(np.arange(self.num_clients), count)
+    return owner
 
 
 @dataclasses.dataclass(frozen=True)
 class FederatedData:
-  """A federated dataset: per-client padded train and test splits plus what the model needs to know.
+  """A federated dataset: per-client flat train and test splits plus what the model needs to know.
 
   Attributes:
     train: the clients' training data.
@@ -69,6 +85,10 @@ class FederatedData:
   mean: tuple[float, ...] | None = None
   std: tuple[float, ...] | None = None
 
+  def __post_init__(self):
+    if self.train.num_clients != self.test.num_clients:
+      raise ValueError(f"train has {self.train.num_clients} clients but test has {self.test.num_clients}")
+
   @property
   def num_clients(self) -> int:
     return self.train.num_clients
@@ -78,41 +98,66 @@ class FederatedData:
     return self.train.sample_shape
 
 
-jax.tree_util.register_dataclass(ClientSplit, data_fields=["x", "y", "count"], meta_fields=[])
+jax.tree_util.register_dataclass(ClientSplit, data_fields=["x", "y", "offset", "count"], meta_fields=["max_count"])
 jax.tree_util.register_dataclass(
     FederatedData, data_fields=["train", "test"], meta_fields=["num_classes", "name", "mean", "std"]
 )
 
 
-def pad_clients(
-    xs: Sequence[np.ndarray], ys: Sequence[np.ndarray], *, min_count: int = 1
-) -> ClientSplit:
-  """Stacks ragged per-client arrays into one padded `ClientSplit`.
+def split_from_flat(x: np.ndarray, y: np.ndarray, count: Sequence[int] | np.ndarray) -> ClientSplit:
+  """A `ClientSplit` from samples already stored client by client.
+
+  Args:
+    x: [N, ...] inputs, client 0's first.
+    y: [N] integer labels.
+    count: [K] samples per client, summing to N.
+
+  Returns:
+    The split, with offsets the running sum of `count` (an empty `x` gets one unused zero row).
+  """
+  count = np.asarray(count, np.int64)
+  if count.ndim != 1 or count.size == 0:
+    raise ValueError(f"count must be a non-empty 1-D array of per-client sizes, got shape {count.shape}")
+  if (count < 0).any():
+    raise ValueError("client sizes must be >= 0")
+  if len(x) != len(y):
+    raise ValueError(f"got {len(x)} inputs but {len(y)} labels")
+  if int(count.sum()) != len(y):
+    raise ValueError(f"client sizes sum to {int(count.sum())} but there are {len(y)} samples")
+  if int(count.sum()) >= 2**31:
+    raise ValueError(f"{int(count.sum())} samples: int32 offsets hold at most 2^31 - 1")
+  x, y = np.asarray(x), np.asarray(y).astype(np.int32)
+  if len(y) == 0:
+    x, y = np.zeros((1, *x.shape[1:]), x.dtype), np.zeros((1,), np.int32)
+  offset = (np.cumsum(count) - count).astype(np.int32)
+  return ClientSplit(x=x, y=y, offset=offset, count=count.astype(np.int32), max_count=int(count.max()))
+
+
+def stack_clients(xs: Sequence[np.ndarray], ys: Sequence[np.ndarray]) -> ClientSplit:
+  """Concatenates ragged per-client arrays into one flat `ClientSplit`.
 
   Args:
     xs: K arrays `[n_k, ...]` with the same trailing shape and dtype.
     ys: K integer arrays `[n_k]`.
-    min_count: the padded length is at least this (so an all-empty split still has shape [K, min_count, ...]).
 
   Returns:
-    A `ClientSplit` with x [K, N_max, ...], y [K, N_max] int32 and count [K] int32.
+    A `ClientSplit` with x [sum n_k, ...], y [sum n_k] int32, offset and count [K] int32.
   """
   if len(xs) != len(ys):
     raise ValueError(f"got {len(xs)} input arrays but {len(ys)} label arrays")
-  if not xs:
+  if not len(xs):
     raise ValueError("need at least one client")
   sample_shape = np.shape(xs[0])[1:]
-  dtype = np.asarray(xs[0]).dtype
   for k, (x, y) in enumerate(zip(xs, ys)):
     if np.shape(x)[1:] != sample_shape:
       raise ValueError(f"client {k} has sample shape {np.shape(x)[1:]}, client 0 has {sample_shape}")
     if len(x) != len(y):
       raise ValueError(f"client {k} has {len(x)} inputs but {len(y)} labels")
-  counts = np.array([len(y) for y in ys], dtype=np.int32)
-  n_max = max(int(counts.max()), min_count)
-  x_out = np.zeros((len(xs), n_max, *sample_shape), dtype=dtype)
-  y_out = np.zeros((len(xs), n_max), dtype=np.int32)
-  for k, (x, y) in enumerate(zip(xs, ys)):
-    x_out[k, : len(x)] = x
-    y_out[k, : len(y)] = y
-  return ClientSplit(x=x_out, y=y_out, count=counts)
+  counts = [len(y) for y in ys]
+  return split_from_flat(np.concatenate([np.asarray(x) for x in xs]), np.concatenate(ys), counts)
+
+
+def take_clients(x: np.ndarray, y: np.ndarray, parts: Sequence[np.ndarray]) -> ClientSplit:
+  """The split whose client k holds rows `parts[k]` of `x`/`y` (one gather, no per-client copies)."""
+  index = np.concatenate([np.asarray(p, np.int64) for p in parts]) if len(parts) else np.zeros(0, np.int64)
+  return split_from_flat(x[index], y[index], [len(p) for p in parts])

@@ -112,7 +112,7 @@ def load(
       `max_samples_per_client`).
 
   Returns:
-    `FederatedData`; images uint8 [K, N_max, H, W, C] with per-channel `mean`/`std`.
+    `FederatedData`; images uint8 [N_total, H, W, C] (flat, see `federated.ClientSplit`) with per-channel `mean`/`std`.
 
   Raises:
     ValueError: unknown dataset, partition or option, or arguments the partitioner cannot satisfy.

@@ -11,13 +11,11 @@ from fedspa_jax.data.federated import ClientSplit, FederatedData
 
 
 def client_label_counts(split: ClientSplit, num_classes: int) -> np.ndarray:
-  """[K, C] int64 number of valid samples of each class per client (padding ignored)."""
-  y = np.asarray(split.y).astype(np.int64)
-  count = np.asarray(split.count)
-  num_clients = y.shape[0]
-  valid = np.arange(y.shape[1])[None, :] < count[:, None]
-  flat = (np.arange(num_clients)[:, None] * num_classes + y)[valid]
-  return np.bincount(flat, minlength=num_clients * num_classes).reshape(num_clients, num_classes)
+  """[K, C] int64 number of samples of each class per client."""
+  owner = split.owners()
+  owned = owner >= 0
+  flat = owner[owned] * num_classes + np.asarray(split.y).astype(np.int64)[owned]
+  return np.bincount(flat, minlength=split.num_clients * num_classes).reshape(split.num_clients, num_classes)
 
 
 def _split_summary(split: ClientSplit, num_classes: int) -> dict:
