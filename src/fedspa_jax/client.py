@@ -115,7 +115,7 @@ def draw_batch(
   count = jnp.maximum(data.count, 1)
   local = permute(jnp.minimum(pos, count - 1), count, jax.random.fold_in(key, epoch))
   rows = jnp.clip(data.offset + local, 0, data.y.shape[0] - 1)
-  return data.x[rows], data.y[rows], weight
+  return jnp.take(data.x, rows, axis=0), jnp.take(data.y, rows, axis=0), weight
 
 
 def local_train(

@@ -52,9 +52,10 @@ def evaluate_client(
     pos = c * chunk_size + jnp.arange(chunk_size, dtype=jnp.int32)
     valid = pos < data.count
     rows = jnp.clip(data.offset + jnp.minimum(pos, jnp.maximum(data.count - 1, 0)), 0, last)
-    logits = apply_fn(params, preprocess(data.x[rows]))
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, data.y[rows])
-    correct = valid & (jnp.argmax(logits, -1) == data.y[rows])
+    y = jnp.take(data.y, rows, axis=0)
+    logits = apply_fn(params, preprocess(jnp.take(data.x, rows, axis=0)))
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    correct = valid & (jnp.argmax(logits, -1) == y)
     return loss_sum + jnp.sum(jnp.where(valid, losses, 0.0)), correct_sum + jnp.sum(correct, dtype=jnp.int32)
 
   chunks = (data.count + chunk_size - 1) // chunk_size

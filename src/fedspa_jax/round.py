@@ -216,7 +216,7 @@ def make_round(
     num_clients: K.
     cohort_size: S clients sampled per round.
     aggregation: "mean" or "masked_mean".
-    weighting: "samples" (weights = sample counts) or "uniform" (1 per client).
+    weighting: "samples" (weights = sample counts) or "uniform" (1 per client with training data).
     server_optimizer: optax transformation for the server step (optax.sgd(server_lr) by default upstream).
     mesh: optional mesh with a "clients" axis.
     cohort_batch: clients vmapped together (None: the whole cohort); see the module docstring.
@@ -240,10 +240,9 @@ def make_round(
     count = jnp.where(cohort < num_clients, jnp.take(train.count, cohort, mode="clip"), 0)
     order = jnp.argsort(-count, stable=True)  # largest first: groups of similar work
     cohort, count = cohort[order], count[order]
-    real = cohort < num_clients
     offset = jnp.take(train.offset, cohort, mode="clip")
-    base = count.astype(jnp.float32) if weighting == "samples" else jnp.ones((padded,), jnp.float32)
-    weights = jnp.where(real, base, 0.0)
+    # A client without training data sends a zero update and weighs 0 under either rule.
+    weights = count.astype(jnp.float32) if weighting == "samples" else (count > 0).astype(jnp.float32)
     keys = client_keys(jax.random.fold_in(key, 1), cohort)
     server, cohort_state, metrics = run_cohort(
         client_fn,
