@@ -87,7 +87,7 @@ def random_split(rng, n, shape, labels):
   return rng.integers(0, 256, (n, *shape), dtype=np.uint8), np.resize(np.asarray(labels), n)
 
 
-# Look-alikes of the paper's datasets: (fedspa name, TFDS name, image shape, TFDS labels, load's classes)
+# The paper's datasets by fedspa-jax name: (TFDS name, image shape, labels as TFDS stores them, classes after load)
 PAPER = {
     "cifar10": ("cifar10", (32, 32, 3), range(10), 10),
     "cifar100": ("cifar100", (32, 32, 3), range(100), 100),
