@@ -6,13 +6,13 @@
 #   TFDS_OUT=/data/tfds bash scripts/prepare_tfds.sh emnist_byclass
 #
 # Names are TFDS names (cifar10, cifar100, emnist/letters, emnist/byclass, any other) or fedspa-jax's
-# (emnist_letters, emnist_byclass). Each is built as `tfds build NAME --file_format=array_record` would. TFDS needs
-# TensorFlow to prepare image datasets (it encodes the images with tf.image), so the build runs in a virtual
-# environment of its own, $TFDS_OUT/.venv-prepare (made on first use: tensorflow, tensorflow-datasets and the
-# array_record reader), unless PREPARE_PYTHON names an interpreter that has them. Set TFDS_VERSION to the offline
-# machine's tensorflow-datasets version (`pip show tensorflow-datasets`): it decides the dataset's version folder.
-# Downloads are kept in $TFDS_OUT/downloads (reruns reuse them); they need not be copied. At the end it prints the
-# folders to copy and a command that copies them.
+# (emnist_letters, emnist_byclass). Each is built as `tfds build NAME --file_format=array_record` would. TFDS
+# needs TensorFlow to prepare image datasets (it encodes the images with tf.image), so the build runs in a virtual
+# environment of its own, $TFDS_OUT/.venv-prepare, made on first use with ${FEDSPA_PYTHON:-python3} (tensorflow,
+# tensorflow-datasets and the array_record reader), unless PREPARE_PYTHON names an interpreter that has them.
+# Set TFDS_VERSION to the offline machine's tensorflow-datasets version (`pip show tensorflow-datasets`): it decides
+# the dataset's version folder. Downloads are kept in $TFDS_OUT/downloads (reruns reuse them); they need not be
+# copied. At the end it prints the folders to copy and a command that copies them.
 set -euo pipefail
 
 if [ $# -eq 0 ] || [ "$1" = "-h" ] || [ "$1" = "--help" ]; then
