@@ -289,3 +289,18 @@ def test_cli_names_a_missing_reader_package_in_one_line(paper_dir, tmp_path, mon
   err = capsys.readouterr().err
   assert code == 2 and len(err.strip().splitlines()) == 1, err
   assert err.startswith("fedspa-jax: error: reading TFDS dataset cifar10/3.0.2 needs the Python package 'pillow'")
+
+
+SCRIPT = pathlib.Path(__file__).parent.parent / "scripts" / "prepare_tfds.sh"
+
+
+def test_prepare_script_prints_usage_without_names():
+  result = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=60)
+  assert result.returncode == 2 and "bash scripts/prepare_tfds.sh cifar10 cifar100 emnist/letters" in result.stdout
+
+
+@pytest.mark.skipif(tfds_sources._has_tensorflow(), reason="with tensorflow installed, the script would build")
+def test_prepare_script_says_it_needs_tensorflow(tmp_path):
+  env = dict(os.environ, PREPARE_PYTHON=sys.executable, TFDS_OUT=str(tmp_path))
+  result = subprocess.run(["bash", str(SCRIPT), "cifar10"], capture_output=True, text=True, env=env, timeout=120)
+  assert result.returncode == 1 and "cannot import tensorflow and tensorflow_datasets" in result.stderr
