@@ -176,6 +176,7 @@ def _list(args) -> int:
 def main(argv: list[str] | None = None) -> int:
   args = make_parser().parse_args(argv)
   from fedspa_jax import experiment
+  from fedspa_jax.data.tfds_sources import MissingDependencyError
 
   command = {"run": _run, "compare": _compare, "plot": _plot, "list": _list}[args.command]
   try:
@@ -183,7 +184,9 @@ def main(argv: list[str] | None = None) -> int:
   except experiment.TrainingDiverged as e:
     print(f"fedspa-jax: error: {e}", file=sys.stderr)
     return EXIT_DIVERGED
-  except (experiment.ConfigError, FileNotFoundError) as e:  # other errors are bugs: they keep their traceback
+  # Bad input, missing data (TFDS's not prepared: a FileNotFoundError) or a reader package to install; other errors
+  # are bugs: they keep their traceback.
+  except (experiment.ConfigError, FileNotFoundError, MissingDependencyError) as e:
     print(f"fedspa-jax: error: {e}", file=sys.stderr)
     return EXIT_BAD_INPUT
   except KeyboardInterrupt:

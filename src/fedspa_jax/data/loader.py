@@ -49,12 +49,17 @@ def load_arrays(
 
   Args:
     name: a name from `dataset_names()` other than `synthetic`, or `"tfds:<name>"`.
-    data_dir: folder to look in first (IDX files) or the TFDS data folder.
-    download: fetch the data when they are not found.
+    data_dir: folder to look in first (IDX files) or the TFDS data folder (None: `$TFDS_DATA_DIR`, else
+      `~/tensorflow_datasets`).
+    download: fetch the data when they are not found (TFDS: only where TensorFlow is installed).
     verify: check the IDX files' sha256.
 
   Returns:
     `(x_train [N, H, W, C] uint8, y_train [N] int64, x_test [M, H, W, C] uint8, y_test [M] int64, num_classes)`.
+
+  Raises:
+    FileNotFoundError: the data are not there (see `load`).
+    ImportError: a package the TFDS reader needs is missing (see `load`).
   """
   name = canonical_name(name)
   if name in idx_sources.IDX_DATASETS:
@@ -99,8 +104,10 @@ def load(
     num_clients: K.
     partition: `iid`, `pathological` or `dirichlet` (required except for `synthetic`, which has its own split).
     seed: seeds the partition and the test assignment (and the generator, for `synthetic`).
-    data_dir: folder to look in first for IDX files, or the TFDS data folder.
-    download: fetch missing data (IDX files from their official addresses; TFDS's own download).
+    data_dir: folder to look in first for IDX files, or the TFDS data folder (None: `$TFDS_DATA_DIR`, else
+      `~/tensorflow_datasets`).
+    download: fetch missing data (IDX files from their official addresses; TFDS's own download and preparation,
+      which needs TensorFlow).
     verify: check the IDX files' sha256.
     cache: read and write the partition cache (`$FEDSPA_JAX_CACHE` or `~/.cache/fedspa_jax`).
     test_mode: `global` (default: deal the official test split out by each client's label distribution) or
@@ -116,7 +123,10 @@ def load(
 
   Raises:
     ValueError: unknown dataset, partition or option, or arguments the partitioner cannot satisfy.
-    FileNotFoundError: IDX files absent everywhere (the message names every place looked in).
+    FileNotFoundError: IDX files absent everywhere (the message names every place looked in), or a TFDS dataset not
+      prepared in the TFDS data folder (`tfds_sources.TfdsNotPreparedError`: the message names the folder, the command
+      that prepares the dataset on a machine with internet and where to copy it).
+    ImportError: `tfds_sources.MissingDependencyError`, a package the TFDS reader needs (the message names it).
   """
   name = canonical_name(name)
   if name == SYNTHETIC:
