@@ -62,7 +62,8 @@ def test_round_metrics(trained, model, data):
   params = state.server.params
   message = fj.accounting.sparse_bytes(params, fj.masks.erk_densities(params, 0.5))
   assert message < fj.accounting.dense_bytes(params)
-  assert int(m["bytes_up"]) == 10 * message
+  assert m["values_up"].shape == (10, len(jax.tree.leaves(params))) and m["values_up"].dtype == jnp.int32
+  assert fj.accounting.round_bytes(params, m) == {"bytes_down": 10 * message, "bytes_up": 10 * message}
 
 
 @pytest.mark.parametrize(

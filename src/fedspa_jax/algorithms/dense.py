@@ -29,25 +29,27 @@ def train_metrics(result) -> dict[str, jax.Array]:
 
 
 def dense_account(
-    model: nn.Module, *, communicates: bool = True, state_bytes: Any = None, sample_keys: tuple[str, ...] = ("samples",)
+    model: nn.Module, *, communicates: bool = True, keeps_model: bool = False,
+    sample_keys: tuple[str, ...] = ("samples",),
 ):
   """Per-round accounting of a dense method: the whole model down and up per real client (or nothing), dense FLOPs.
 
   Args:
     model: the flax model (for FLOPs).
     communicates: False for methods that send nothing (Local).
-    state_bytes: params -> bytes of one client's persistent state (None: no state).
+    keeps_model: each client keeps a whole model as its state (Local, Ditto).
     sample_keys: the client metrics whose sum is the number of samples trained on (Ditto trains twice).
   """
 
   def account(params, metrics, real, round, sample_shape):
     del round
-    message = accounting.dense_bytes(params) if communicates else 0
-    state = 0 if state_bytes is None else state_bytes(params)
+    sent = accounting.real_clients(metrics["cohort"], real) & communicates
+    values = accounting.per_client(accounting.static_values(params), sent)
+    kept = jax.tree.map(lambda _: keeps_model, params)
     return {
-        "bytes_down": real.astype(jnp.float32) * message,
-        "bytes_up": real.astype(jnp.float32) * message,
-        "client_state_bytes": jnp.asarray(state),
+        "values_down": values,
+        "values_up": values,
+        "client_state_bytes": accounting.state_bytes(params, values=kept),
         **dense_training_flops(model, sample_shape, metrics, sample_keys),
     }
 
@@ -121,7 +123,7 @@ def local(*, model: nn.Module, **common: Any) -> Algorithm:
       name="local", hparams={}, model=model, common=common,
       init_clients=lambda key, params, num_clients: stacked(params, num_clients),
       make_client_fn=make_client_fn, make_personalize=lambda preprocess: lambda w, params_k, train_k, key: params_k,
-      account=dense_account(model, communicates=False, state_bytes=accounting.dense_bytes),
+      account=dense_account(model, communicates=False, keeps_model=True),
   )
 
 
@@ -171,7 +173,7 @@ def ditto(
       name="ditto", hparams={"ditto_lambda": ditto_lambda, "personal_epochs": personal_epochs}, model=model,
       common=common, init_clients=lambda key, params, num_clients: stacked(params, num_clients),
       make_client_fn=make_client_fn, make_personalize=lambda preprocess: lambda w, v, train_k, key: v,
-      account=dense_account(model, state_bytes=accounting.dense_bytes, sample_keys=("samples", "global_samples")),
+      account=dense_account(model, keeps_model=True, sample_keys=("samples", "global_samples")),
   )
 
 

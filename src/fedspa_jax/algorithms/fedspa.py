@@ -114,14 +114,19 @@ def fedspa(
 
   def account(params, metrics, real, round, sample_shape):
     densities = densities_of(params)
-    message = accounting.sparse_bytes(params, densities)
+    # Every layer's active count is exact, so both messages (m_k ⊙ w down, U_k and the new mask up) carry the
+    # static target counts; bytes follow on the host (accounting.round_bytes).
+    values = accounting.per_client(
+        accounting.static_values(params, densities), accounting.real_clients(metrics["cohort"], real)
+    )
     regrow_batch = common.batch_size if update_masks and regrow == "gradient" else 0
     with jax.ensure_compile_time_eval():  # host-side arithmetic on shapes, even while the round is traced
       cost = flops.training_flops(model, sample_shape, densities, regrow_batch=regrow_batch)
+    sparse_leaves = jax.tree.map(lambda d: d < 1.0, densities)
     return {
-        "bytes_down": real.astype(jnp.float32) * message,
-        "bytes_up": real.astype(jnp.float32) * message,
-        "client_state_bytes": jnp.asarray(accounting.mask_state_bytes(params, densities)),
+        "values_down": values,
+        "values_up": values,
+        "client_state_bytes": accounting.state_bytes(params, mask_bits=sparse_leaves),
         "prune_rate": cosine_prune_rate(round, alpha, t_end) if update_masks else jnp.zeros(()),
         **accounting.round_flops(
             cost.per_sample, cost.dense_per_sample, metrics["samples"], metrics["weight"], extra=real * cost.regrow

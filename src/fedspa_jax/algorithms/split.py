@@ -16,6 +16,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fedspa_jax import accounting
 from fedspa_jax.algorithms.base import Algorithm, Common, assemble, dense_training_flops, make_apply_fn, stacked
@@ -79,11 +80,13 @@ def _split_algorithm(name: str, model: nn.Module, head_epochs: int | None, commo
 
   def account(params, metrics, real, round, sample_shape):
     del round
-    body = accounting.dense_bytes({k: v for k, v in params.items() if k != HEAD})
+    body = body_only(params)
+    values = np.where(jax.tree.leaves(body), accounting.static_values(params), 0).astype(np.int32)
+    values = accounting.per_client(values, accounting.real_clients(metrics["cohort"], real))
     return {
-        "bytes_down": real.astype(jnp.float32) * body,
-        "bytes_up": real.astype(jnp.float32) * body,
-        "client_state_bytes": jnp.asarray(accounting.dense_bytes(params[HEAD])),
+        "values_down": values,
+        "values_up": values,
+        "client_state_bytes": accounting.state_bytes(params, values=jax.tree.map(lambda b: not b, body)),
         # FedRep's head epochs still run full forward and backward passes in this implementation.
         **dense_training_flops(model, sample_shape, metrics, ("samples", "head_samples")),
     }

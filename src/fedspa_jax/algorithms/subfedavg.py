@@ -5,7 +5,7 @@ Heterogeneity" (ICDCS workshops 2021). Every client starts dense and trains m_k 
 whose training accuracy reaches `accuracy_threshold` prunes `prune_rate` of its active weights in every maskable
 layer (smallest |weight| first, never below the layer's target count from `density`). The server averages each
 coordinate over the clients whose mask covered it (masked mean). Masks only shrink: no regrowth, unlike FedSpa.
-Message sizes vary by client and are counted in-graph from the actual masks.
+Message sizes vary by client: the round counts each client's active values per leaf, the host multiplies out.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def subfedavg(
       update = jax.tree.map(jnp.subtract, x0, result.params)
       metrics = {
           **train_metrics(result),
-          "message_bytes": accounting.mask_message_bytes(mask),
+          "values": accounting.count_values(mask),
           "density": masks.overall_density(new_mask),
           "flops": accounting.mask_training_flops(forward_flops(data.x.shape[1:]), mask) * result.samples,
       }
@@ -83,15 +83,15 @@ def subfedavg(
     return client_update
 
   def account(params, metrics, real, round, sample_shape):
-    del real, round
-    real_clients = metrics["weight"] > 0
-    sent = jnp.sum(jnp.where(real_clients, metrics["message_bytes"], 0.0))
-    state = accounting.mask_state_bytes(params, masks.uniform_densities(params, density))
+    del round
+    real_clients = accounting.real_clients(metrics["cohort"], real)
+    sent = accounting.per_client(metrics["values"], real_clients)
+    kernels = jax.tree_util.tree_map_with_path(masks.is_maskable, params)
     dense = dense_training_flops(model, sample_shape, metrics)
     return {
-        "bytes_down": sent,
-        "bytes_up": sent,
-        "client_state_bytes": jnp.asarray(state),
+        "values_down": sent,
+        "values_up": sent,
+        "client_state_bytes": accounting.state_bytes(params, mask_bits=kernels),
         "flops": jnp.sum(jnp.where(real_clients, metrics["flops"], 0.0)),
         "flops_dense": dense["flops_dense"],
     }
