@@ -43,13 +43,20 @@ def make_client_update(
     result = local_train(x0, mask, data, k_train, apply_fn=apply_fn, preprocess=preprocess, **train_kwargs)
     new_mask = mask
     if update_masks:
-      grads = None
-      if regrow == "gradient":
-        grads = batch_gradient(
-            result.params, data, k_grad, apply_fn=apply_fn, batch_size=train_kwargs["batch_size"],
-            preprocess=preprocess,
-        )
-      new_mask = prune_and_regrow(mask, result.params, grads, cosine_prune_rate(round, alpha, t_end), k_mask, regrow)
+      rate = cosine_prune_rate(round, alpha, t_end)
+
+      def next_mask(_):
+        grads = None
+        if regrow == "gradient":
+          grads = batch_gradient(
+              result.params, data, k_grad, apply_fn=apply_fn, batch_size=train_kwargs["batch_size"],
+              preprocess=preprocess,
+          )
+        return prune_and_regrow(mask, result.params, grads, rate, k_mask, regrow)
+
+      # The rate depends on the round alone, which the round passes unbatched (the same for the whole cohort), so
+      # this stays a real branch under vmap: after t_end no regrowth gradient is computed.
+      new_mask = jax.lax.cond(rate > 0, next_mask, lambda _: mask, None)
     update = jax.tree.map(jnp.subtract, x0, result.params)
     metrics = {"loss": result.loss, "accuracy": result.accuracy, "steps": result.steps, "samples": result.samples}
     return ClientOutput(update=update, coverage=mask, state=new_mask, metrics=metrics)
@@ -122,14 +129,16 @@ def fedspa(
     regrow_batch = common.batch_size if update_masks and regrow == "gradient" else 0
     with jax.ensure_compile_time_eval():  # host-side arithmetic on shapes, even while the round is traced
       cost = flops.training_flops(model, sample_shape, densities, regrow_batch=regrow_batch)
+    rate = cosine_prune_rate(round, alpha, t_end) if update_masks else jnp.zeros((), jnp.float32)
+    regrowth = jnp.where(rate > 0, real.astype(jnp.float32) * cost.regrow, 0.0)  # no mask update after t_end
     sparse_leaves = jax.tree.map(lambda d: d < 1.0, densities)
     return {
         "values_down": values,
         "values_up": values,
         "client_state_bytes": accounting.state_bytes(params, mask_bits=sparse_leaves),
-        "prune_rate": cosine_prune_rate(round, alpha, t_end) if update_masks else jnp.zeros(()),
+        "prune_rate": rate,
         **accounting.round_flops(
-            cost.per_sample, cost.dense_per_sample, metrics["samples"], metrics["weight"], extra=real * cost.regrow
+            cost.per_sample, cost.dense_per_sample, metrics["samples"], metrics["weight"], extra=regrowth
         ),
     }
 
