@@ -72,6 +72,26 @@ def test_reports_accounting(run):
   assert all(np.isfinite(np.asarray(m["loss"])).all() for m in history)
 
 
+# The default client weighting of each method (docs/algorithms.md says where each paper stands).
+WEIGHTING = {
+    "fedavg": "samples", "fedavg_ft": "samples", "ditto": "samples", "fedper": "samples",
+    "fedrep": "uniform", "subfedavg": "uniform", "local": "uniform",
+    **{name: "uniform" for name in fj.algorithms.names() if name.startswith("fedspa")},
+}
+
+
+def test_default_weighting_is_explicit_and_recorded(run, data):
+  algo, _, _, _, history, _ = run
+  assert algo.hparams["weighting"] == WEIGHTING[algo.name]
+  counts = np.asarray(data.train.count)[np.asarray(history[0]["cohort"])]
+  expected = counts if WEIGHTING[algo.name] == "samples" else np.ones(COHORT)
+  np.testing.assert_array_equal(history[0]["weight"], expected)
+
+
+def test_every_algorithm_has_a_weighting_default():
+  assert set(WEIGHTING) == set(fj.algorithms.names())
+
+
 def test_fedavg_bytes_are_two_models_per_client(model, data):
   algo = fj.algorithms.get("fedavg", model=model, clients_per_round=COHORT, local_steps=1, local_epochs=None)
   state = algo.init(jax.random.key(0), data)
@@ -125,6 +145,8 @@ def test_algorithm_specific_errors(model):
     fj.algorithms.get("fedavg_ft", model=model, finetune_epochs=0)
   with pytest.raises(ValueError, match="prune_rate"):
     fj.algorithms.get("subfedavg", model=model, prune_rate=2.0)
+  with pytest.raises(ValueError, match="weighting"):
+    fj.algorithms.get("fedavg", model=model, weighting="by_size")
   with pytest.raises(ValueError, match="unknown hyperparameters for 'fedavg': density"):
     fj.algorithms.get("fedavg", model=model, density=0.5)
 

@@ -56,7 +56,9 @@ def test_round_metrics(trained, model, data):
   assert int(state.round) == 30
   m = history[0]
   assert m["cohort"].shape == (10,) and m["loss"].shape == (10,)
-  np.testing.assert_array_equal(m["weight"], np.asarray(data.train.count)[np.asarray(m["cohort"])])
+  # FedSpa's default weighting is uniform: its objective is (1/K) sum_k f_k.
+  assert algo.hparams["weighting"] == "uniform"
+  np.testing.assert_array_equal(m["weight"], np.ones(10))
   assert float(history[0]["prune_rate"]) == pytest.approx(0.5)
   assert float(history[-1]["prune_rate"]) < 0.01
   params = state.server.params
@@ -64,6 +66,14 @@ def test_round_metrics(trained, model, data):
   assert message < fj.accounting.dense_bytes(params)
   assert m["values_up"].shape == (10, len(jax.tree.leaves(params))) and m["values_up"].dtype == jnp.int32
   assert fj.accounting.round_bytes(params, m) == {"bytes_down": 10 * message, "bytes_up": 10 * message}
+
+
+def test_sample_weighting_is_an_option(model, data):
+  algo = fj.algorithms.get("fedspa", model=model, weighting="samples", clients_per_round=5, local_steps=1,
+                           local_epochs=None)
+  assert algo.hparams["weighting"] == "samples"
+  _, m = algo.round(algo.init(jax.random.key(0), data), data)
+  np.testing.assert_array_equal(m["weight"], np.asarray(data.train.count)[np.asarray(m["cohort"])])
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,8 @@
 
 The run folder (docs/cli.md has the details):
 
-    config.json       the config (resuming checks that it matches)
+    config.json       the config (resuming checks that it matches), plus `algorithm_hparams`: the algorithm's
+                      hyperparameters as resolved, defaults included (a record; ignored when read back)
     metrics.jsonl     one line per evaluated round: personalized accuracy distribution, losses, cumulative bytes
                       (and FLOPs when the algorithm reports them), samples, wall time
     summary.json      final and best accuracy, per-client final accuracies, totals, wall time, device
@@ -258,7 +259,10 @@ def run(
     state, meta = ckpt.restore(state)
     history, totals = meta["history"], Totals(**meta["totals"])
     say(f"resuming {workdir} from round {latest}")
-  (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+  # The config as given, plus (for the record, not read back) the algorithm's hyperparameters as resolved,
+  # defaults included: weighting, FedRep/FedPer's head, ...
+  record = {**config.to_dict(), config_lib.RESOLVED_KEY: _jsonable(algo.hparams)}
+  (workdir / "config.json").write_text(json.dumps(record, indent=2) + "\n")
   metrics_log = MetricsLog(workdir / "metrics.jsonl", history)
   tensorboard = TensorBoardLog.create(workdir / "tensorboard")
   start = int(state.round)

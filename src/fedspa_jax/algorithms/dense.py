@@ -69,7 +69,7 @@ def fedavg(*, model: nn.Module, finetune_epochs: int = 0, **common: Any) -> Algo
     finetune_epochs: local epochs of fine-tuning at evaluation time (0 = plain FedAvg).
     **common: the shared hyperparameters (`base.Common`).
   """
-  common = Common(**common)
+  common = Common.with_defaults(common, weighting="samples")  # FedAvg's rule: n_k / n
   if not isinstance(finetune_epochs, int) or finetune_epochs < 0:
     raise ValueError(f"finetune_epochs must be an integer >= 0, got {finetune_epochs!r}")
   apply_fn = make_apply_fn(model)
@@ -106,7 +106,7 @@ def local(*, model: nn.Module, **common: Any) -> Algorithm:
 
   All clients start from the same initial params; each round the sampled clients train their own model.
   """
-  common = Common(**common)
+  common = Common.with_defaults(common, weighting="uniform")  # nothing is aggregated: the choice is moot
   apply_fn = make_apply_fn(model)
   train_kwargs = common.train_kwargs()
 
@@ -138,7 +138,7 @@ def ditto(
     personal_epochs: local epochs of the personal model per round (default: `local_epochs`).
     **common: the shared hyperparameters (`base.Common`).
   """
-  common = Common(**common)
+  common = Common.with_defaults(common, weighting="samples")  # the global model is FedAvg's
   if not isinstance(ditto_lambda, (int, float)) or ditto_lambda < 0:
     raise ValueError(f"ditto_lambda must be a number >= 0, got {ditto_lambda!r}")
   if personal_epochs is not None and (not isinstance(personal_epochs, int) or personal_epochs < 1):

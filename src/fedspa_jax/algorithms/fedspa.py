@@ -23,6 +23,8 @@ from fedspa_jax.mask_update import REGROW_RULES, check_rate, cosine_prune_rate, 
 from fedspa_jax.round import ClientOutput
 
 DENSITY_RULES = ("erk", "uniform")
+# FedSpa's objective is (1/K) sum_k f_k(m_k ⊙ w); with uniform sampling, (1/S) sum_k U_k estimates it unbiasedly.
+DEFAULT_WEIGHTING = "uniform"
 
 
 def make_densities(params: Any, density: float, rule: str) -> Any:
@@ -90,12 +92,13 @@ def fedspa(
     aggregation: "mean" or "masked_mean".
     shared_init_mask: give every client the same initial mask.
     **common: the hyperparameters every algorithm shares (`base.Common`): clients_per_round, local_epochs,
-      local_steps, batch_size, lr, momentum, weight_decay, optimizer, rounds, weighting, server_lr, mesh, ...
+      local_steps, batch_size, lr, momentum, weight_decay, optimizer, rounds, weighting (default "uniform": the
+      objective's (1/K) sum_k f_k), server_lr, mesh, ...
 
   Returns:
     An `Algorithm`; its client state is the mask store (bool leaves [K, ...]).
   """
-  common = Common(**common)
+  common = Common.with_defaults(common, weighting=DEFAULT_WEIGHTING)
   masks.check_density(density)
   if density_rule not in DENSITY_RULES:
     raise ValueError(f"density_rule must be one of {DENSITY_RULES}, got {density_rule!r}")

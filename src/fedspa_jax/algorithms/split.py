@@ -102,9 +102,11 @@ def fedrep(*, model: nn.Module, head_epochs: int = 10, **common: Any) -> Algorit
   """FedRep: `head_epochs` epochs on the personal head (body frozen), then `local_epochs` on the shared body."""
   if not isinstance(head_epochs, int) or head_epochs < 1:
     raise ValueError(f"head_epochs must be an integer >= 1, got {head_epochs!r}")
-  return _split_algorithm("fedrep", model, head_epochs, Common(**common))
+  # FedRep's objective is the plain average of the clients' losses.
+  return _split_algorithm("fedrep", model, head_epochs, Common.with_defaults(common, weighting="uniform"))
 
 
 def fedper(*, model: nn.Module, **common: Any) -> Algorithm:
   """FedPer: body and personal head trained jointly; the body is averaged."""
-  return _split_algorithm("fedper", model, None, Common(**common))
+  # FedPer aggregates the base layers as FedAvg does.
+  return _split_algorithm("fedper", model, None, Common.with_defaults(common, weighting="samples"))

@@ -43,7 +43,7 @@ def subfedavg(
     accuracy_threshold: a client prunes only once its local training accuracy reaches this.
     **common: the shared hyperparameters (`base.Common`).
   """
-  common = Common(**common)
+  common = Common.with_defaults(common, weighting="uniform")  # a plain average over the clients keeping a weight
   masks.check_density(density)
   check_rate(prune_rate, "prune_rate")
   check_rate(accuracy_threshold, "accuracy_threshold")
