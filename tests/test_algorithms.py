@@ -122,20 +122,6 @@ def test_sparse_methods_send_fewer_bytes_than_fedavg(run):
     assert first == last < 0.75 * dense  # density 0.5 plus masks and dense biases
 
 
-def test_fedrep_needs_a_head(data):
-
-  import flax.linen as nn
-
-  class Plain(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-      return nn.Dense(10)(x.reshape((x.shape[0], -1)))
-
-  algo = fj.algorithms.get("fedrep", model=Plain())
-  with pytest.raises(ValueError, match='named "head"'):
-    algo.init(jax.random.key(0), data)
-
-
 def test_algorithm_specific_errors(model):
   with pytest.raises(ValueError, match="ditto_lambda"):
     fj.algorithms.get("ditto", model=model, ditto_lambda=-1.0)
