@@ -56,11 +56,40 @@ def test_round_traces_once(run):
   assert algo.round._cache_size() == 1, algo.name
 
 
+def total_bytes(state, metrics):
+  sent = accounting.round_bytes(state.server.params, metrics)
+  return sent["bytes_up"] + sent["bytes_down"]
+
+
 def test_reports_accounting(run):
   algo, _, _, state, history, _ = run
-  for key in ("bytes_up", "bytes_down", "client_state_bytes", "loss"):
+  leaves = len(jax.tree.leaves(state.server.params))
+  for key in ("values_up", "values_down", "client_state_bytes", "loss"):
     assert key in history[-1], (algo.name, key)
+  for key in ("values_up", "values_down"):  # int32 counts per client and leaf; bytes come on the host
+    assert history[-1][key].shape == (COHORT, leaves) and history[-1][key].dtype == np.int32, (algo.name, key)
+  assert history[-1]["client_state_bytes"].shape == (leaves,)
   assert all(np.isfinite(np.asarray(m["loss"])).all() for m in history)
+
+
+# The default client weighting of each method (docs/algorithms.md says where each paper stands).
+WEIGHTING = {
+    "fedavg": "samples", "fedavg_ft": "samples", "ditto": "samples", "fedper": "samples",
+    "fedrep": "uniform", "subfedavg": "uniform", "local": "uniform",
+    **{name: "uniform" for name in fj.algorithms.names() if name.startswith("fedspa")},
+}
+
+
+def test_default_weighting_is_explicit_and_recorded(run, data):
+  algo, _, _, _, history, _ = run
+  assert algo.hparams["weighting"] == WEIGHTING[algo.name]
+  counts = np.asarray(data.train.count)[np.asarray(history[0]["cohort"])]
+  expected = counts if WEIGHTING[algo.name] == "samples" else np.ones(COHORT)
+  np.testing.assert_array_equal(history[0]["weight"], expected)
+
+
+def test_every_algorithm_has_a_weighting_default():
+  assert set(WEIGHTING) == set(fj.algorithms.names())
 
 
 def test_fedavg_bytes_are_two_models_per_client(model, data):
@@ -69,13 +98,13 @@ def test_fedavg_bytes_are_two_models_per_client(model, data):
   _, metrics = algo.round(state, data)
   model_bytes = accounting.dense_bytes(state.server.params)
   assert model_bytes == 4 * (60 * 32 + 32 + 32 * 10 + 10)
-  assert int(metrics["bytes_up"]) + int(metrics["bytes_down"]) == 2 * model_bytes * COHORT
+  assert total_bytes(state, metrics) == 2 * model_bytes * COHORT
 
 
 @pytest.mark.parametrize("run", ["local"], indirect=True)
 def test_local_sends_nothing_and_never_moves_the_global_model(run):
   _, state0, _, state, history, _ = run
-  assert all(int(m["bytes_up"]) == 0 and int(m["bytes_down"]) == 0 for m in history)
+  assert all(total_bytes(state, m) == 0 for m in history)
   chex.assert_trees_all_equal(state.server.params, state0.server.params)
 
 
@@ -84,28 +113,14 @@ SPARSE = [name for name in fj.algorithms.names() if name.startswith("fedspa") or
 
 @pytest.mark.parametrize("run", SPARSE, indirect=True)
 def test_sparse_methods_send_fewer_bytes_than_fedavg(run):
-  algo, state0, _, _, history, _ = run
+  algo, state0, _, state, history, _ = run
   dense = 2 * accounting.dense_bytes(state0.server.params) * COHORT
-  first = int(history[0]["bytes_up"]) + int(history[0]["bytes_down"])
-  last = int(history[-1]["bytes_up"]) + int(history[-1]["bytes_down"])
+  first, last = total_bytes(state, history[0]), total_bytes(state, history[-1])
   if algo.name == "subfedavg":  # starts dense and only prunes
-    assert first == dense and last < dense
+    assert accounting.round_bytes(state0.server.params, history[0])["bytes_down"] == dense // 2
+    assert last < dense
   else:
     assert first == last < 0.75 * dense  # density 0.5 plus masks and dense biases
-
-
-def test_fedrep_needs_a_head(data):
-
-  import flax.linen as nn
-
-  class Plain(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-      return nn.Dense(10)(x.reshape((x.shape[0], -1)))
-
-  algo = fj.algorithms.get("fedrep", model=Plain())
-  with pytest.raises(ValueError, match='named "head"'):
-    algo.init(jax.random.key(0), data)
 
 
 def test_algorithm_specific_errors(model):
@@ -117,6 +132,10 @@ def test_algorithm_specific_errors(model):
     fj.algorithms.get("fedavg_ft", model=model, finetune_epochs=0)
   with pytest.raises(ValueError, match="prune_rate"):
     fj.algorithms.get("subfedavg", model=model, prune_rate=2.0)
+  with pytest.raises(ValueError, match="distance_threshold"):
+    fj.algorithms.get("subfedavg", model=model, distance_threshold=-1.0)
+  with pytest.raises(ValueError, match="weighting"):
+    fj.algorithms.get("fedavg", model=model, weighting="by_size")
   with pytest.raises(ValueError, match="unknown hyperparameters for 'fedavg': density"):
     fj.algorithms.get("fedavg", model=model, density=0.5)
 

@@ -44,7 +44,9 @@ def test_run_prints_each_round_and_a_final_line(run_dir):
 def test_run_writes_config_and_metrics(run_dir):
   out, _ = run_dir
   config = json.loads((out / "config.json").read_text())
+  resolved = config.pop(config_lib.RESOLVED_KEY)  # the algorithm's hyperparameters as resolved, for the record
   assert config == config_lib.apply_overrides(config_lib.load("default", smoke=True), {"model.hidden": [8]}).to_dict()
+  assert resolved["weighting"] == "uniform" and resolved["density"] == 0.5
   records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
   assert [r["round"] for r in records] == [1, 2, 3]
   for key in ("accuracy_mean", "accuracy_std", "accuracy_p10", "accuracy_p90", "loss_mean", "train_loss", "bytes_up",
@@ -62,6 +64,7 @@ def test_run_writes_summary_and_clients(run_dir):
               "bytes_up", "bytes_down", "flops", "wall_time", "device"):
     assert key in summary, key
   assert summary["algorithm"] == "fedspa" and len(summary["client_accuracy"]) == 6
+  assert summary["hparams"]["weighting"] == "uniform"
   assert summary["final_accuracy_mean"] == pytest.approx(np.mean(summary["client_accuracy"]), abs=1e-6)
   clients = np.load(out / "clients.npz")
   assert clients["hamming"].shape == (6, 6) and clients["label_counts"].shape == (6, 10)

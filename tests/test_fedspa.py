@@ -56,13 +56,71 @@ def test_round_metrics(trained, model, data):
   assert int(state.round) == 30
   m = history[0]
   assert m["cohort"].shape == (10,) and m["loss"].shape == (10,)
-  np.testing.assert_array_equal(m["weight"], np.asarray(data.train.count)[np.asarray(m["cohort"])])
+  # FedSpa's default weighting is uniform: its objective is (1/K) sum_k f_k.
+  assert algo.hparams["weighting"] == "uniform"
+  np.testing.assert_array_equal(m["weight"], np.ones(10))
   assert float(history[0]["prune_rate"]) == pytest.approx(0.5)
   assert float(history[-1]["prune_rate"]) < 0.01
   params = state.server.params
   message = fj.accounting.sparse_bytes(params, fj.masks.erk_densities(params, 0.5))
   assert message < fj.accounting.dense_bytes(params)
-  assert int(m["bytes_up"]) == 10 * message
+  assert m["values_up"].shape == (10, len(jax.tree.leaves(params))) and m["values_up"].dtype == jnp.int32
+  assert fj.accounting.round_bytes(params, m) == {"bytes_down": 10 * message, "bytes_up": 10 * message}
+
+
+def test_sample_weighting_is_an_option(model, data):
+  algo = fj.algorithms.get("fedspa", model=model, weighting="samples", clients_per_round=5, local_steps=1,
+                           local_epochs=None)
+  assert algo.hparams["weighting"] == "samples"
+  _, m = algo.round(algo.init(jax.random.key(0), data), data)
+  np.testing.assert_array_equal(m["weight"], np.asarray(data.train.count)[np.asarray(m["cohort"])])
+
+
+@pytest.fixture(scope="module")
+def past_t_end(model, data):
+  """Rounds 0 (prune rate alpha) and 1 (= t_end: rate 0) of a FedSpa run with t_end=1."""
+  algo = fj.algorithms.get("fedspa", model=model, clients_per_round=5, local_steps=2, local_epochs=None, t_end=1,
+                           rounds=4, batch_size=16)
+  state0 = algo.init(jax.random.key(3), data)
+  state1, before = algo.round(state0, data)
+  state2, after = algo.round(state1, data)
+  return algo, state0, state1, state2, before, after
+
+
+def _eqns(jaxpr):
+  """Every equation of a jaxpr and of the jaxprs nested in it (scan, while, cond, pjit, custom rules)."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          yield from _eqns(inner)
+
+
+def test_no_regrowth_gradient_after_t_end(past_t_end, data):
+  algo, state0, state1, state2, before, after = past_t_end
+  assert float(before["prune_rate"]) == pytest.approx(0.5) and float(after["prune_rate"]) == 0.0
+  assert int(fj.masks.hamming_distance(state2.clients, state1.clients)) == 0  # no mask changes at rate 0
+  assert int(fj.masks.hamming_distance(state1.clients, state0.clients)) > 0
+  # The mask update, regrowth gradient included, sits in a real branch (a cond the vmapped cohort did not turn into
+  # a select of both sides): one branch computes the gradient (matmuls), the other does nothing.
+  jaxpr = jax.make_jaxpr(algo.round_fn)(state0, data).jaxpr
+  conds = [e for e in _eqns(jaxpr) if e.primitive.name == "cond"]
+  matmuls = lambda branch: sum(e.primitive.name == "dot_general" for e in _eqns(branch.jaxpr))
+  assert any(sorted(matmuls(b) for b in e.params["branches"])[0] == 0 < max(matmuls(b) for b in e.params["branches"])
+             for e in conds)
+
+
+def test_flops_drop_after_t_end(past_t_end, model, data):
+  algo, state0, _, _, before, after = past_t_end
+  params = state0.server.params
+  densities = fj.masks.erk_densities(params, 0.5)
+  cost = fj.models.flops.training_flops(model, data.sample_shape, densities, regrow_batch=16)
+  for m, regrowth in ((before, 5 * cost.regrow), (after, 0.0)):
+    samples = int(np.sum(m["samples"]))
+    assert float(m["flops"]) == pytest.approx(cost.per_sample * samples + regrowth, rel=1e-6)
+  assert float(after["flops"]) / int(np.sum(after["samples"])) < float(before["flops"]) / int(np.sum(before["samples"]))
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fedspa_jax import masks
-from fedspa_jax.mask_update import cosine_prune_rate, drop_and_grow, prune_and_regrow
+from fedspa_jax.mask_update import cosine_prune_rate, drop_and_grow, prune_and_regrow, select_smallest
 
 
 def test_cosine_prune_rate_values():
@@ -54,12 +54,55 @@ def test_drop_count_is_ceil_of_rate_times_active():
   np.testing.assert_array_equal(drop_and_grow(mask, param, jnp.abs(grad), jnp.float32(0.0)), mask)
 
 
-def test_ties_break_by_index():
+def test_ties_break_by_index_without_a_tie_key():
   mask = jnp.array([1, 1, 1, 1, 0, 0, 0, 0], bool)
   param = jnp.array([1.0, 1.0, 1.0, 1.0, 0, 0, 0, 0])
   grad = jnp.array([0, 0, 0, 0, 1.0, 1.0, 1.0, 1.0])
   new = drop_and_grow(mask, param, grad, jnp.float32(0.5))
   np.testing.assert_array_equal(new, np.array([0, 0, 1, 1, 1, 1, 0, 0], bool))
+
+
+@pytest.mark.parametrize("count", [0, 1, 7, 500, 999, 1000])
+def test_random_ties_select_exact_counts_and_respect_the_order(count):
+  rng = np.random.default_rng(count)
+  keys = jnp.asarray(rng.integers(0, 5, size=1000), jnp.int32)  # five values: heavy ties
+  chosen = np.asarray(select_smallest(keys, jnp.int32(count), jax.random.key(count)))
+  assert chosen.sum() == count
+  if 0 < count < 1000:
+    keys = np.asarray(keys)
+    assert keys[chosen].max() <= keys[~chosen].min()  # never a larger key before a smaller one
+
+
+def test_zero_gradient_client_grows_a_uniformly_spread_set():
+  # A client with no samples (or dead units) has an all-zero gradient: every candidate ties. Growth must not pile
+  # into the first rows of the kernel, as an index tie-break would.
+  rows, cols = 100, 20
+  mask = masks.init_masks(jax.random.key(0), {"k": jnp.zeros((rows, cols))}, {"k": 0.3})["k"]
+  param = jnp.where(mask, jax.random.normal(jax.random.key(1), (rows, cols)), 0.0)
+  grad = jnp.zeros((rows, cols))
+  update = jax.jit(lambda key: prune_and_regrow({"k": mask}, {"k": param}, {"k": grad}, 0.5, key)["k"])
+  kept = reference_kept(mask, param, 0.5).reshape(rows, cols)  # the drop is by magnitude, not random
+  grown_rows = []
+  for seed in range(5):
+    new = np.asarray(update(jax.random.key(seed)))
+    assert new.sum() == int(mask.sum())  # counts exact
+    assert (new & kept).sum() == kept.sum()
+    grown = new & ~kept
+    assert grown.sum() == int(np.ceil(0.5 * int(mask.sum())))
+    grown_rows.append(np.nonzero(grown)[0])
+  grown_rows = np.concatenate(grown_rows)
+  # Spread over the rows as a uniform draw would be: each tenth of the rows holds about a tenth of the growth.
+  per_block = np.bincount(grown_rows // 10, minlength=10)
+  expected = len(grown_rows) / 10
+  chi2 = np.sum((per_block - expected) ** 2 / expected)
+  assert chi2 < 27.9, per_block  # the 0.999 quantile of chi-square with 9 degrees of freedom
+  assert per_block[5:].sum() > 0.4 * len(grown_rows)
+  # The index tie-break grows exactly the first inactive entries: all in the first rows.
+  first = np.asarray(drop_and_grow(mask, param, grad, jnp.float32(0.5))) & ~kept
+  assert np.nonzero(first)[0].max() < rows // 2
+  # Different keys grow different sets; the same key the same set.
+  a, b = np.asarray(update(jax.random.key(0))), np.asarray(update(jax.random.key(1)))
+  assert (a != b).any() and (a == np.asarray(update(jax.random.key(0)))).all()
 
 
 @pytest.mark.parametrize("regrow", ["gradient", "random"])
@@ -105,6 +148,15 @@ def test_public_names_in_masks_module():
   assert fj.masks.cosine_prune_rate is cosine_prune_rate
 
 
+def reference_kept(mask, param, rate):
+  mask = np.asarray(mask).reshape(-1)
+  param = np.abs(np.asarray(param).reshape(-1))
+  count = min(int(np.ceil(np.float32(rate) * np.float32(mask.sum()))), int(mask.sum()))
+  kept = mask.copy()
+  kept[np.argsort(np.where(mask, param, np.inf), kind="stable")[:count]] = False
+  return kept
+
+
 def reference_drop_and_grow(mask, param, grow, rate):
   """numpy, stable argsort: the textbook definition the fast selection must match exactly."""
   mask = np.asarray(mask).reshape(-1)
@@ -129,4 +181,12 @@ def test_fast_selection_matches_the_argsort_definition(seed):
   grow = np.round(rng.normal(size=n), 1).astype(np.float32)
   for rate in (0.0, 0.05, 0.37, 1.0):
     got = drop_and_grow(jnp.asarray(mask), jnp.asarray(param), jnp.abs(jnp.asarray(grow)), jnp.float32(rate))
-    np.testing.assert_array_equal(np.asarray(got), reference_drop_and_grow(mask, param, grow, rate))
+    expected = reference_drop_and_grow(mask, param, grow, rate)
+    np.testing.assert_array_equal(np.asarray(got), expected)
+    # With random tie-breaking: the same drops, and a grown set that differs only among tied gradients.
+    got = np.asarray(drop_and_grow(jnp.asarray(mask), jnp.asarray(param), jnp.abs(jnp.asarray(grow)),
+                                   jnp.float32(rate), jax.random.key(seed)))
+    kept = reference_kept(mask, param, rate)
+    assert (got & kept).sum() == kept.sum() and got.sum() == mask.sum()
+    magnitudes = np.abs(grow)
+    np.testing.assert_array_equal(np.sort(magnitudes[got & ~kept]), np.sort(magnitudes[expected & ~kept]))

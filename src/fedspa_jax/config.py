@@ -24,6 +24,8 @@ from typing import Any
 # Fields that do not change the trajectory of a run: a run may be resumed with different values of these.
 RESUMABLE_FIELDS = ("eval_every", "eval_clients", "checkpoint_every", "keep_checkpoints", "rounds_per_dispatch", "data_dir",
                     "shard_clients")
+# config.json also records the algorithm's resolved hyperparameters under this key; reading a config back drops it.
+RESOLVED_KEY = "algorithm_hparams"
 DICT_FIELDS = {"hparams": "hparams", "data": "data_args", "data_args": "data_args", "model": "model_args",
                "model_args": "model_args"}
 _INT_FIELDS = {"num_clients": 1, "rounds": 1, "eval_every": 1, "checkpoint_every": 0, "keep_checkpoints": 1,
@@ -87,6 +89,7 @@ class Config:
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "Config":
+    d = {k: v for k, v in d.items() if k != RESOLVED_KEY}  # a run's record, not an input
     unknown = sorted(set(d) - set(field_names()))
     if unknown:
       raise ConfigError(f"unknown config keys {', '.join(unknown)}; known: {', '.join(field_names())}")
@@ -212,7 +215,7 @@ def trajectory_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]
   """`"key: saved -> current"` for every field that differs and changes the run's trajectory."""
   lines = []
   for key in sorted(set(saved) | set(current)):
-    if key in RESUMABLE_FIELDS:
+    if key in RESUMABLE_FIELDS or key == RESOLVED_KEY:
       continue
     a, b = saved.get(key), current.get(key)
     if isinstance(a, dict) and isinstance(b, dict):

@@ -6,7 +6,8 @@
 
 The run folder (docs/cli.md has the details):
 
-    config.json       the config (resuming checks that it matches)
+    config.json       the config (resuming checks that it matches), plus `algorithm_hparams`: the algorithm's
+                      hyperparameters as resolved, defaults included (a record; ignored when read back)
     metrics.jsonl     one line per evaluated round: personalized accuracy distribution, losses, cumulative bytes
                       (and FLOPs when the algorithm reports them), samples, wall time
     summary.json      final and best accuracy, per-client final accuracies, totals, wall time, device
@@ -33,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedspa_jax import algorithms, client_stats, models, plots
+from fedspa_jax import accounting, algorithms, client_stats, models, plots
 from fedspa_jax import config as config_lib
 from fedspa_jax import data as data_lib
 from fedspa_jax.checkpoint import Checkpointer, LayoutMismatch
@@ -168,8 +169,11 @@ def _next_chunk(r: int, *, config: Config, end: int) -> int:
   return min(fuse - r % fuse, min(stops) - r)
 
 
-def _consume(metrics: dict[str, Any], first_round: int, totals: Totals) -> dict[str, float]:
+def _consume(metrics: dict[str, Any], first_round: int, totals: Totals, params: Any) -> dict[str, float]:
   """Adds a dispatch's round metrics [n, ...] to `totals`; returns the last round's training loss and accuracy.
+
+  Bytes are exact: the rounds report int32 value counts per client and leaf, multiplied out here in int64
+  (`accounting.message_bytes`, with leaf sizes and dtypes from `params`).
 
   Raises:
     TrainingDiverged: a sampled client's training loss is not finite.
@@ -181,8 +185,8 @@ def _consume(metrics: dict[str, Any], first_round: int, totals: Totals) -> dict[
     loss = host["loss"][j][real]
     if not np.all(np.isfinite(loss)):
       raise TrainingDiverged(f"training diverged in round {first_round + j + 1}: client training losses {loss}")
-    totals.bytes_up += int(host["bytes_up"][j])
-    totals.bytes_down += int(host["bytes_down"][j])
+    totals.bytes_up += accounting.message_bytes(params, host["values_up"][j])
+    totals.bytes_down += accounting.message_bytes(params, host["values_down"][j])
     for key in ("flops", "flops_dense"):
       if key in host:
         setattr(totals, key, (getattr(totals, key) or 0.0) + float(host[key][j]))
@@ -271,7 +275,10 @@ def run(
       raise ConfigError(f"cannot resume: {e}") from e
     history, totals = meta["history"], Totals(**meta["totals"])
     say(f"resuming {workdir} from round {latest}")
-  (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+  # The config as given, plus (for the record, not read back) the algorithm's hyperparameters as resolved,
+  # defaults included: weighting, FedRep/FedPer's head, ...
+  record = {**config.to_dict(), config_lib.RESOLVED_KEY: _jsonable(algo.hparams)}
+  (workdir / "config.json").write_text(json.dumps(record, indent=2) + "\n")
   metrics_log = MetricsLog(workdir / "metrics.jsonl", history)
   tensorboard = TensorBoardLog.create(workdir / "tensorboard")
   start = int(state.round)
@@ -280,6 +287,7 @@ def run(
       f"-> {workdir}")
   bar = make_progress(total=config.rounds, initial=start, desc=algo.name, enable=progress)
   device_data = jax.device_put(data)
+  params_like = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state.server.params)  # for bytes
   steps: dict[int, Callable] = {}
   segment_start, segment_samples, wall_before = time.perf_counter(), totals.samples, totals.wall_time
   ev, train, r, pending = None, {}, start, None
@@ -290,7 +298,7 @@ def run(
     if pending is None:
       return
     (first, metrics), pending = pending, None
-    train = _consume(metrics, first, totals) or train
+    train = _consume(metrics, first, totals, params_like) or train
     totals.wall_time = wall_before + time.perf_counter() - segment_start
     elapsed = max(time.perf_counter() - segment_start, 1e-9)
     bar.update(first + jax.tree.leaves(metrics)[0].shape[0] - bar.n)

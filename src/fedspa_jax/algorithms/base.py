@@ -59,7 +59,8 @@ class Common:
     lr, momentum, weight_decay: the clients' SGD (ignored when `optimizer` is given).
     optimizer: an optax transformation for local training.
     rounds: planned rounds T (schedules use it).
-    weighting: "samples" (aggregate weighted by client sample counts) or "uniform".
+    weighting: "samples" (aggregate weighted by client sample counts) or "uniform" (1 per client). Every algorithm
+      sets its own default (`with_defaults`; docs/algorithms.md says why), recorded in its hparams.
     server_lr: server learning rate eta_s.
     mesh: optional `jax.sharding.Mesh` with a "clients" axis to shard the cohort over.
     eval_clients_per_batch: clients evaluated together (memory bound of `evaluate`).
@@ -77,7 +78,7 @@ class Common:
   weight_decay: float = 0.0
   optimizer: optax.GradientTransformation | None = None
   rounds: int = 100
-  weighting: str = "samples"
+  weighting: str | None = None
   server_lr: float = 1.0
   mesh: jax.sharding.Mesh | None = None
   eval_clients_per_batch: int = 16
@@ -95,6 +96,11 @@ class Common:
     if not (isinstance(self.server_lr, (int, float)) and self.server_lr > 0):
       raise ValueError(f"server_lr must be > 0, got {self.server_lr!r}")
     make_optimizer(self.optimizer, self.lr, self.momentum, self.weight_decay)  # validates lr and momentum
+
+  @classmethod
+  def with_defaults(cls, common: dict[str, Any], **defaults: Any) -> "Common":
+    """`Common(**common)` with an algorithm's own defaults (e.g. `weighting`) for the keys `common` leaves out."""
+    return cls(**{**defaults, **common})
 
   def train_kwargs(self) -> dict[str, Any]:
     """Keywords for `client.local_train`: optimizer, batch size, epochs or steps."""

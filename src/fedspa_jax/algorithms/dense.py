@@ -29,25 +29,27 @@ def train_metrics(result) -> dict[str, jax.Array]:
 
 
 def dense_account(
-    model: nn.Module, *, communicates: bool = True, state_bytes: Any = None, sample_keys: tuple[str, ...] = ("samples",)
+    model: nn.Module, *, communicates: bool = True, keeps_model: bool = False,
+    sample_keys: tuple[str, ...] = ("samples",),
 ):
   """Per-round accounting of a dense method: the whole model down and up per real client (or nothing), dense FLOPs.
 
   Args:
     model: the flax model (for FLOPs).
     communicates: False for methods that send nothing (Local).
-    state_bytes: params -> bytes of one client's persistent state (None: no state).
+    keeps_model: each client keeps a whole model as its state (Local, Ditto).
     sample_keys: the client metrics whose sum is the number of samples trained on (Ditto trains twice).
   """
 
   def account(params, metrics, real, round, sample_shape):
     del round
-    message = accounting.dense_bytes(params) if communicates else 0
-    state = 0 if state_bytes is None else state_bytes(params)
+    sent = accounting.real_clients(metrics["cohort"], real) & communicates
+    values = accounting.per_client(accounting.static_values(params), sent)
+    kept = jax.tree.map(lambda _: keeps_model, params)
     return {
-        "bytes_down": real.astype(jnp.float32) * message,
-        "bytes_up": real.astype(jnp.float32) * message,
-        "client_state_bytes": jnp.asarray(state),
+        "values_down": values,
+        "values_up": values,
+        "client_state_bytes": accounting.state_bytes(params, values=kept),
         **dense_training_flops(model, sample_shape, metrics, sample_keys),
     }
 
@@ -67,7 +69,7 @@ def fedavg(*, model: nn.Module, finetune_epochs: int = 0, **common: Any) -> Algo
     finetune_epochs: local epochs of fine-tuning at evaluation time (0 = plain FedAvg).
     **common: the shared hyperparameters (`base.Common`).
   """
-  common = Common(**common)
+  common = Common.with_defaults(common, weighting="samples")  # FedAvg's rule: n_k / n
   if not isinstance(finetune_epochs, int) or finetune_epochs < 0:
     raise ValueError(f"finetune_epochs must be an integer >= 0, got {finetune_epochs!r}")
   apply_fn = make_apply_fn(model)
@@ -104,7 +106,7 @@ def local(*, model: nn.Module, **common: Any) -> Algorithm:
 
   All clients start from the same initial params; each round the sampled clients train their own model.
   """
-  common = Common(**common)
+  common = Common.with_defaults(common, weighting="uniform")  # nothing is aggregated: the choice is moot
   apply_fn = make_apply_fn(model)
   train_kwargs = common.train_kwargs()
 
@@ -121,7 +123,7 @@ def local(*, model: nn.Module, **common: Any) -> Algorithm:
       name="local", hparams={}, model=model, common=common,
       init_clients=lambda key, params, ids: stacked(params, ids),
       make_client_fn=make_client_fn, make_personalize=lambda preprocess: lambda w, params_k, train_k, key: params_k,
-      account=dense_account(model, communicates=False, state_bytes=accounting.dense_bytes),
+      account=dense_account(model, communicates=False, keeps_model=True),
   )
 
 
@@ -136,7 +138,7 @@ def ditto(
     personal_epochs: local epochs of the personal model per round (default: `local_epochs`).
     **common: the shared hyperparameters (`base.Common`).
   """
-  common = Common(**common)
+  common = Common.with_defaults(common, weighting="samples")  # the global model is FedAvg's
   if not isinstance(ditto_lambda, (int, float)) or ditto_lambda < 0:
     raise ValueError(f"ditto_lambda must be a number >= 0, got {ditto_lambda!r}")
   if personal_epochs is not None and (not isinstance(personal_epochs, int) or personal_epochs < 1):
@@ -171,7 +173,7 @@ def ditto(
       name="ditto", hparams={"ditto_lambda": ditto_lambda, "personal_epochs": personal_epochs}, model=model,
       common=common, init_clients=lambda key, params, ids: stacked(params, ids),
       make_client_fn=make_client_fn, make_personalize=lambda preprocess: lambda w, v, train_k, key: v,
-      account=dense_account(model, state_bytes=accounting.dense_bytes, sample_keys=("samples", "global_samples")),
+      account=dense_account(model, keeps_model=True, sample_keys=("samples", "global_samples")),
   )
 
 

@@ -23,6 +23,8 @@ from fedspa_jax.mask_update import REGROW_RULES, check_rate, cosine_prune_rate, 
 from fedspa_jax.round import ClientOutput
 
 DENSITY_RULES = ("erk", "uniform")
+# FedSpa's objective is (1/K) sum_k f_k(m_k ⊙ w); with uniform sampling, (1/S) sum_k U_k estimates it unbiasedly.
+DEFAULT_WEIGHTING = "uniform"
 
 
 def make_densities(params: Any, density: float, rule: str) -> Any:
@@ -43,13 +45,20 @@ def make_client_update(
     result = local_train(x0, mask, data, k_train, apply_fn=apply_fn, preprocess=preprocess, **train_kwargs)
     new_mask = mask
     if update_masks:
-      grads = None
-      if regrow == "gradient":
-        grads = batch_gradient(
-            result.params, data, k_grad, apply_fn=apply_fn, batch_size=train_kwargs["batch_size"],
-            preprocess=preprocess,
-        )
-      new_mask = prune_and_regrow(mask, result.params, grads, cosine_prune_rate(round, alpha, t_end), k_mask, regrow)
+      rate = cosine_prune_rate(round, alpha, t_end)
+
+      def next_mask(_):
+        grads = None
+        if regrow == "gradient":
+          grads = batch_gradient(
+              result.params, data, k_grad, apply_fn=apply_fn, batch_size=train_kwargs["batch_size"],
+              preprocess=preprocess,
+          )
+        return prune_and_regrow(mask, result.params, grads, rate, k_mask, regrow)
+
+      # The rate depends on the round alone, which the round passes unbatched (the same for the whole cohort), so
+      # this stays a real branch under vmap: after t_end no regrowth gradient is computed.
+      new_mask = jax.lax.cond(rate > 0, next_mask, lambda _: mask, None)
     update = jax.tree.map(jnp.subtract, x0, result.params)
     metrics = {"loss": result.loss, "accuracy": result.accuracy, "steps": result.steps, "samples": result.samples}
     return ClientOutput(update=update, coverage=mask, state=new_mask, metrics=metrics)
@@ -83,12 +92,13 @@ def fedspa(
     aggregation: "mean" or "masked_mean".
     shared_init_mask: give every client the same initial mask.
     **common: the hyperparameters every algorithm shares (`base.Common`): clients_per_round, local_epochs,
-      local_steps, batch_size, lr, momentum, weight_decay, optimizer, rounds, weighting, server_lr, mesh, ...
+      local_steps, batch_size, lr, momentum, weight_decay, optimizer, rounds, weighting (default "uniform": the
+      objective's (1/K) sum_k f_k), server_lr, mesh, ...
 
   Returns:
     An `Algorithm`; its client state is the masks (bool, stored as uint32 bit words [K, W] per leaf).
   """
-  common = Common(**common)
+  common = Common.with_defaults(common, weighting=DEFAULT_WEIGHTING)
   masks.check_density(density)
   if density_rule not in DENSITY_RULES:
     raise ValueError(f"density_rule must be one of {DENSITY_RULES}, got {density_rule!r}")
@@ -114,17 +124,24 @@ def fedspa(
 
   def account(params, metrics, real, round, sample_shape):
     densities = densities_of(params)
-    message = accounting.sparse_bytes(params, densities)
+    # Every layer's active count is exact, so both messages (m_k ⊙ w down, U_k and the new mask up) carry the
+    # static target counts; bytes follow on the host (accounting.round_bytes).
+    values = accounting.per_client(
+        accounting.static_values(params, densities), accounting.real_clients(metrics["cohort"], real)
+    )
     regrow_batch = common.batch_size if update_masks and regrow == "gradient" else 0
     with jax.ensure_compile_time_eval():  # host-side arithmetic on shapes, even while the round is traced
       cost = flops.training_flops(model, sample_shape, densities, regrow_batch=regrow_batch)
+    rate = cosine_prune_rate(round, alpha, t_end) if update_masks else jnp.zeros((), jnp.float32)
+    regrowth = jnp.where(rate > 0, real.astype(jnp.float32) * cost.regrow, 0.0)  # no mask update after t_end
+    sparse_leaves = jax.tree.map(lambda d: d < 1.0, densities)
     return {
-        "bytes_down": real.astype(jnp.float32) * message,
-        "bytes_up": real.astype(jnp.float32) * message,
-        "client_state_bytes": jnp.asarray(accounting.mask_state_bytes(params, densities)),
-        "prune_rate": cosine_prune_rate(round, alpha, t_end) if update_masks else jnp.zeros(()),
+        "values_down": values,
+        "values_up": values,
+        "client_state_bytes": accounting.state_bytes(params, mask_bits=sparse_leaves),
+        "prune_rate": rate,
         **accounting.round_flops(
-            cost.per_sample, cost.dense_per_sample, metrics["samples"], metrics["weight"], extra=real * cost.regrow
+            cost.per_sample, cost.dense_per_sample, metrics["samples"], metrics["weight"], extra=regrowth
         ),
     }
 
