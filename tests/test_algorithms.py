@@ -2,11 +2,17 @@
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import fedspa_jax as fj
 from fedspa_jax import accounting
+
+
+def copy(tree):
+  """A copy for a round to consume (rounds donate their state argument)."""
+  return jax.tree.map(jax.numpy.copy, tree)
 
 NUM_CLIENTS, COHORT, ROUNDS = 30, 10, 30
 
@@ -25,8 +31,8 @@ def model():
 def run(request, model, data):
   algo = fj.algorithms.get(request.param, model=model, clients_per_round=COHORT, lr=0.05, rounds=ROUNDS)
   state0 = algo.init(jax.random.key(0), data)
-  state1, first_metrics = algo.round(state0, data)
-  state = state1
+  state1, first_metrics = algo.round(copy(state0), data)
+  state = copy(state1)
   history = [first_metrics]
   for _ in range(ROUNDS - 1):
     state, metrics = algo.round(state, data)
@@ -95,7 +101,7 @@ def test_every_algorithm_has_a_weighting_default():
 def test_fedavg_bytes_are_two_models_per_client(model, data):
   algo = fj.algorithms.get("fedavg", model=model, clients_per_round=COHORT, local_steps=1, local_epochs=None)
   state = algo.init(jax.random.key(0), data)
-  _, metrics = algo.round(state, data)
+  _, metrics = algo.round(copy(state), data)
   model_bytes = accounting.dense_bytes(state.server.params)
   assert model_bytes == 4 * (60 * 32 + 32 + 32 * 10 + 10)
   assert total_bytes(state, metrics) == 2 * model_bytes * COHORT
@@ -143,7 +149,7 @@ def test_algorithm_specific_errors(model):
 def test_fedavg_flops_are_three_forward_passes_per_sample(model, data):
   algo = fj.algorithms.get("fedavg", model=model, clients_per_round=COHORT, local_steps=2, local_epochs=None)
   state = algo.init(jax.random.key(0), data)
-  _, metrics = algo.round(state, data)
+  _, metrics = algo.round(copy(state), data)
   forward = 2 * (60 * 32 + 32 * 10)  # the MLP's two dense layers, per sample
   samples = int(np.sum(metrics["samples"]))
   assert float(metrics["flops"]) == pytest.approx(3 * forward * samples)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import fedspa_jax as fj
-from fedspa_jax.checkpoint import Checkpointer, from_storable, to_storable
+from fedspa_jax import checkpoint as fj_checkpoint
+from fedspa_jax.checkpoint import Checkpointer, LayoutMismatch, from_storable, to_storable
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +45,7 @@ def test_save_restore_is_exact_and_keeps_the_newest(state, tmp_path):
   restored, meta = ckpt.restore(state)
   assert_trees_equal(to_storable(restored), to_storable(states[3]))
   assert type(restored) is type(state) and type(restored.server) is type(state.server)
+  assert meta.pop("layout") == fj_checkpoint.layout(state)
   assert meta == {"round": 3, "history": [{"round": 3, "acc": 0.5}]}
   older, meta = ckpt.restore(state, round=2)
   assert int(older.round) == 2 and meta["round"] == 2
@@ -57,3 +59,20 @@ def test_save_restore_is_exact_and_keeps_the_newest(state, tmp_path):
 def test_restore_from_an_empty_folder(state, tmp_path):
   with pytest.raises(FileNotFoundError, match="no checkpoint"):
     Checkpointer(tmp_path / "none").restore(state)
+
+
+def test_a_checkpoint_of_another_layout_is_refused_before_reading(state, tmp_path):
+  ckpt = Checkpointer(tmp_path / "ckpt")
+  ckpt.save(1, state, {"round": 1})
+  # The same algorithm on another population (8 clients instead of 4): the store rows differ.
+  data = fj.data.synthetic(num_clients=8, max_samples_per_client=20, seed=0)
+  model = fj.models.get("mlp", num_classes=data.num_classes, hidden=(8,))
+  other = fj.algorithms.get("fedspa", model=model, clients_per_round=2, rounds=3).init(jax.random.key(0), data)
+  with pytest.raises(LayoutMismatch, match=r"clients.*saved \[\[4, .*expected \[\[8, "):
+    ckpt.restore(other)
+  # An unpacked bool mask store (the layout before bit packing) is refused the same way.
+  bools = state._replace(clients=jax.tree.map(lambda a: jnp.zeros((4, a.shape[1] * 32), bool), state.clients))
+  ckpt.save(2, bools, {"round": 2})
+  with pytest.raises(LayoutMismatch, match="bool"):
+    ckpt.restore(state)
+  ckpt.close()

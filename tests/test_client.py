@@ -128,3 +128,14 @@ def test_num_local_steps():
   assert int(num_local_steps(100, 32, 2, 5)) == 5
   assert int(num_local_steps(0, 32, 2, 5)) == 0
   assert int(num_local_steps(0, 32, 2, None)) == 0
+
+
+def test_batches_mix_samples_evenly():
+  # Over many keys, any two of a client's 12 samples share a batch of 4 about as often as chance (3/11) says.
+  n, batch = 12, 4
+  keys = jax.random.split(jax.random.key(0), 2000)
+  positions = jax.jit(jax.vmap(lambda k: permute(jnp.arange(n, dtype=jnp.int32), jnp.int32(n), k)))(keys)
+  group = np.empty((2000, n), int)
+  group[np.arange(2000)[:, None], np.asarray(positions)] = np.arange(n)[None, :] // batch  # batch of each sample
+  together = (group[:, :, None] == group[:, None, :]).mean(axis=0)[np.triu_indices(n, 1)]
+  assert np.all(np.abs(together - 3 / 11) < 0.05), together  # sd ~0.01

@@ -70,12 +70,13 @@ def test_from_arrays_uses_every_sample_at_most_once(indexed, partition, test_mod
 def test_from_arrays_layout_padding_and_test_follow_train_classes(images):
   x, y, x_test, y_test = images
   data = fj.data.from_arrays(x, y, x_test, y_test, num_clients=10, partition="pathological", classes_per_client=2)
-  assert data.train.x.shape == (10, 30, 8, 8, 3) and data.train.x.dtype == np.uint8
-  assert data.train.y.dtype == np.int32 and data.train.count.dtype == np.int32
+  # Flat: the data and nothing more (no padding to the largest client), client k at rows offset[k]:+count[k].
+  assert data.train.x.shape == (300, 8, 8, 3) and data.train.x.dtype == np.uint8
+  assert data.train.y.dtype == np.int32 and data.train.count.dtype == np.int32 and data.train.offset.dtype == np.int32
   assert data.num_classes == 5 and data.name == "arrays"
   for split in (data.train, data.test):
-    for k, n in enumerate(split.count):
-      assert not split.x[k, n:].any() and not split.y[k, n:].any(), "padding is zero"
+    np.testing.assert_array_equal(split.offset, np.cumsum(split.count) - split.count)
+    assert split.max_count == int(split.count.max())
   for k in range(10):
     assert set(data.test.client(k)[1]) <= set(data.train.client(k)[1])
   assert int(data.test.count.sum()) == 100
@@ -92,7 +93,7 @@ def test_channel_stats_match_numpy(images):
 def test_grayscale_gets_a_channel_axis_and_floats_get_no_stats(indexed):
   x = np.zeros((40, 5, 5), np.uint8)
   data = fj.data.from_arrays(x, np.arange(40) % 2, num_clients=4, partition="iid")
-  assert data.train.x.shape[2:] == (5, 5, 1) and len(data.mean) == 1
+  assert data.sample_shape == (5, 5, 1) and len(data.mean) == 1
   data = fj.data.from_arrays(indexed[0], indexed[1], num_clients=4, partition="iid")
   assert data.mean is None and data.std is None and data.train.x.dtype == np.float32
 
@@ -100,7 +101,7 @@ def test_grayscale_gets_a_channel_axis_and_floats_get_no_stats(indexed):
 def test_default_test_mode_is_global_with_a_test_split_else_split(indexed):
   x, y, x_test, y_test = indexed
   with_test = fj.data.from_arrays(x, y, x_test, y_test, num_clients=5, partition="iid")
-  assert (with_test.test.x[0, : with_test.test.count[0]] < 0).all()
+  assert (with_test.test.client(0)[0] < 0).all()
   without = fj.data.from_arrays(x, y, num_clients=5, partition="iid", test_fraction=0.1)
   assert int(without.train.count.sum()) == 1800 and int(without.test.count.sum()) == 200
 
@@ -110,7 +111,7 @@ def test_from_arrays_is_a_pytree_the_engine_can_take(images):
 
   data = fj.data.from_arrays(*images, num_clients=3, partition="iid")
   leaves = jax.tree.leaves(data)
-  assert len(leaves) == 6
+  assert len(leaves) == 8  # x, y, offset, count per split
   assert jax.tree.structure(data) == jax.tree.structure(jax.tree.map(lambda a: a, data))
 
 
@@ -138,7 +139,7 @@ def test_from_clients_without_test_holds_out_a_share():
   train = [(np.full((n, 6, 6), k, np.uint8), np.arange(n) % 3) for k, n in enumerate((10, 20))]
   data = fj.data.from_clients(train, test_fraction=0.2, seed=0)
   assert data.train.count.tolist() == [8, 16] and data.test.count.tolist() == [2, 4]
-  assert data.train.x.shape[2:] == (6, 6, 1) and data.mean is not None
+  assert data.sample_shape == (6, 6, 1) and data.mean is not None
   assert (data.test.client(1)[0] == 1).all(), "held-out samples stay with their client"
 
 
@@ -280,10 +281,11 @@ def fashion(tmp_path_factory):
 
 @pytest.mark.skipif(not HAVE_FASHION, reason="Fashion-MNIST IDX files absent: run scripts/install_datasets.sh")
 def test_real_fashion_mnist_pathological_100_clients(fashion):
-  assert fashion.train.x.shape == (100, 600, 28, 28, 1) and fashion.train.x.dtype == np.uint8
+  assert fashion.train.x.shape == (60_000, 28, 28, 1) and fashion.train.x.dtype == np.uint8
+  assert fashion.train.count.tolist() == [600] * 100
   assert int(fashion.train.count.sum()) + int(fashion.test.count.sum()) == 70_000
   labels = fashion.train.y
-  assert all(len(np.unique(labels[k])) == 2 for k in range(100))
+  assert all(len(np.unique(fashion.train.client(k)[1])) == 2 for k in range(100))
   assert all(set(fashion.test.client(k)[1]) <= set(fashion.train.client(k)[1]) for k in range(100))
   assert np.array_equal(np.bincount(labels.ravel(), minlength=10), np.full(10, 6000))
   np.testing.assert_allclose(fashion.mean, (0.2860,), atol=1e-4)

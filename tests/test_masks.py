@@ -109,3 +109,16 @@ def test_density_report():
   report = masks.density_report(mask)
   assert report["['layer0']"] == {"active": 25, "size": 100, "density": 0.25}
   assert float(masks.overall_density(mask)) == pytest.approx(0.25)
+
+
+def test_random_masks_cover_every_entry_evenly():
+  # Entry-wise inclusion frequency over many keys is count/size for every entry (size 13, count 4: p = 4/13).
+  from fedspa_jax.permute import random_subset
+
+  keys = jax.random.split(jax.random.key(0), 3000)
+  chosen = np.asarray(jax.jit(jax.vmap(lambda k: random_subset(13, 4, k)))(keys))
+  assert (chosen.sum(axis=1) == 4).all()
+  freq = chosen.mean(axis=0)
+  assert np.all(np.abs(freq - 4 / 13) < 0.04), freq  # sd ~0.0084
+  pairs = (chosen[:, :, None] & chosen[:, None, :]).mean(axis=0)[np.triu_indices(13, 1)]
+  assert np.all(np.abs(pairs - 4 / 13 * 3 / 12) < 0.04), pairs  # no pair of entries sticks together

@@ -32,7 +32,7 @@ def trained(request, data):
   assert algo.hparams["head"] is None  # the default rule, resolved at init
   state0 = algo.init(jax.random.key(0), data)
   first = algo.evaluate(state0, data)
-  state, history = state0, []
+  state, history = jax.tree.map(jax.numpy.copy, state0), []  # rounds donate their state argument
   for _ in range(10):
     state, metrics = algo.round(state, data)
     history.append(metrics)

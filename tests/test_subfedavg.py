@@ -109,25 +109,25 @@ def one_round(data):
   algo = fj.algorithms.get("subfedavg", model=model, clients_per_round=COHORT, local_epochs=2, lr=0.05,
                            distance_threshold=0.0, accuracy_threshold=0.0, prune_rate=0.2)
   state0 = algo.init(jax.random.key(0), data)
-  state1, metrics = algo.round(state0, data)
-  return model, algo, state0, state1, metrics
+  state1, metrics = algo.round(jax.tree.map(jax.numpy.copy, state0), data)
+  return model, algo, state0, state1, metrics, algo.client_states(state1, data)
 
 
 def test_uniform_weighting_by_default(one_round):
-  _, algo, _, _, metrics = one_round
+  _, algo, _, _, metrics, _ = one_round
   assert algo.hparams["weighting"] == "uniform"
   np.testing.assert_array_equal(metrics["weight"], np.ones(COHORT))
 
 
 def test_server_averages_the_kept_networks_over_their_new_masks(one_round):
-  _, _, state0, state1, metrics = one_round
+  _, _, state0, state1, metrics, clients1 = one_round
   cohort = np.asarray(metrics["cohort"])
   assert int(np.sum(metrics["pruned"])) > 0
   w0, w1 = state0.server.params, state1.server.params
   for layer in w0:  # the MLP's layers
     for leaf in ("kernel", "bias"):
-      v = np.asarray(state1.clients.params[layer][leaf])[cohort]  # the uploaded networks
-      m = np.asarray(state1.clients.mask[layer][leaf])[cohort]  # their new masks
+      v = np.asarray(clients1.params[layer][leaf])[cohort]  # the uploaded networks
+      m = np.asarray(clients1.mask[layer][leaf])[cohort]  # their new masks
       np.testing.assert_array_equal(v[~m], 0.0)  # pruned weights are zero
       count = m.sum(axis=0)
       expected = np.where(count > 0, v.sum(axis=0) / np.maximum(count, 1), np.asarray(w0[layer][leaf]))
@@ -135,23 +135,23 @@ def test_server_averages_the_kept_networks_over_their_new_masks(one_round):
 
 
 def test_clients_keep_their_own_network_and_are_evaluated_with_it(one_round, data):
-  model, algo, state0, state1, metrics = one_round
+  model, algo, state0, state1, metrics, clients1 = one_round
   cohort = set(np.asarray(metrics["cohort"]).tolist())
   absent = [k for k in range(10) if k not in cohort]
   for k in absent:  # never sampled: the initial network, dense
-    for a, b in zip(jax.tree.leaves(state1.clients.params), jax.tree.leaves(state0.server.params)):
+    for a, b in zip(jax.tree.leaves(clients1.params), jax.tree.leaves(state0.server.params)):
       np.testing.assert_array_equal(np.asarray(a)[k], np.asarray(b))
   ev = algo.evaluate(state1, data)
   for k in range(10):
-    own = jax.tree.map(lambda a: a[k], state1.clients.params)
-    n = int(data.test.count[k])
-    logits = model.apply({"params": own}, data.test.x[k, :n])
-    accuracy = float(np.mean(np.argmax(np.asarray(logits), -1) == np.asarray(data.test.y[k, :n])))
+    own = jax.tree.map(lambda a: a[k], clients1.params)
+    x, y = jax.device_get(data.test).client(k)
+    logits = model.apply({"params": own}, x)
+    accuracy = float(np.mean(np.argmax(np.asarray(logits), -1) == y))
     assert float(ev["accuracy"][k]) == pytest.approx(accuracy, abs=1e-6)
 
 
 def test_bytes_follow_the_masks(one_round):
-  _, _, state0, state1, metrics = one_round
+  _, _, state0, state1, metrics, clients1 = one_round
   cohort = np.asarray(metrics["cohort"])
   leaves = jax.tree.leaves(state0.server.params)
   dense = fj.accounting.dense_bytes(state0.server.params)
@@ -159,7 +159,7 @@ def test_bytes_follow_the_masks(one_round):
   assert sent["bytes_down"] == COHORT * dense  # every mask is dense in round 1
   up = 0
   for k in cohort:
-    for m, p in zip(jax.tree.leaves(jax.tree.map(lambda a: a[k], state1.clients.mask)), leaves):
+    for m, p in zip(jax.tree.leaves(jax.tree.map(lambda a: a[k], clients1.mask)), leaves):
       active = int(np.sum(m))
       up += 4 * active + fj.accounting.mask_bytes(p.size, active)
   assert sent["bytes_up"] == up < COHORT * dense

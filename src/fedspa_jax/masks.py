@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedspa_jax.permute import permute
+from fedspa_jax.permute import random_subset
 
 Params = Any
 Mask = Any
@@ -95,12 +95,11 @@ def target_counts(params: Params, densities: Densities) -> Any:
 
 
 def _random_leaf_mask(key: jax.Array, shape: tuple[int, ...], count: int) -> jax.Array:
-  # The first `count` positions of a keyed permutation of the entries: exact count, O(size) work, no sort.
+  # Exact count, O(size) work, no sort (see `permute.random_subset`).
   size = int(np.prod(shape))
   if count >= size:
     return jnp.ones(shape, dtype=bool)
-  entries = permute(jnp.arange(size, dtype=jnp.int32), jnp.int32(size), key)
-  return jnp.zeros(size, dtype=bool).at[entries].set(jnp.arange(size) < count).reshape(shape)
+  return random_subset(size, count, key).reshape(shape)
 
 
 def init_masks(key: jax.Array, params: Params, densities: Densities) -> Mask:

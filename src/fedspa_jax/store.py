@@ -20,7 +20,7 @@ import numpy as np
 from fedspa_jax.masks import pack_words, unpack_words
 
 # Initial states are drawn this many bytes of unpacked state at a time (bounded temporaries for any K).
-INIT_CHUNK_BYTES = 2**26
+INIT_CHUNK_BYTES = 2**22
 
 
 @dataclasses.dataclass(frozen=True)
