@@ -89,6 +89,15 @@ def test_fused_rounds_on_sharded_cohorts_equal_unfused(reference, tmp_path):
     np.testing.assert_allclose([ra[k] for k in ra], [rb[k] for k in ra], rtol=1e-5, atol=1e-6)
 
 
+def test_sampled_evaluations_then_all_clients_at_the_end(tmp_path):
+  summary = quiet_run(tiny(eval_clients=2, eval_every=2), tmp_path / "sampled")
+  logged = records(tmp_path / "sampled")
+  assert [r["eval_clients"] for r in logged] == [2, 2, 6]  # rounds 2, 4 (a sample of 2), 6 (all)
+  assert all(r["eval_participating"] <= r["eval_clients"] for r in logged)
+  assert summary["clients_participating"] == int(np.sum(np.load(tmp_path / "sampled" / "clients.npz")["participation"] > 0))
+  assert len(summary["client_accuracy"]) == 6
+
+
 def test_chunks_stop_at_evaluations_checkpoints_and_the_end():
   config = tiny(rounds=10, eval_every=4, checkpoint_every=3, rounds_per_dispatch=5)
   r, chunks = 0, []
@@ -142,6 +151,9 @@ def test_resume_with_a_different_config_is_refused_before_compiling(reference, m
         ({"model.widht": 3}, "bad model arguments"),
         ({"rounds": 0}, "rounds must be an integer >= 1"),
         ({"density": 1.5}, "density"),
+        ({"eval_clients": 0}, "eval_clients must be an integer >= 1"),
+        ({"eval_clients": 7}, "eval_clients=7 exceeds num_clients=6"),
+        ({"cohort_batch": 0}, "cohort_batch"),
     ],
 )
 def test_bad_config_fails_before_data_and_compilation(changes, message, tmp_path, monkeypatch):

@@ -11,9 +11,10 @@ in the cohort.
 Work follows the samples: each client runs exactly its own number of local steps (a traced loop bound, see
 `client.local_train`). The cohort is sorted by size and run as `lax.map` over groups of `cohort_batch` clients,
 vmapped within a group, so a group costs its own largest client's steps times its width: with groups of one, the
-round's work is exactly the cohort's samples; with one group (the default, `cohort_batch=None`), every lane runs to
-the cohort's largest client. With a `jax.sharding.Mesh`, each group's client axis is sharded over the mesh's
-"clients" axis (groups padded to a multiple of its size with weight-0 clients).
+round's work is exactly the cohort's samples; with one group (`cohort_batch=None`), every lane runs to the cohort's
+largest client. The algorithms' default ("auto") is groups of one on CPU and one group on accelerators. With a
+`jax.sharding.Mesh`, each group's client axis is sharded over the mesh's "clients" axis (groups padded to a
+multiple of its size with weight-0 clients).
 """
 
 from __future__ import annotations

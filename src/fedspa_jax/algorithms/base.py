@@ -66,7 +66,9 @@ class Common:
     eval_clients_per_batch: clients evaluated together (memory bound of `evaluate`).
     cohort_batch: clients vmapped together. The cohort is sorted by size and run as `lax.map` over groups of this
       many clients, each group costing its own largest client's steps (see `fedspa_jax.round`); None runs the
-      whole cohort as one vmapped group. With `mesh`, groups are rounded up to a multiple of the mesh's size.
+      whole cohort as one vmapped group. "auto" (default): 1 on CPU, where vmapped lanes bring no speed and skewed
+      sizes cost up to 2x (docs/benchmarks.md), None on accelerators, which need the lanes to fill the device.
+      With `mesh`, groups are rounded up to a multiple of the mesh's size.
   """
 
   clients_per_round: int = 10
@@ -82,7 +84,7 @@ class Common:
   server_lr: float = 1.0
   mesh: jax.sharding.Mesh | None = None
   eval_clients_per_batch: int = 16
-  cohort_batch: int | None = None
+  cohort_batch: int | str | None = "auto"
 
   def __post_init__(self):
     check_positive_int("clients_per_round", self.clients_per_round)
@@ -91,7 +93,7 @@ class Common:
     check_positive_int("eval_clients_per_batch", self.eval_clients_per_batch)
     check_aggregation("mean", self.weighting)
     check_mesh(self.mesh)
-    if self.cohort_batch is not None:
+    if self.cohort_batch not in (None, "auto"):
       check_positive_int("cohort_batch", self.cohort_batch)
     if not (isinstance(self.server_lr, (int, float)) and self.server_lr > 0):
       raise ValueError(f"server_lr must be > 0, got {self.server_lr!r}")
@@ -113,6 +115,13 @@ class Common:
 
   def as_dict(self) -> dict[str, Any]:
     return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("optimizer", "mesh")}
+
+
+def resolve_cohort_batch(cohort_batch: int | str | None) -> int | None:
+  """`cohort_batch` with "auto" resolved for the default backend: 1 on CPU, the whole cohort (None) elsewhere."""
+  if cohort_batch == "auto":
+    return 1 if jax.default_backend() == "cpu" else None
+  return cohort_batch
 
 
 def make_apply_fn(model: nn.Module) -> Callable[[Any, jax.Array], jax.Array]:
@@ -279,7 +288,7 @@ def assemble(
         weighting=common.weighting,
         server_optimizer=server_optimizer,
         mesh=common.mesh,
-        cohort_batch=common.cohort_batch,
+        cohort_batch=resolve_cohort_batch(common.cohort_batch),
         gather_state=layout.gather,
         scatter_state=layout.scatter,
     )
