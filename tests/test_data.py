@@ -296,3 +296,19 @@ def test_real_fashion_mnist_pathological_100_clients(fashion):
   chunks = lambda images: np.array_split(images.reshape(60_000, -1), 20)
   project = lambda images: np.sort(np.concatenate([c.astype(np.float32) @ w for c in chunks(images)]))
   np.testing.assert_allclose(project(fashion.train.x), project(raw), rtol=1e-5, atol=1e-3)
+
+
+def test_clients_with_different_sample_shapes_are_refused():
+  train = [(np.zeros((3, 4), np.float32), np.zeros(3, int)), (np.zeros((2, 5), np.float32), np.zeros(2, int))]
+  with pytest.raises(ValueError, match=r"client 1 has sample shape \(5,\), client 0 has \(4,\)"):
+    fj.data.from_clients(train, train)
+
+
+def test_flat_split_holds_each_client_exactly_once():
+  xs = [np.full((n, 2), k, np.float32) for k, n in enumerate((3, 0, 5))]
+  split = fj.data.stack_clients(xs, [np.full(len(x), k) for k, x in enumerate(xs)])
+  assert split.x.shape == (8, 2) and split.offset.tolist() == [0, 3, 3] and split.count.tolist() == [3, 0, 5]
+  assert split.client(1)[0].shape == (0, 2) and (split.client(2)[0] == 2).all()
+  np.testing.assert_array_equal(split.owners(), [0, 0, 0, 2, 2, 2, 2, 2])
+  with pytest.raises(ValueError, match="sum to 7 but there are 8 samples"):
+    fj.data.split_from_flat(split.x, split.y, [3, 0, 4])
