@@ -6,6 +6,7 @@
         --rounds 50 --out runs/x
     fedspa-jax run --out runs/fm --resume                 # continue from the newest checkpoint
     fedspa-jax compare --algorithms fedspa fedavg --config default --out runs/cmp
+    fedspa-jax sweep --seeds 0 1 2 --config default --out runs/seeds   # several seeds as one vmapped program
     fedspa-jax plot runs/cmp/fedspa runs/cmp/fedavg --out figs
     fedspa-jax list                                       # algorithms, datasets, models, shipped configs
 """
@@ -79,6 +80,18 @@ def make_parser() -> argparse.ArgumentParser:
                        help="algorithms to compare (space- or comma-separated)")
   _add_config_args(compare)
   _add_run_args(compare)
+  sweep = sub.add_parser("sweep", help="one config, several seeds, as one vmapped program",
+                         description="Run one config once per seed, all seeds as one compiled program (the seed axis "
+                                     "vmapped over whole simulations); write seed_<s>/ run files and a summary with "
+                                     "mean ± std over seeds. No checkpoints or resume.")
+  sweep.add_argument("--seeds", nargs="+", required=True, metavar="SEED",
+                     help="distinct integer seeds >= 0 (space- or comma-separated)")
+  _add_config_args(sweep)
+  sweep.add_argument("--out", help="sweep folder (default: runs/<algorithm>-sweep-<dataset>-<time>)")
+  sweep.add_argument("--overwrite", action="store_true", help="replace the run or sweep in --out")
+  sweep.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                     help="progress bar (default: only on a terminal)")
+  sweep.add_argument("--quiet", action="store_true", help="no per-round lines")
   plot = sub.add_parser("plot", help="figures from run folders", description="Draw figures from run folders: one "
                         "folder gets its own figures, several get comparison figures.")
   plot.add_argument("runs", nargs="+", metavar="RUN_DIR")
@@ -147,6 +160,38 @@ def _compare(args) -> int:
   return 0
 
 
+def parse_seeds(items: list[str]) -> list[int]:
+  """--seeds values ("0 1 2" or "0,1,2") as integers; ConfigError for anything else."""
+  from fedspa_jax.config import ConfigError
+
+  seeds = []
+  for text in (t for item in items for t in item.split(",") if t):
+    try:
+      seeds.append(int(text))
+    except ValueError:
+      raise ConfigError(f"seeds must be integers, got {text!r}") from None
+  return seeds
+
+
+def _sweep(args) -> int:
+  from fedspa_jax import experiment
+  from fedspa_jax.config import ConfigError
+
+  if args.seed is not None:
+    raise ConfigError("sweep takes --seeds, not --seed")
+  seeds = parse_seeds(args.seeds)
+  config, _ = resolve_config(args)
+  summary = experiment.sweep(config, seeds, args.out, overwrite=args.overwrite, progress=args.progress,
+                             echo=None if args.quiet else print)
+  acc = summary["final_accuracy_mean"]
+  per_seed = ", ".join(f"{a:.4f}" for a in summary["final_accuracy_mean_per_seed"])
+  print(f"done: {summary['algorithm']} on {summary['dataset']}, {len(summary['seeds'])} seeds, final accuracy "
+        f"{acc['mean']:.4f} ± {acc['std']:.4f} over seeds (per seed {per_seed}); "
+        f"{summary['bytes_total']['mean'] / 2**20:.2f} MiB communicated per seed; {summary['wall_time']:.1f}s "
+        f"-> {summary['run_dir']}")
+  return 0
+
+
 def _plot(args) -> int:
   from fedspa_jax import plots
 
@@ -178,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
   from fedspa_jax import experiment
   from fedspa_jax.data.tfds_sources import MissingDependencyError
 
-  command = {"run": _run, "compare": _compare, "plot": _plot, "list": _list}[args.command]
+  command = {"run": _run, "compare": _compare, "sweep": _sweep, "plot": _plot, "list": _list}[args.command]
   try:
     return command(args)
   except experiment.TrainingDiverged as e:

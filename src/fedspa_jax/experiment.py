@@ -3,6 +3,7 @@
     from fedspa_jax import config as config_lib, experiment
     summary = experiment.run(config_lib.load("default"), "runs/x")
     summary = experiment.run(config, "runs/x", resume=True)        # continue from the newest checkpoint
+    summary = experiment.sweep(config, [0, 1, 2], "runs/s")        # several seeds as one vmapped program
 
 The run folder (docs/cli.md has the details):
 
@@ -425,3 +426,10 @@ def _write_clients(path: pathlib.Path, algo, state: Any, data: data_lib.Federate
     if client_stats.is_mask_store(clients):
       arrays["hamming"], arrays["active"] = client_stats.mask_distances(clients)
   np.savez(path, **arrays)
+
+
+def sweep(config: Config, seeds, workdir=None, **kwargs) -> dict[str, Any]:
+  """Runs `config` once per seed, all seeds as one vmapped program; see `fedspa_jax.sweep.sweep`."""
+  from fedspa_jax import sweep as sweep_lib  # it builds on this module
+
+  return sweep_lib.sweep(config, seeds, workdir, **kwargs)

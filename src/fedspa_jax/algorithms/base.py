@@ -36,6 +36,8 @@ class Algorithm:
     round_fn: the pure, un-jitted round (for tests, tracing counters and custom jit/sharding).
     client_states: (state, data, clients=None) -> the decoded persistent state of those clients (default all),
       leaves [C, ...]: FedSpa's bool masks, Ditto's personal models, ...
+    evaluate_fn: the pure, un-jitted evaluation (state, data, clients=None) behind `evaluate`, without its host-side
+      check of `clients` (for vmapping over seeds, as `fedspa_jax.sweep` does).
   """
 
   name: str
@@ -45,6 +47,7 @@ class Algorithm:
   evaluate: Callable[..., Any]
   round_fn: Callable[..., Any]
   client_states: Callable[..., Any]
+  evaluate_fn: Callable[..., Any] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -330,6 +333,7 @@ def assemble(
       evaluate=evaluate,
       round_fn=round_fn,
       client_states=client_states,
+      evaluate_fn=evaluate_fn,
   )
 
 

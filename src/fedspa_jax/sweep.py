@@ -1,0 +1,338 @@
+"""Several seeds of one config as one compiled program: the seed axis vmapped over whole simulations.
+
+    from fedspa_jax import config as config_lib, experiment
+    summary = experiment.sweep(config_lib.load("default"), seeds=[0, 1, 2], workdir="runs/sweep")
+
+Seed s of a sweep is the run `experiment.run(replace(config, seed=s))`: its own data partition, model init, masks,
+cohorts and batches, with the same records, equal up to float rounding (tests/test_sweep.py). The seeds' datasets
+and states are stacked on a leading axis and each round is one `jit(vmap(round_fn))` over all seeds; the round
+counter stays unbatched (all seeds are at the same round), so a `lax.cond` on the round (FedSpa's prune rate) stays
+a real branch. Datasets whose partitions hold different numbers of samples are padded with unused rows (rows no
+client owns, which the flat layout allows and never reads), so only the number of clients and the sample shape must
+agree, and they do for one config.
+
+The sweep folder:
+
+    config.json                 the config as given (its `seed` is not used: the seeds are in summary.json)
+    summary.json                the seeds, each seed's final mean accuracy, and mean ± std over seeds (population
+                                std, ddof=0) of the final accuracy distribution, best accuracy, bytes, FLOPs, samples
+    seed_<s>/config.json        the config with seed=s
+    seed_<s>/metrics.jsonl      as `run` writes it (`fedspa-jax plot` reads a seed folder like a run folder)
+    seed_<s>/summary.json       as `run` writes it; its wall_time is the whole sweep's
+    seed_<s>/clients.npz        as `run` writes it
+
+What a sweep does not do: checkpoints and resume (rerun it, with `overwrite`), plots (draw them with
+`fedspa-jax plot DIR/seed_0 DIR/seed_1 ...`), `shard_clients`, TensorBoard. Memory is the number of seeds times one
+run's; a client's local loop, vmapped over seeds, runs as long as the longest of the seeds' clients at that cohort
+position (results are unchanged, the extra steps are masked).
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import json
+import pathlib
+import re
+import shutil
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedspa_jax import config as config_lib
+from fedspa_jax import data as data_lib
+from fedspa_jax import experiment
+from fedspa_jax.config import Config, ConfigError
+from fedspa_jax.logging_utils import MetricsLog, human_bytes, make_progress
+from fedspa_jax.round import SimState
+from fedspa_jax.run_folder import OUTPUTS, RUN_MARKERS, RunExistsError, default_workdir
+
+# The stacked state's axes: everything per seed but the round counter, which all seeds share.
+STATE_AXES = SimState(server=0, clients=0, round=None, key=0, participation=0)
+SEED_DIR = re.compile(r"seed_-?\d+")
+
+
+def check_seeds(seeds: Any) -> tuple[int, ...]:
+  """The seeds as a tuple of distinct Python ints >= 0.
+
+  Raises:
+    ConfigError: no seeds, a seed that is not an integer (bools and floats included) or is negative, duplicates.
+  """
+  if isinstance(seeds, (str, bytes)) or not isinstance(seeds, (collections.abc.Sequence, np.ndarray)):
+    raise ConfigError(f"seeds must be a list of integers, got {seeds!r}")
+  seeds = list(seeds)
+  if not seeds:
+    raise ConfigError("a sweep needs at least one seed")
+  for s in seeds:
+    if isinstance(s, (bool, np.bool_)) or not isinstance(s, (int, np.integer)):
+      raise ConfigError(f"seeds must be integers, got {s!r}")
+    if s < 0:
+      raise ConfigError(f"seeds must be >= 0, got {s}")
+  seeds = tuple(int(s) for s in seeds)
+  duplicates = sorted({s for s in seeds if seeds.count(s) > 1})
+  if duplicates:
+    raise ConfigError(f"seeds must be distinct; repeated: {', '.join(map(str, duplicates))}")
+  return seeds
+
+
+def _pad_rows(split: data_lib.ClientSplit, rows: int, max_count: int) -> data_lib.ClientSplit:
+  pad = rows - split.x.shape[0]
+  x, y = np.asarray(split.x), np.asarray(split.y)
+  if pad:
+    x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
+    y = np.concatenate([y, np.zeros((pad,), y.dtype)])
+  return dataclasses.replace(split, x=x, y=y, max_count=max_count)
+
+
+def stack_data(datas: Sequence[data_lib.FederatedData]) -> data_lib.FederatedData:
+  """The seeds' datasets stacked on a leading axis [seeds, ...].
+
+  Each split's flat rows are padded to the largest seed's with unused zero rows (no client owns them, so nothing
+  reads them) and its static `max_count` set to the largest seed's (it only sizes evaluation chunks).
+
+  Raises:
+    ConfigError: the datasets differ in anything but their number of rows (clients, sample shape, dtypes, classes).
+  """
+  for name in ("num_classes", "name", "mean", "std"):
+    values = {repr(getattr(d, name)) for d in datas}
+    if len(values) > 1:
+      raise ConfigError(f"a sweep needs the same dataset for every seed; {name} differs: {sorted(values)}")
+  splits = {}
+  for split in ("train", "test"):
+    parts = [getattr(d, split) for d in datas]
+    layouts = {(p.x.shape[1:], p.x.dtype.str, p.y.dtype.str, p.offset.shape, p.count.shape) for p in parts}
+    if len(layouts) > 1:
+      raise ConfigError(
+          f"a sweep needs same-shaped data for every seed; the {split} splits differ: {sorted(map(str, layouts))}"
+      )
+    rows = max(p.x.shape[0] for p in parts)
+    max_count = max(p.max_count for p in parts)
+    splits[split] = [_pad_rows(p, rows, max_count) for p in parts]
+  padded = [dataclasses.replace(d, train=tr, test=te) for d, tr, te in zip(datas, splits["train"], splits["test"])]
+  return jax.tree.map(lambda *a: np.stack(a), *padded)
+
+
+def stack_states(states: Sequence[SimState]) -> SimState:
+  """The seeds' initial states stacked on a leading axis, with one shared (unbatched) round counter."""
+  stacked = jax.tree.map(lambda *a: jnp.stack(a), *states)
+  return stacked._replace(round=states[0].round)
+
+
+def seed_slice(tree: Any, i: int, axis: int = 0) -> Any:
+  """Seed i's part of a stacked pytree (host numpy or device arrays)."""
+  return jax.tree.map(lambda a: a[(slice(None),) * axis + (i,)], tree)
+
+
+def seed_state(state: SimState, i: int) -> SimState:
+  """Seed i's `SimState` from the stacked state."""
+  return seed_slice(state._replace(round=None), i)._replace(round=state.round)
+
+
+def make_sweep_round(round_fn: Callable) -> Callable:
+  """The pure round of all seeds at once: (stacked state, stacked data) -> (state, metrics [seeds, ...])."""
+  return jax.vmap(round_fn, in_axes=(STATE_AXES, 0), out_axes=(STATE_AXES, 0))
+
+
+def make_sweep_evaluate(evaluate_fn: Callable, *, with_ids: bool) -> Callable:
+  """jit of the evaluation of all seeds at once (all clients, or per-seed client ids [seeds, C])."""
+  if with_ids:
+    return jax.jit(jax.vmap(evaluate_fn, in_axes=(STATE_AXES, 0, 0)))
+  return jax.jit(jax.vmap(lambda state, data: evaluate_fn(state, data), in_axes=(STATE_AXES, 0)))
+
+
+def _prepare_folder(workdir: pathlib.Path, overwrite: bool) -> None:
+  seed_dirs = [p for p in workdir.glob("seed_*") if p.is_dir() and SEED_DIR.fullmatch(p.name)]
+  held = [name for name in RUN_MARKERS if (workdir / name).exists()] + [p.name for p in seed_dirs]
+  if held and not overwrite:
+    raise RunExistsError(
+        f"{workdir} already holds a run ({', '.join(held)}); pass --overwrite to replace it, or choose another --out"
+    )
+  for target in [workdir / name for name in OUTPUTS] + seed_dirs:
+    if target.is_dir():
+      shutil.rmtree(target)
+    elif target.exists():
+      target.unlink()
+  workdir.mkdir(parents=True, exist_ok=True)
+
+
+def _mean_std(values: Sequence[float | None]) -> dict[str, Any] | None:
+  if any(v is None for v in values):
+    return None
+  a = np.asarray(values, np.float64)
+  return {"mean": float(a.mean()), "std": float(a.std()), "min": float(a.min()), "max": float(a.max())}
+
+
+def sweep_summary(config: Config, seeds: tuple[int, ...], summaries: list[dict[str, Any]], workdir: pathlib.Path,
+                  wall_time: float) -> dict[str, Any]:
+  """summary.json of a sweep: per-seed final mean accuracies and mean ± std over seeds."""
+  first = summaries[0]
+  over = lambda key: _mean_std([s[key] for s in summaries])
+  return {
+      "status": "complete",
+      "algorithm": first["algorithm"],
+      "dataset": first["dataset"],
+      "partition": first["partition"],
+      "model": first["model"],
+      "num_clients": first["num_clients"],
+      "rounds": first["rounds"],
+      "seeds": list(seeds),
+      "hparams": first["hparams"],
+      "config": config.to_dict(),
+      "final_accuracy_mean_per_seed": [s["final_accuracy_mean"] for s in summaries],
+      "final_accuracy_mean": over("final_accuracy_mean"),
+      "final_accuracy": {k: _mean_std([s["final_accuracy"][k] for s in summaries]) for k in first["final_accuracy"]},
+      "final_loss_mean": over("final_loss_mean"),
+      "best_accuracy_mean": over("best_accuracy_mean"),
+      **{key: over(key) for key in ("bytes_up", "bytes_down", "bytes_total", "flops", "flops_dense", "samples")},
+      "wall_time": experiment.round_time(wall_time),
+      "device": first["device"],
+      "jax_version": jax.__version__,
+      "run_dir": str(workdir),
+      "seed_dirs": [str(workdir / f"seed_{s}") for s in seeds],
+  }
+
+
+def format_sweep_record(records: list[dict[str, Any]]) -> str:
+  """One terminal line for an evaluated round of all seeds: mean ± std over seeds."""
+  acc = np.asarray([r["accuracy_mean"] for r in records])
+  loss = np.asarray([r["train_loss"] for r in records])
+  comm = np.mean([r["bytes_up"] + r["bytes_down"] for r in records])
+  return (
+      f"round {records[0]['round']:4d}  acc {acc.mean():.4f} ± {acc.std():.4f} over {len(records)} seeds "
+      f"(min {acc.min():.3f}, max {acc.max():.3f})  train loss {loss.mean():.4f}  "
+      f"comm {human_bytes(comm)}/seed  {records[0]['wall_time']:.1f}s"
+  )
+
+
+def sweep(
+    config: Config,
+    seeds: Sequence[int],
+    workdir: str | pathlib.Path | None = None,
+    *,
+    echo: Callable[[str], None] | None = print,
+    progress: bool | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+  """Runs `config` once per seed, all seeds as one vmapped program, and returns the sweep's summary.
+
+  Args:
+    config: the experiment (its `seed` is replaced by each of `seeds`).
+    seeds: distinct integers >= 0.
+    workdir: the sweep folder (default: a new `runs/<algorithm>-sweep-<dataset>-<time>`).
+    echo: prints one line per evaluated round, mean ± std over seeds (None: silent).
+    progress: show a tqdm bar (None: only on a terminal).
+    overwrite: replace the run or sweep `workdir` holds.
+
+  Returns:
+    The summary (also written to summary.json); each seed's own summary is in seed_<s>/summary.json.
+
+  Raises:
+    ConfigError (a ValueError): bad seeds, config, data options or folder, before anything is compiled.
+    FileNotFoundError: the dataset's files are missing.
+    TrainingDiverged: a seed's loss or parameters became NaN or infinite (the sweep stops; nothing to resume).
+  """
+  say = echo or (lambda line: None)
+  seeds = check_seeds(seeds)
+  experiment.check_config(config)
+  if config.shard_clients:
+    raise ConfigError("a sweep does not support shard_clients (run the seeds separately to shard their cohorts)")
+  configs = [dataclasses.replace(config, seed=s) for s in seeds]
+  workdir = pathlib.Path(workdir) if workdir is not None else default_workdir(
+      dataclasses.replace(config, algorithm=f"{config.algorithm}-sweep"))
+  _prepare_folder(workdir, overwrite)
+  try:  # data options, model/data fit: input errors, found before compilation
+    try:
+      datas = [experiment.load_data(c) for c in configs]
+    except TypeError as e:
+      raise ConfigError(f"bad data options {config.data_args}: {e}") from e
+    _, algo = experiment.build(config, datas[0])
+    states = [algo.init(jax.random.key(s), d) for s, d in zip(seeds, datas)]
+    data = stack_data(datas)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+
+  record = {**config.to_dict(), config_lib.RESOLVED_KEY: experiment._jsonable(algo.hparams)}
+  (workdir / "config.json").write_text(json.dumps(record, indent=2) + "\n")
+  seed_dirs = [workdir / f"seed_{s}" for s in seeds]
+  logs = []
+  for c, d in zip(configs, seed_dirs):
+    d.mkdir()
+    seed_record = {**record, **c.to_dict()}
+    (d / "config.json").write_text(json.dumps(seed_record, indent=2) + "\n")
+    logs.append(MetricsLog(d / "metrics.jsonl"))
+  num_clients = datas[0].num_clients
+  say(f"{algo.name} on {datas[0].name}: {num_clients} clients, {config.rounds} rounds, seeds "
+      f"{', '.join(map(str, seeds))} -> {workdir}")
+
+  state = stack_states(states)
+  device_data = jax.device_put(data)
+  params_like = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), state.server.params)
+  sweep_round = make_sweep_round(algo.round_fn)
+  steps: dict[int, Callable] = {}
+  evaluate_all = make_sweep_evaluate(algo.evaluate_fn, with_ids=False)
+  evaluate_ids = make_sweep_evaluate(algo.evaluate_fn, with_ids=True)
+  no_checkpoints = dataclasses.replace(config, checkpoint_every=0)
+  histories: list[list[dict[str, Any]]] = [[] for _ in seeds]
+  totals = [experiment.Totals() for _ in seeds]
+  trains: list[dict[str, float]] = [{} for _ in seeds]
+  bar = make_progress(total=config.rounds, initial=0, desc=f"{algo.name} x{len(seeds)}", enable=progress)
+  start, r, pending, ev = time.perf_counter(), 0, None, None
+
+  def settle() -> None:
+    """Takes in the pending dispatch's metrics [n, seeds, ...]: totals, NaN check, progress bar."""
+    nonlocal pending
+    if pending is None:
+      return
+    (first, metrics), pending = pending, None
+    host = jax.device_get(metrics)
+    for i, s in enumerate(seeds):
+      try:
+        trains[i] = experiment._consume(seed_slice(host, i, axis=1), first, totals[i], params_like) or trains[i]
+      except experiment.TrainingDiverged as e:
+        raise experiment.TrainingDiverged(f"seed {s}: {e}") from None
+      totals[i].wall_time = time.perf_counter() - start
+    bar.update(first + jax.tree.leaves(host)[0].shape[0] - bar.n)
+
+  try:
+    while r < config.rounds:
+      n = experiment._next_chunk(r, config=no_checkpoints, end=config.rounds)
+      if n not in steps:
+        steps[n] = experiment.make_multi_round(sweep_round, n)  # jit, state donated; metrics [n, seeds, ...]
+      new_state, metrics = steps[n](state, device_data)
+      settle()  # the previous dispatch's metrics, fetched while this one runs
+      state, pending, r = new_state, (r, metrics), r + n
+      if not (r % config.eval_every == 0 or r == config.rounds):
+        continue
+      settle()
+      ids = [experiment.eval_ids(c, num_clients, r) for c in configs]
+      if r == config.rounds or ids[0] is None:
+        ev = jax.device_get(evaluate_all(state, device_data))
+      else:
+        ev = jax.device_get(evaluate_ids(state, device_data, np.stack(ids)))
+      records = []
+      for i, s in enumerate(seeds):
+        rec = experiment._eval_record(r, seed_slice(ev, i), trains[i], totals[i])
+        if not np.isfinite(rec["loss_mean"]) and rec["eval_with_test_data"]:
+          raise experiment.TrainingDiverged(f"seed {s}: training diverged by round {r}: mean test loss "
+                                            f"{rec['loss_mean']}")
+        histories[i].append(rec)
+        logs[i].write(rec)
+        records.append(rec)
+      with bar.external_write_mode():
+        say(format_sweep_record(records))
+    settle()
+    summaries = []
+    for i, (c, d) in enumerate(zip(configs, seed_dirs)):
+      ev_i = seed_slice(ev, i)
+      summary = experiment._summary(c, algo, datas[i], ev_i, histories[i], totals[i], d)
+      (d / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+      experiment._write_clients(d / "clients.npz", algo, seed_state(state, i), datas[i], ev_i)
+      summaries.append(summary)
+    result = sweep_summary(config, seeds, summaries, workdir, time.perf_counter() - start)
+    (workdir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+  finally:
+    bar.close()
