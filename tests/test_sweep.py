@@ -163,3 +163,16 @@ def test_cli_bad_seeds_are_a_clear_error(args, message, tmp_path):
   assert code == cli.EXIT_BAD_INPUT
   assert message in stderr and len(stderr.strip().splitlines()) == 1
   assert not (tmp_path / "x").exists()
+
+
+def test_fused_rounds_and_seeded_evaluation_samples_match_the_run(tmp_path):
+  config = tiny(rounds_per_dispatch=2, eval_every=2, eval_clients=4)
+  experiment.sweep(config, (0, 1), tmp_path / "sweep", echo=None, progress=False)
+  experiment.run(tiny(rounds_per_dispatch=2, eval_every=2, eval_clients=4, seed=1), tmp_path / "run", echo=None,
+                 progress=False, write_plots=False)
+  ours, theirs = records(tmp_path / "sweep" / "seed_1" / "metrics.jsonl"), records(tmp_path / "run" / "metrics.jsonl")
+  assert [(r["round"], r["eval_clients"]) for r in ours] == [(2, 4), (4, 6)]  # the last evaluation covers all
+  for a, b in zip(ours, theirs):
+    for key in a:
+      if key != "wall_time":
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-5, err_msg=key)

@@ -21,7 +21,8 @@ The sweep folder:
     seed_<s>/summary.json       as `run` writes it; its wall_time is the whole sweep's
     seed_<s>/clients.npz        as `run` writes it
 
-What a sweep does not do: checkpoints and resume (rerun it, with `overwrite`), plots (draw them with
+`rounds_per_dispatch`, `eval_every` and `eval_clients` work as in `run` (each seed evaluates its own seeded sample of
+clients). What a sweep does not do: checkpoints and resume (rerun it, with `overwrite`), plots (draw them with
 `fedspa-jax plot DIR/seed_0 DIR/seed_1 ...`), `shard_clients`, TensorBoard. Memory is the number of seeds times one
 run's; a client's local loop, vmapped over seeds, runs as long as the longest of the seeds' clients at that cohort
 position (results are unchanged, the extra steps are masked).
