@@ -95,12 +95,17 @@ def test_hamming_distance_hand_case():
   np.testing.assert_array_equal(masks.pairwise_hamming(stacked), np.array([[0, 3], [3, 0]]))
 
 
-def test_pack_bits_round_trip():
+def test_pack_words_round_trip():
   params = make_params()
   mask = masks.init_masks(jax.random.key(1), params, masks.uniform_densities(params, 0.4))
-  packed = masks.pack_bits(mask)
-  assert packed["layer2"].shape == (75,)  # 600 entries, 8 per byte
-  chex.assert_trees_all_equal(masks.unpack_bits(packed, params), mask)
+  for leaf in jax.tree.leaves(mask):
+    words = masks.pack_words(leaf, leaf.shape)
+    assert words.dtype == jnp.uint32 and words.shape == (-(-leaf.size // 32),)  # 32 entries per word
+    np.testing.assert_array_equal(masks.unpack_words(words, leaf.shape), leaf)
+  # Leading (client) axes are kept; bit i of word j is entry 32 j + i.
+  stacked = jnp.zeros((3, 40), bool).at[1, 33].set(True)
+  words = masks.pack_words(stacked, (40,))
+  assert words.shape == (3, 2) and int(words[1, 1]) == 2 and int(words.sum()) == 2
 
 
 def test_density_report():

@@ -221,20 +221,6 @@ def unpack_words(words: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   return bits.reshape(lead + (words.shape[-1] * 32,))[..., :n].astype(bool).reshape(lead + shape)
 
 
-def pack_bits(mask: Mask) -> Any:
-  """Packs every leaf to uint8 bits (8 entries per byte, flattened), the form a mask is stored or sent in."""
-  return jax.tree.map(lambda m: jnp.packbits(m.reshape(-1)), mask)
-
-
-def unpack_bits(packed: Any, like: Params) -> Mask:
-  """Inverse of `pack_bits`, given a params (or mask) pytree for the shapes."""
-  return jax.tree.map(
-      lambda b, p: jnp.unpackbits(b, count=int(np.prod(np.shape(p)))).astype(bool).reshape(np.shape(p)),
-      packed,
-      like,
-  )
-
-
 def __getattr__(name: str):
   # The mask-update functions live in mask_update.py; re-exported here as the public API names them
   # (fj.masks.prune_and_regrow, fj.masks.cosine_prune_rate) without an import cycle.
