@@ -181,6 +181,13 @@ def run_cohort(
 
   def run_group(group):
     state_g, offset_g, count_g, keys_g = shard_cohort(group, mesh)
+    if group_size == 1 and mesh is None:
+      # One client: call it unbatched, so its loops and conds stay scalar (a vmapped lane of one would turn every
+      # loop step into a select over the whole carry, and every cond into both branches).
+      one = lambda a: a[0]
+      out = client_fn(server.params, jax.tree.map(one, state_g), ClientData(x, y, one(offset_g), one(count_g)),
+                      one(keys_g), round)
+      return jax.tree.map(lambda a: a[None], out)
     data_g = ClientData(x, y, offset_g, count_g)
     return jax.vmap(client_fn, in_axes=(None, 0, CLIENT_DATA_AXES, 0, None))(
         server.params, state_g, data_g, keys_g, round
