@@ -74,9 +74,9 @@ def test_killed_run_resumes_to_the_uninterrupted_result(reference, tmp_path):
   assert records(workdir) == records(ref_dir)  # round 3 is not logged twice
 
 
-def test_fused_rounds_on_sharded_cohorts_equal_unfused(reference, tmp_path):
-  ref_dir, ref_summary = reference  # one round per dispatch, evaluated every round, one device
-  config = tiny(eval_every=3, checkpoint_every=0, rounds_per_dispatch=3, shard_clients=True)  # 8 CPU devices
+def test_fused_rounds_equal_unfused(reference, tmp_path):
+  ref_dir, ref_summary = reference  # one round per dispatch, evaluated every round
+  config = tiny(eval_every=3, checkpoint_every=0, rounds_per_dispatch=3)  # (sharded: tests/test_population.py)
   fused = quiet_run(config, tmp_path / "fused")
   for key in ("bytes_up", "bytes_down", "samples"):
     assert fused[key] == ref_summary[key]

@@ -200,23 +200,6 @@ def test_jit_and_eager_agree(algo, round_kept, state0, data):
   np.testing.assert_array_equal(eager_metrics["cohort"], jit_metrics["cohort"])
 
 
-def test_sharded_round_equals_single_device(model, algo, state0, data):
-  assert jax.device_count() == 8, "conftest forces 8 CPU devices"
-  mesh = make_client_mesh()
-  sharded = fj.algorithms.get("fedspa", model=model, mesh=mesh, **HPARAMS)
-  a, b = copy(state0), copy(state0)
-  for _ in range(2):
-    a, ma = algo.round(a, data)
-    b, mb = sharded.round(b, data)
-  # The cohort axis really is split: each of the 8 devices holds one client's metrics.
-  assert mb["loss"].sharding.spec == jax.sharding.PartitionSpec("clients")
-  assert [shard.data.shape for shard in mb["loss"].addressable_shards] == [(1,)] * 8
-  assert mb["cohort"].shape == (8,)  # 5 clients padded to a multiple of 8 devices
-  np.testing.assert_array_equal(ma["cohort"], mb["cohort"][:5])
-  assert_trees_close(a.server.params, b.server.params)
-  chex.assert_trees_all_equal(a.clients, b.clients)
-
-
 def test_mesh_without_auto_client_axis_is_rejected(model):
   with pytest.raises(ValueError, match="clients"):
     fj.algorithms.get("fedspa", model=model, mesh=jax.make_mesh((8,), ("data",)), **HPARAMS)

@@ -61,6 +61,16 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
                       help="progress bar (default: only on a terminal)")
   parser.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True, help="write PNG figures")
   parser.add_argument("--quiet", action="store_true", help="no per-round lines")
+  multi = parser.add_argument_group(
+      "several processes (hosts): every process runs the same command; docs/scaling.md")
+  multi.add_argument("--distributed", action="store_true",
+                     help="join a jax.distributed job and shard the client population over every process's devices")
+  multi.add_argument("--coordinator", metavar="HOST:PORT",
+                     help="process 0's address (default: JAX_COORDINATOR_ADDRESS, or detected on TPU/SLURM/MPI)")
+  multi.add_argument("--num-processes", type=int, metavar="N", help="default: JAX_NUM_PROCESSES or detected")
+  multi.add_argument("--process-id", type=int, metavar="I", help="default: JAX_PROCESS_ID or detected")
+  multi.add_argument("--distributed-timeout", type=float, default=300.0, metavar="SECONDS",
+                     help="how long to wait for the coordinator and the other processes (default 300)")
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -131,6 +141,8 @@ def _run(args) -> int:
   from fedspa_jax import experiment
 
   config, _ = resolve_config(args)
+  if args.distributed:
+    config = dataclasses.replace(config, shard_clients=True)  # one mesh over every process's devices
   summary = experiment.run(
       config, args.out, resume=args.resume, overwrite=args.overwrite, stop_after=args.stop_after,
       progress=args.progress, echo=None if args.quiet else print, write_plots=args.plots,
@@ -220,6 +232,18 @@ def _list(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
   args = make_parser().parse_args(argv)
+  from fedspa_jax import distributed
+
+  if getattr(args, "distributed", False):
+    try:  # before anything touches a device
+      distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                             timeout_s=args.distributed_timeout)
+    except distributed.DistributedError as e:
+      print(f"fedspa-jax: error: {e}", file=sys.stderr)
+      return EXIT_BAD_INPUT
+  elif any(getattr(args, name, None) is not None for name in ("coordinator", "num_processes", "process_id")):
+    print("fedspa-jax: error: --coordinator, --num-processes and --process-id need --distributed", file=sys.stderr)
+    return EXIT_BAD_INPUT
   from fedspa_jax import experiment
   from fedspa_jax.data.tfds_sources import MissingDependencyError
 

@@ -96,6 +96,70 @@ def summarize(values: jax.Array, valid: jax.Array | None = None) -> dict[str, ja
   }
 
 
+def make_evaluate_clients(
+    personalize: PersonalizeFn,
+    apply_fn: ApplyFn,
+    *,
+    clients_per_batch: int = 16,
+    chunk_size: int = 256,
+) -> Callable[..., dict[str, jax.Array]]:
+  """Builds evaluate_clients(server_params, gather_state, rows, ids, held, train, test, key, preprocess).
+
+  Evaluates the clients at `rows` [C] of the given splits and store (`gather_state(rows [G])` decodes one group's
+  state at a time); `ids` [C] are their global ids (client k personalizes with `fold_in(key, k)`); clients not
+  `held` [C] (bool) here are treated as having no data (no steps, NaN), so a device can run a list of clients of
+  which it holds only some.
+
+  Returns:
+    {"loss", "accuracy" (NaN without test data), "count"}, each [C] in the order of `rows`.
+  """
+
+  def evaluate_clients(server_params, gather_state, rows, ids, held, train, test, key, preprocess):
+    num = rows.shape[0]
+    group = min(clients_per_batch, num)
+    groups = -(-num // group)
+    chunk = max(1, min(chunk_size, test.max_count))
+    test_count = jnp.where(held, jnp.take(test.count, rows, mode="clip"), 0)
+    # Largest test sets first, so a group's lanes need similar numbers of chunks; padding slots hold nothing.
+    order = jnp.argsort(-test_count, stable=True)
+    pad = lambda a, v: jnp.concatenate([a[order], jnp.full((groups * group - num,), v, a.dtype)])
+    lanes = (pad(rows, 0), pad(ids, 0), pad(held, False))
+
+    def one(state_k, row, k, here):
+      def view(split):
+        return ClientData(split.x, split.y, jnp.take(split.offset, row, mode="clip"),
+                          jnp.where(here, jnp.take(split.count, row, mode="clip"), 0))
+
+      params = personalize(server_params, state_k, view(train), jax.random.fold_in(key, k))
+      return evaluate_client(apply_fn, params, view(test), preprocess=preprocess, chunk_size=chunk)
+
+    def run_group(lane):
+      rows_g, ids_g, held_g = lane
+      return jax.vmap(one)(gather_state(rows_g), rows_g, ids_g, held_g)
+
+    out = jax.lax.map(run_group, jax.tree.map(lambda a: a.reshape(groups, group), lanes))
+    unsort = jnp.argsort(order)
+    return jax.tree.map(lambda a: a.reshape((groups * group,) + a.shape[2:])[:num][unsort], out)
+
+  return evaluate_clients
+
+
+def summaries(ids: jax.Array, out: dict[str, jax.Array], participated: jax.Array) -> dict[str, Any]:
+  """The evaluation's result from per-client `out` (loss, accuracy, count [C]) and participation [C] (bool)."""
+  return {
+      "clients": ids,
+      **out,
+      "participated": participated,
+      "accuracy_summary": summarize(out["accuracy"]),
+      "loss_summary": summarize(out["loss"]),
+      "accuracy_summary_participating": summarize(out["accuracy"], participated),
+      "loss_summary_participating": summarize(out["loss"], participated),
+      "evaluated": jnp.int32(ids.shape[0]),
+      "with_test_data": jnp.sum(out["count"] > 0, dtype=jnp.int32),
+      "participating": jnp.sum(participated, dtype=jnp.int32),
+  }
+
+
 def make_evaluate(
     personalize: PersonalizeFn,
     apply_fn: ApplyFn,
@@ -103,7 +167,7 @@ def make_evaluate(
     clients_per_batch: int = 16,
     chunk_size: int = 256,
 ) -> Callable[..., dict[str, Any]]:
-  """Builds evaluate(server_params, gather_state, ids, participation, train, test, key, preprocess).
+  """Builds evaluate(server_params, gather_state, ids, participation, train, test, key, preprocess) on one device.
 
   `gather_state(ids [G])` returns those clients' decoded state; only one group's state is decoded at a time.
 
@@ -113,41 +177,13 @@ def make_evaluate(
     clients with test data; "accuracy_summary_participating" / "loss_summary_participating" over those that also
     took part in a round; and the numbers "evaluated", "with_test_data", "participating".
   """
+  evaluate_clients = make_evaluate_clients(
+      personalize, apply_fn, clients_per_batch=clients_per_batch, chunk_size=chunk_size
+  )
 
   def evaluate(server_params, gather_state, ids, participation, train, test, key, preprocess):
-    num = ids.shape[0]
-    group = min(clients_per_batch, num)
-    groups = -(-num // group)
-    chunk = max(1, min(chunk_size, test.max_count))
-    # Largest test sets first, so a group's lanes need similar numbers of chunks; padding ids (K) are clipped.
-    order = jnp.argsort(-jnp.take(test.count, ids), stable=True)
-    padded = jnp.concatenate([ids[order], jnp.full((groups * group - num,), test.count.shape[0], jnp.int32)])
-
-    def one(state_k, k):
-      view = lambda split: ClientData(split.x, split.y, jnp.take(split.offset, k, mode="clip"),
-                                      jnp.take(split.count, k, mode="clip"))
-      params = personalize(server_params, state_k, view(train), jax.random.fold_in(key, k))
-      return evaluate_client(apply_fn, params, view(test), preprocess=preprocess, chunk_size=chunk)
-
-    def run_group(ids_g):
-      return jax.vmap(one)(gather_state(ids_g), ids_g)
-
-    out = jax.lax.map(run_group, padded.reshape(groups, group))
-    unsort = jnp.argsort(order)
-    out = jax.tree.map(lambda a: a.reshape((groups * group,) + a.shape[2:])[:num][unsort], out)
-    participated = jnp.take(participation, ids) > 0
-    with_data = out["count"] > 0
-    return {
-        "clients": ids,
-        **out,
-        "participated": participated,
-        "accuracy_summary": summarize(out["accuracy"]),
-        "loss_summary": summarize(out["loss"]),
-        "accuracy_summary_participating": summarize(out["accuracy"], participated),
-        "loss_summary_participating": summarize(out["loss"], participated),
-        "evaluated": jnp.int32(num),
-        "with_test_data": jnp.sum(with_data, dtype=jnp.int32),
-        "participating": jnp.sum(participated, dtype=jnp.int32),
-    }
+    held = jnp.ones(ids.shape, bool)
+    out = evaluate_clients(server_params, gather_state, ids, ids, held, train, test, key, preprocess)
+    return summaries(ids, out, jnp.take(participation, ids) > 0)
 
   return evaluate

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedspa_jax import accounting, algorithms, client_stats, models, plots
+from fedspa_jax import accounting, algorithms, client_stats, distributed, models, plots
 from fedspa_jax import config as config_lib
 from fedspa_jax import data as data_lib
 from fedspa_jax.checkpoint import Checkpointer, LayoutMismatch
@@ -253,10 +253,12 @@ def run(
     FileNotFoundError: the dataset's files are missing.
     TrainingDiverged: a loss or a parameter became NaN or infinite; the last good checkpoint stays as it is.
   """
-  say = echo or (lambda line: None)
+  primary = distributed.is_primary()  # under jax.distributed only process 0 writes files and prints
+  say = (echo or (lambda line: None)) if primary else (lambda line: None)
   check_config(config)
   workdir = pathlib.Path(workdir) if workdir is not None else default_workdir(config)
-  prepare_workdir(workdir, config, resume=resume, overwrite=overwrite)
+  prepare_workdir(workdir, config, resume=resume, overwrite=overwrite, primary=primary)
+  distributed.barrier("fedspa_jax.prepare_workdir")
   try:  # data options, model/data fit: still input errors, found before compilation
     try:
       data = load_data(config) if data is None else data
@@ -279,15 +281,17 @@ def run(
   # The config as given, plus (for the record, not read back) the algorithm's hyperparameters as resolved,
   # defaults included: weighting, FedRep/FedPer's head, ...
   record = {**config.to_dict(), config_lib.RESOLVED_KEY: _jsonable(algo.hparams)}
-  (workdir / "config.json").write_text(json.dumps(record, indent=2) + "\n")
-  metrics_log = MetricsLog(workdir / "metrics.jsonl", history)
-  tensorboard = TensorBoardLog.create(workdir / "tensorboard")
+  metrics_log, tensorboard = None, None
+  if primary:
+    (workdir / "config.json").write_text(json.dumps(record, indent=2) + "\n")
+    metrics_log = MetricsLog(workdir / "metrics.jsonl", history)
+    tensorboard = TensorBoardLog.create(workdir / "tensorboard")
   start = int(state.round)
   end = config.rounds if stop_after is None else max(start, min(config.rounds, stop_after))
   say(f"{algo.name} on {data.name}: {data.num_clients} clients, rounds {start + 1}..{end} of {config.rounds} "
       f"-> {workdir}")
-  bar = make_progress(total=config.rounds, initial=start, desc=algo.name, enable=progress)
-  device_data = jax.device_put(data)
+  bar = make_progress(total=config.rounds, initial=start, desc=algo.name, enable=progress if primary else False)
+  device_data = algo.place(data)  # on the device, or laid out over the mesh (each process its own blocks)
   params_like = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state.server.params)  # for bytes
   steps: dict[int, Callable] = {}
   segment_start, segment_samples, wall_before = time.perf_counter(), totals.samples, totals.wall_time
@@ -332,7 +336,8 @@ def run(
         if not np.isfinite(record["loss_mean"]) and record["eval_with_test_data"]:
           raise TrainingDiverged(f"training diverged by round {r}: mean test loss {record['loss_mean']}")
         history.append(record)
-        metrics_log.write(record)
+        if metrics_log is not None:
+          metrics_log.write(record)
         if tensorboard is not None:
           tensorboard.write(r, record, time.time())
         with bar.external_write_mode():
@@ -353,10 +358,13 @@ def run(
     if ev is None:  # the run was complete already: evaluate the restored final state again
       ev = jax.device_get(algo.evaluate(state, device_data))
     summary = _summary(config, algo, data, ev, history, totals, workdir)
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    _write_clients(workdir / "clients.npz", algo, state, data, ev)
-    if write_plots:
-      plots.plot_run(workdir)
+    clients = _client_arrays(algo, state, data, ev)  # every process: decoding the masks is a collective
+    if primary:
+      (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+      np.savez(workdir / "clients.npz", **clients)
+      if write_plots:
+        plots.plot_run(workdir)
+    distributed.barrier("fedspa_jax.run_done")
     return summary
   except TrainingDiverged as e:
     good = ckpt.latest_round()
@@ -413,19 +421,20 @@ def _summary(config, algo, data, ev, history, totals, workdir) -> dict[str, Any]
 MAX_DISTANCE_CLIENTS = 2000
 
 
-def _write_clients(path: pathlib.Path, algo, state: Any, data: data_lib.FederatedData, ev: dict[str, Any]) -> None:
+def _client_arrays(algo, state: Any, data: data_lib.FederatedData, ev: dict[str, Any]) -> dict[str, np.ndarray]:
+  """What clients.npz holds: per-client accuracy, loss, test count, participation, labels, mask distances."""
   arrays = {
       "accuracy": np.asarray(ev["accuracy"]),
       "loss": np.asarray(ev["loss"]),
       "test_count": np.asarray(ev["count"]),
-      "participation": np.asarray(state.participation),
+      "participation": distributed.to_host(state.participation)[: data.num_clients],
       "label_counts": data_lib.client_label_counts(data.train, data.num_classes),
   }
   if data.num_clients <= MAX_DISTANCE_CLIENTS:
     clients = algo.client_states(state, data)
     if client_stats.is_mask_store(clients):
       arrays["hamming"], arrays["active"] = client_stats.mask_distances(clients)
-  np.savez(path, **arrays)
+  return arrays
 
 
 def sweep(config: Config, seeds, workdir=None, **kwargs) -> dict[str, Any]:

@@ -19,6 +19,7 @@ multiple of its size with weight-0 clients).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -26,10 +27,12 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from fedspa_jax.client import CLIENT_DATA_AXES, ClientData
-from fedspa_jax.server import AGGREGATIONS, WEIGHTINGS, ServerState, aggregate, server_update
+from fedspa_jax.population import (CLIENT_AXIS, Placement, make_placement, sample_cohort, sample_strata,
+                                   sample_stratified)
 
-CLIENT_AXIS = "clients"
+from fedspa_jax.client import CLIENT_DATA_AXES, ClientData
+from fedspa_jax.server import (AGGREGATIONS, WEIGHTINGS, ServerState, aggregate, aggregate_parts, finish_aggregate,
+                               server_update)
 
 
 class SimState(NamedTuple):
@@ -70,22 +73,6 @@ class ClientOutput(NamedTuple):
 ClientFn = Callable[[Any, Any, ClientData, jax.Array, jax.Array], ClientOutput]
 
 
-def sample_cohort(key: jax.Array, num_clients: int, cohort_size: int) -> jax.Array:
-  """[cohort_size] distinct client ids, a uniformly random subset of [0, num_clients).
-
-  Floyd's algorithm: for j = K - S, ..., K - 1, draw t uniform in [0, j] and take t, or j if t is taken already.
-  O(S^2) work and O(S) memory, whatever K is (a permutation of all K ids would cost O(K log K) every round).
-  """
-  start = num_clients - cohort_size
-
-  def take(i, chosen):
-    j = start + i
-    t = jax.random.randint(jax.random.fold_in(key, i), (), 0, j + 1, dtype=jnp.int32)
-    return chosen.at[i].set(jnp.where(jnp.any(chosen == t), j, t))
-
-  return jax.lax.fori_loop(0, cohort_size, take, jnp.full((cohort_size,), -1, jnp.int32))
-
-
 def client_keys(key: jax.Array, cohort: jax.Array) -> jax.Array:
   """One key per client, derived from its id (not its cohort position)."""
   return jax.vmap(lambda k: jax.random.fold_in(key, k))(cohort)
@@ -101,31 +88,28 @@ def scatter_clients(tree: Any, cohort: jax.Array, rows: Any) -> Any:
   return jax.tree.map(lambda a, r: a.at[cohort].set(r.astype(a.dtype), mode="drop"), tree, rows)
 
 
-def group_size_for(cohort_size: int, cohort_batch: int | None, mesh: Mesh | None) -> int:
-  """Clients vmapped together: `cohort_batch` (default: the whole cohort), a multiple of the mesh's client axis."""
-  group = cohort_size if cohort_batch is None else min(cohort_batch, cohort_size)
-  if mesh is None:
-    return group
-  shards = mesh.shape[CLIENT_AXIS]
-  return -(-group // shards) * shards
+def group_size_for(cohort_size: int, cohort_batch: int | None) -> int:
+  """Clients vmapped together: `cohort_batch`, at most the cohort (None: the whole cohort)."""
+  return cohort_size if cohort_batch is None else min(cohort_batch, cohort_size)
 
 
-def cohort_size_for(cohort_size: int, mesh: Mesh | None, cohort_batch: int | None = None) -> int:
-  """The padded cohort size: a multiple of the group size (itself a multiple of the mesh's client axis)."""
-  group = group_size_for(cohort_size, cohort_batch, mesh)
-  return -(-cohort_size // group) * group
+def padded_size(size: int, group: int) -> int:
+  """`size` rounded up to a multiple of `group`."""
+  return -(-size // group) * group
 
 
 def make_client_mesh(devices: Any = None) -> Mesh:
-  """A 1-D mesh over `devices` (default: all) whose single axis "clients" shards the cohort."""
-  devices = jax.devices() if devices is None else list(devices)
+  """A 1-D mesh over `devices` (default: all, across processes) whose single axis "clients" shards the population."""
+  devices = jax.devices() if devices is None else devices
   return jax.make_mesh((len(devices),), (CLIENT_AXIS,), axis_types=(AxisType.Auto,), devices=devices)
 
 
 def check_mesh(mesh: Mesh | None) -> None:
-  """The round shards over a mesh axis named "clients" with automatic (GSPMD) sharding."""
+  """The population is sharded over a mesh axis named "clients"."""
   if mesh is None:
     return
+  if not isinstance(mesh, Mesh):
+    raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
   if CLIENT_AXIS not in mesh.axis_names:
     raise ValueError(f'the mesh needs an axis named "{CLIENT_AXIS}", got axes {mesh.axis_names}')
   axis_type = dict(zip(mesh.axis_names, mesh.axis_types))[CLIENT_AXIS]
@@ -136,12 +120,60 @@ def check_mesh(mesh: Mesh | None) -> None:
     )
 
 
-def shard_cohort(tree: Any, mesh: Mesh | None) -> Any:
-  """Constrains the leading (cohort) axis of every leaf to the mesh's client axis."""
-  if mesh is None:
-    return tree
-  sharding = NamedSharding(mesh, PartitionSpec(CLIENT_AXIS))
-  return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, sharding), tree)
+def draw_cohort(key: jax.Array, placement: Placement, cohort_size: int, sampling: str) -> jax.Array:
+  """[S] distinct client ids: uniform over all K, or S / T from each stratum (`fedspa_jax.population`)."""
+  if sampling == "stratified":
+    return sample_stratified(key, placement, cohort_size)
+  return sample_cohort(key, placement.num_clients, cohort_size)
+
+
+def client_weights(count: jax.Array, weighting: str) -> jax.Array:
+  """Aggregation weights: sample counts, or 1 per client with training data (a client without data weighs 0)."""
+  return count.astype(jnp.float32) if weighting == "samples" else (count > 0).astype(jnp.float32)
+
+
+def run_groups(
+    client_fn: ClientFn,
+    params: Any,
+    per_client: tuple[Any, jax.Array, jax.Array, jax.Array],
+    x: jax.Array,
+    y: jax.Array,
+    round: jax.Array,
+    group_size: int,
+) -> ClientOutput:
+  """Every client's update: `lax.map` over groups of `group_size` clients, vmapped within a group.
+
+  Args:
+    client_fn: one client's update.
+    params: the server params.
+    per_client: (state [S, ...], offset [S], count [S], keys [S]), S a multiple of `group_size`.
+    x, y: the flat samples the offsets point into.
+    round: int32 round index.
+    group_size: clients vmapped together; a group of one runs unbatched.
+
+  Returns:
+    The stacked `ClientOutput` [S, ...].
+  """
+
+  def run_group(group):
+    state_g, offset_g, count_g, keys_g = group
+    if group_size == 1:
+      # One client: call it unbatched, so its loops and conds stay scalar (a vmapped lane of one would turn every
+      # loop step into a select over the whole carry, and every cond into both branches).
+      one = lambda a: a[0]
+      out = client_fn(params, jax.tree.map(one, state_g), ClientData(x, y, one(offset_g), one(count_g)),
+                      one(keys_g), round)
+      return jax.tree.map(lambda a: a[None], out)
+    return jax.vmap(client_fn, in_axes=(None, 0, CLIENT_DATA_AXES, 0, None))(
+        params, state_g, ClientData(x, y, offset_g, count_g), keys_g, round
+    )
+
+  num_groups = per_client[1].shape[0] // group_size
+  if num_groups == 1:
+    return run_group(per_client)
+  split = lambda a: a.reshape((num_groups, group_size) + a.shape[1:])
+  merge = lambda a: a.reshape((num_groups * group_size,) + a.shape[2:])
+  return jax.tree.map(merge, jax.lax.map(run_group, jax.tree.map(split, per_client)))
 
 
 def run_cohort(
@@ -156,9 +188,8 @@ def run_cohort(
     aggregation: str,
     server_optimizer: optax.GradientTransformation,
     group_size: int,
-    mesh: Mesh | None = None,
 ) -> tuple[ServerState, Any, dict[str, jax.Array]]:
-  """The cohort's part of a round: client updates in groups, aggregation and the server step.
+  """The cohort's part of a round on one device: client updates in groups, aggregation and the server step.
 
   Args:
     client_fn: one client's update.
@@ -171,37 +202,18 @@ def run_cohort(
     aggregation: "mean" or "masked_mean".
     server_optimizer: optax transformation applied to the aggregated update.
     group_size: clients vmapped together; groups run one after another (`lax.map`), in one program.
-    mesh: optional mesh whose "clients" axis shards each group.
 
   Returns:
     (new server state, new cohort state [S, ...], per-client metrics [S]).
   """
   x, y, offset, count = cohort_data
-  per_client = (cohort_state, offset, count, keys)
-
-  def run_group(group):
-    state_g, offset_g, count_g, keys_g = shard_cohort(group, mesh)
-    if group_size == 1 and mesh is None:
-      # One client: call it unbatched, so its loops and conds stay scalar (a vmapped lane of one would turn every
-      # loop step into a select over the whole carry, and every cond into both branches).
-      one = lambda a: a[0]
-      out = client_fn(server.params, jax.tree.map(one, state_g), ClientData(x, y, one(offset_g), one(count_g)),
-                      one(keys_g), round)
-      return jax.tree.map(lambda a: a[None], out)
-    data_g = ClientData(x, y, offset_g, count_g)
-    return jax.vmap(client_fn, in_axes=(None, 0, CLIENT_DATA_AXES, 0, None))(
-        server.params, state_g, data_g, keys_g, round
-    )
-
-  num_groups = weights.shape[0] // group_size
-  if num_groups == 1:
-    out = run_group(per_client)
-  else:
-    split = lambda a: a.reshape((num_groups, group_size) + a.shape[1:])
-    merge = lambda a: a.reshape((num_groups * group_size,) + a.shape[2:])
-    out = jax.tree.map(merge, jax.lax.map(run_group, jax.tree.map(split, per_client)))
+  out = run_groups(client_fn, server.params, (cohort_state, offset, count, keys), x, y, round, group_size)
   delta = aggregate(aggregation, out.update, out.coverage, weights)
   return server_update(server, delta, server_optimizer), out.state, out.metrics
+
+
+def identity(tree: Any) -> Any:
+  return tree
 
 
 def make_round(
@@ -214,8 +226,10 @@ def make_round(
     server_optimizer: optax.GradientTransformation,
     mesh: Mesh | None = None,
     cohort_batch: int | None = None,
-    gather_state: Callable[[Any, jax.Array], Any] | None = None,
-    scatter_state: Callable[[Any, jax.Array, Any], Any] | None = None,
+    sampling: str = "uniform",
+    strata: int | None = None,
+    encode: Callable[[Any], Any] = identity,
+    decode: Callable[[Any], Any] = identity,
 ) -> Callable[[SimState, Any], tuple[SimState, dict[str, jax.Array]]]:
   """Builds `round(state, train) -> (state, metrics)`, pure and jit-able.
 
@@ -226,36 +240,43 @@ def make_round(
     aggregation: "mean" or "masked_mean".
     weighting: "samples" (weights = sample counts) or "uniform" (1 per client with training data).
     server_optimizer: optax transformation for the server step (optax.sgd(server_lr) by default upstream).
-    mesh: optional mesh with a "clients" axis.
-    cohort_batch: clients vmapped together (None: the whole cohort); see the module docstring.
-    gather_state: (store, ids [S]) -> the clients' state [S, ...] (default `gather_clients`; e.g. unpacks bits).
-    scatter_state: (store, ids [S], rows) -> the store with rows written (default `scatter_clients`).
+    mesh: optional mesh with a "clients" axis: the population is sharded over it (`fedspa_jax.population`); the
+      state's store and the training split must then be laid out by `population.place` / the algorithm's init.
+    cohort_batch: clients vmapped together (None: the whole cohort; with a mesh, per device); see the module
+      docstring.
+    sampling: "uniform" or "stratified" (`fedspa_jax.population`).
+    strata: strata of the stratified sampling (default: the mesh's client axis size, 1 without a mesh).
+    encode: decoded state rows -> stored rows (e.g. mask bits packed into words).
+    decode: stored rows -> decoded rows.
 
   Returns:
-    A function of (SimState, flat training split with x, y, offset [K], count [K]) returning the new state and
-    metrics: "cohort" [S_pad] (ids in execution order, largest client first; K marks padding), "weight" [S_pad],
-    and each client metric [S_pad].
+    A function of (SimState, flat training split with x, y, offset, count) returning the new state and metrics:
+    "cohort" [S_pad] (ids in execution order; K marks padding), "weight" [S_pad], and each client metric [S_pad].
   """
-  group = group_size_for(cohort_size, cohort_batch, mesh)
-  padded = cohort_size_for(cohort_size, mesh, cohort_batch)
-  gather_state = gather_state or gather_clients
-  scatter_state = scatter_state or scatter_clients
+  placement = make_placement(num_clients, mesh, strata)
+  if mesh is not None:
+    return make_sharded_round(
+        client_fn, placement=placement, mesh=mesh, cohort_size=cohort_size, aggregation=aggregation,
+        weighting=weighting, server_optimizer=server_optimizer, cohort_batch=cohort_batch, sampling=sampling,
+        encode=encode, decode=decode,
+    )
+  group = group_size_for(cohort_size, cohort_batch)
+  padded = padded_size(cohort_size, group)
 
   def round_fn(state: SimState, train: Any) -> tuple[SimState, dict[str, jax.Array]]:
     key = jax.random.fold_in(state.key, state.round)
-    cohort = sample_cohort(jax.random.fold_in(key, 0), num_clients, cohort_size)
+    cohort = draw_cohort(jax.random.fold_in(key, 0), placement, cohort_size, sampling)
     cohort = jnp.concatenate([cohort, jnp.full((padded - cohort_size,), num_clients, jnp.int32)])
     count = jnp.where(cohort < num_clients, jnp.take(train.count, cohort, mode="clip"), 0)
     order = jnp.argsort(-count, stable=True)  # largest first: groups of similar work
     cohort, count = cohort[order], count[order]
     offset = jnp.take(train.offset, cohort, mode="clip")
-    # A client without training data sends a zero update and weighs 0 under either rule.
-    weights = count.astype(jnp.float32) if weighting == "samples" else (count > 0).astype(jnp.float32)
+    weights = client_weights(count, weighting)
     keys = client_keys(jax.random.fold_in(key, 1), cohort)
     server, cohort_state, metrics = run_cohort(
         client_fn,
         state.server,
-        gather_state(state.clients, cohort),
+        decode(gather_clients(state.clients, cohort)),
         ClientData(train.x, train.y, offset, count),
         weights,
         keys,
@@ -263,16 +284,140 @@ def make_round(
         aggregation=aggregation,
         server_optimizer=server_optimizer,
         group_size=group,
-        mesh=mesh,
     )
     new_state = SimState(
         server=server,
-        clients=scatter_state(state.clients, cohort, cohort_state),
+        clients=scatter_clients(state.clients, cohort, encode(cohort_state)),
         round=state.round + 1,
         key=state.key,
         participation=state.participation.at[cohort].add(1, mode="drop"),
     )
     return new_state, {"cohort": cohort, "weight": weights, **metrics}
+
+  return round_fn
+
+
+def deal_order(size: int, shards: int) -> jax.Array:
+  """Positions of a largest-first list dealt to `shards` devices in snake order, device-major [shards * size/shards].
+
+  Device e gets positions e, 2D-1-e, 2D+e, ...: every device a similar share of the work.
+  """
+  rows = size // shards
+  grid = jnp.arange(size, dtype=jnp.int32).reshape(rows, shards)
+  grid = jnp.where((jnp.arange(rows) % 2 == 1)[:, None], grid[:, ::-1], grid)
+  return grid.T.reshape(-1)
+
+
+def make_sharded_round(
+    client_fn: ClientFn,
+    *,
+    placement: Placement,
+    mesh: Mesh,
+    cohort_size: int,
+    aggregation: str,
+    weighting: str,
+    server_optimizer: optax.GradientTransformation,
+    cohort_batch: int | None,
+    sampling: str,
+    encode: Callable[[Any], Any],
+    decode: Callable[[Any], Any],
+) -> Callable[[SimState, Any], tuple[SimState, dict[str, jax.Array]]]:
+  """The round over a population sharded on `mesh` (see `make_round` and `fedspa_jax.population`).
+
+  One `shard_map` over the "clients" axis: device d holds store rows and samples of clients [d*B, (d+1)*B) and
+  trains L = S_pad / D cohort clients. "uniform": every device draws the same cohort, the cohort is sorted by size
+  and dealt out in snake order, each client's stored row and padded samples go to its device by an all-to-all, and
+  the new rows come back by an all-gather. "stratified": each device draws S / D clients from its own strata and
+  nothing moves. Aggregation: partial sums per device, one all-reduce.
+  """
+  num_clients, shards, block = placement.num_clients, placement.shards, placement.block
+  stratified = sampling == "stratified"
+  per_device = -(-cohort_size // shards)
+  group = group_size_for(per_device, cohort_batch)
+  local = padded_size(per_device, group)  # L
+  padded = local * shards  # S_pad
+  pad_id = placement.padded  # past every block: owned by no device
+  spec, replicated = PartitionSpec(CLIENT_AXIS), PartitionSpec()
+
+  def body(count_max, server, store, participation, x, y, offset, count, key, round):
+    d = jax.lax.axis_index(CLIENT_AXIS)
+    first = d * block
+    k_cohort, k_clients = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
+    if stratified:
+      per_shard = placement.strata // shards
+      ids = sample_strata(k_cohort, placement, cohort_size, d * per_shard + jnp.arange(per_shard)).reshape(-1)
+      ids = jnp.concatenate([ids, jnp.full((local - ids.shape[0],), pad_id, jnp.int32)])
+      rows = ids - first
+      mine = jnp.where(ids < num_clients, jnp.take(count, rows, mode="clip"), 0)
+      order = jnp.argsort(-mine, stable=True)
+      ids, rows, mine = ids[order], rows[order], mine[order]
+      state_rows = jax.tree.map(lambda a: jnp.take(a, rows, axis=0, mode="clip"), store)
+      data = (x, y, jnp.take(offset, rows, mode="clip"), mine)
+    else:
+      cohort = sample_cohort(k_cohort, num_clients, cohort_size)
+      cohort = jnp.concatenate([cohort, jnp.full((padded - cohort_size,), pad_id, jnp.int32)])
+      owned = (cohort >= first) & (cohort < first + block)
+      rows_all = jnp.where(owned, cohort - first, 0)
+      sizes = jax.lax.psum(jnp.where(owned, jnp.take(count, rows_all), 0), CLIENT_AXIS)
+      order = jnp.argsort(-sizes, stable=True)
+      dealt = order[deal_order(padded, shards)]  # device-major: device e trains dealt[e*L:(e+1)*L]
+      cohort, rows_all = cohort[dealt], rows_all[dealt]
+      ids = jax.lax.dynamic_slice_in_dim(cohort, d * local, local)
+      mine = jax.lax.dynamic_slice_in_dim(sizes[dealt], d * local, local)
+      source = jnp.minimum(ids // block, shards - 1)  # the device that holds each of my clients
+
+      def move(rows_out):
+        """[S_pad, ...] rows (by cohort slot, meaningful where this device owns the client) -> my [L, ...] rows."""
+        received = jax.lax.all_to_all(rows_out.reshape((shards, local) + rows_out.shape[1:]), CLIENT_AXIS, 0, 0)
+        pick = source.reshape((1, local) + (1,) * (received.ndim - 2))
+        return jnp.take_along_axis(received, pick, axis=0)[0]
+
+      state_rows = jax.tree.map(lambda a: move(jnp.take(a, rows_all, axis=0)), store)
+      within = jnp.arange(count_max, dtype=jnp.int32)[None, :]
+      sample_rows = jnp.take(offset, rows_all)[:, None] + jnp.minimum(within, jnp.take(count, rows_all)[:, None] - 1)
+      sample_rows = jnp.clip(sample_rows, 0, x.shape[0] - 1)
+      x_mine = move(jnp.take(x, sample_rows.reshape(-1), axis=0).reshape((padded, count_max) + x.shape[1:]))
+      y_mine = move(jnp.take(y, sample_rows.reshape(-1), axis=0).reshape(padded, count_max))
+      data = (x_mine.reshape((local * count_max,) + x.shape[1:]), y_mine.reshape(-1),
+              jnp.arange(local, dtype=jnp.int32) * count_max, mine)
+
+    weights = client_weights(mine, weighting)
+    keys = client_keys(k_clients, ids)
+    x_d, y_d, offset_d, count_d = data
+    out = run_groups(client_fn, server.params, (decode(state_rows), offset_d, count_d, keys), x_d, y_d, round, group)
+    numerator, denominator = aggregate_parts(aggregation, out.update, out.coverage, weights)
+    numerator, denominator = jax.lax.psum((numerator, denominator), CLIENT_AXIS)
+    new_server = server_update(server, finish_aggregate(numerator, denominator), server_optimizer)
+    new_rows = encode(out.state)
+    if stratified:
+      write = jnp.where(ids < num_clients, ids - first, block)
+      new_rows_all = new_rows
+    else:
+      every = jax.lax.all_gather(ids, CLIENT_AXIS, tiled=True)
+      write = jnp.where((every >= first) & (every < first + block), every - first, block)
+      new_rows_all = jax.tree.map(lambda r: jax.lax.all_gather(r, CLIENT_AXIS, tiled=True), new_rows)
+    store = jax.tree.map(lambda a, r: a.at[write].set(r.astype(a.dtype), mode="drop"), store, new_rows_all)
+    participation = participation.at[write].add(1, mode="drop")
+    gathered = lambda a: jax.lax.all_gather(a, CLIENT_AXIS, tiled=True)
+    metrics = {"cohort": jnp.where(ids < num_clients, ids, num_clients), "weight": weights, **out.metrics}
+    return new_server, store, participation, jax.tree.map(gathered, metrics)
+
+  def round_fn(state: SimState, train: Any) -> tuple[SimState, dict[str, jax.Array]]:
+    key = jax.random.fold_in(state.key, state.round)
+    run = jax.shard_map(
+        functools.partial(body, max(1, train.max_count)),
+        mesh=mesh,
+        in_specs=(replicated, spec, spec, spec, spec, spec, spec, replicated, replicated),
+        out_specs=(replicated, spec, spec, replicated),
+        check_vma=False,
+    )
+    server, clients, participation, metrics = run(
+        state.server, state.clients, state.participation, train.x, train.y, train.offset, train.count, key,
+        state.round,
+    )
+    new_state = SimState(server=server, clients=clients, round=state.round + 1, key=state.key,
+                         participation=participation)
+    return new_state, metrics
 
   return round_fn
 

@@ -53,18 +53,20 @@ def saved_config(workdir: pathlib.Path) -> dict[str, Any] | None:
   return None
 
 
-def prepare_workdir(workdir: pathlib.Path, config: Config, *, resume: bool, overwrite: bool) -> None:
+def prepare_workdir(workdir: pathlib.Path, config: Config, *, resume: bool, overwrite: bool, primary: bool = True) -> None:
   """Makes `workdir` ready: refuses to mix two runs in one folder, clears it for `overwrite`, checks `resume`.
 
   Raises:
     RunExistsError: the folder holds a run and neither `resume` nor `overwrite` is set.
     ConfigMismatchError: `resume` with a config that changes the run's trajectory (the differences are listed).
+
+  Every process of a distributed run checks; only the `primary` one deletes or creates anything.
   """
   if resume and overwrite:
     raise ConfigError("choose one of resume and overwrite")
   held = [name for name in RUN_MARKERS if (workdir / name).exists()]
   if held and overwrite:
-    for name in OUTPUTS:
+    for name in OUTPUTS if primary else ():
       target = workdir / name
       if target.is_dir():
         shutil.rmtree(target)
@@ -83,4 +85,5 @@ def prepare_workdir(workdir: pathlib.Path, config: Config, *, resume: bool, over
           f"the checkpoint in {workdir} was written by a different config (saved -> now):\n  " + "\n  ".join(diff)
           + "\nresume with the saved config (run --resume --out DIR alone), or pass --overwrite to start over"
       )
-  workdir.mkdir(parents=True, exist_ok=True)
+  if primary:
+    workdir.mkdir(parents=True, exist_ok=True)

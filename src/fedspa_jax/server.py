@@ -29,6 +29,45 @@ def _weighted_sum(tree: Any, weights: jax.Array) -> Any:
   return jax.tree.map(lambda u: jnp.tensordot(weights.astype(u.dtype), u, axes=1), tree)
 
 
+def aggregate_parts(rule: str, updates: Params, coverage: Any | None, weights: jax.Array) -> tuple[Params, Any]:
+  """The sums an aggregation divides: (numerator, denominator), each additive over clients.
+
+  "mean": (sum_k w_k U_k, sum_k w_k); "masked_mean": per coordinate (sum_k w_k c_k U_k, sum_k w_k c_k). Partial
+  sums over disjoint sets of clients (e.g. one per device) add up to the whole cohort's; `finish_aggregate` divides.
+
+  Args:
+    rule: "mean" or "masked_mean" (dense coverage when `coverage` is None).
+    updates: pytree with leaves [S, ...].
+    coverage: bool pytree with leaves [S, ...] (each client's mask during training), or None.
+    weights: [S] non-negative weights (sample counts, or 1 per real client; 0 for padding).
+  """
+  if rule == "mean" or coverage is None:
+    if rule not in AGGREGATIONS:
+      raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {rule!r}")
+    return _weighted_sum(updates, weights), jnp.sum(weights)
+  if rule != "masked_mean":
+    raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {rule!r}")
+
+  def leaf(u, c):
+    wc = jnp.where(c, weights.reshape((-1,) + (1,) * (u.ndim - 1)), 0.0).astype(u.dtype)
+    return jnp.sum(wc * u, axis=0), jnp.sum(wc, axis=0)
+
+  pairs = jax.tree.map(leaf, updates, coverage)
+  is_pair = lambda x: isinstance(x, tuple)
+  return (jax.tree.map(lambda p: p[0], pairs, is_leaf=is_pair), jax.tree.map(lambda p: p[1], pairs, is_leaf=is_pair))
+
+
+def finish_aggregate(numerator: Params, denominator: Any) -> Params:
+  """numerator / denominator, 0 where nothing was aggregated.
+
+  `denominator` is one scalar for every leaf ("mean") or a tree like `numerator` ("masked_mean").
+  """
+  if jax.tree.structure(denominator) != jax.tree.structure(numerator):
+    scale = jnp.where(denominator > 0, 1.0 / jnp.where(denominator > 0, denominator, 1.0), 0.0)
+    return jax.tree.map(lambda s: s * scale.astype(s.dtype), numerator)
+  return jax.tree.map(lambda n, d: jnp.where(d > 0, n / jnp.where(d > 0, d, 1.0), 0.0), numerator, denominator)
+
+
 def aggregate_mean(updates: Params, weights: jax.Array) -> Params:
   """sum_k weight_k U_k / sum_k weight_k (0 if every weight is 0).
 
@@ -36,9 +75,7 @@ def aggregate_mean(updates: Params, weights: jax.Array) -> Params:
     updates: pytree with leaves [S, ...].
     weights: [S] non-negative weights (sample counts, or 1 per real client; 0 for padding).
   """
-  total = jnp.sum(weights)
-  scale = jnp.where(total > 0, 1.0 / jnp.where(total > 0, total, 1.0), 0.0)
-  return jax.tree.map(lambda s: s * scale.astype(s.dtype), _weighted_sum(updates, weights))
+  return finish_aggregate(*aggregate_parts("mean", updates, None, weights))
 
 
 def aggregate_masked_mean(updates: Params, coverage: Any, weights: jax.Array) -> Params:
@@ -49,23 +86,12 @@ def aggregate_masked_mean(updates: Params, coverage: Any, weights: jax.Array) ->
     coverage: bool pytree with leaves [S, ...] (each client's mask during training).
     weights: [S] non-negative weights.
   """
-
-  def leaf(u, c):
-    wc = jnp.where(c, weights.reshape((-1,) + (1,) * (u.ndim - 1)), 0.0).astype(u.dtype)
-    numerator = jnp.sum(wc * u, axis=0)
-    denominator = jnp.sum(wc, axis=0)
-    return jnp.where(denominator > 0, numerator / jnp.where(denominator > 0, denominator, 1.0), 0.0)
-
-  return jax.tree.map(leaf, updates, coverage)
+  return finish_aggregate(*aggregate_parts("masked_mean", updates, coverage, weights))
 
 
 def aggregate(rule: str, updates: Params, coverage: Any | None, weights: jax.Array) -> Params:
   """Dispatches to `aggregate_mean` or `aggregate_masked_mean` (dense coverage when `coverage` is None)."""
-  if rule == "mean" or coverage is None:
-    return aggregate_mean(updates, weights)
-  if rule == "masked_mean":
-    return aggregate_masked_mean(updates, coverage, weights)
-  raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {rule!r}")
+  return finish_aggregate(*aggregate_parts(rule, updates, coverage, weights))
 
 
 def init_server(params: Params, optimizer: optax.GradientTransformation) -> ServerState:

@@ -79,6 +79,7 @@ def init_store(
     params: Any,
     num_clients: int,
     *,
+    first: jax.Array | int = 0,
     chunk_bytes: int = INIT_CHUNK_BYTES,
 ) -> Any:
   """The encoded [K, ...] store, drawn in chunks of clients so temporaries stay O(chunk * P), not O(K * P).
@@ -88,26 +89,27 @@ def init_store(
     layout: the store layout.
     key: PRNG key (client k's state depends on k, not on the chunking).
     params: the initial params.
-    num_clients: K.
+    num_clients: K, or the number of clients of a block (with `first`).
+    first: the id of the first client (a device's block of a sharded population starts at d * B).
     chunk_bytes: decoded bytes drawn at once.
 
   Returns:
-    The store, leaves [K, ...].
+    The store, leaves [num_clients, ...] (clients first, first + 1, ...).
   """
   per_client = max(1, sum(math.prod(t.shape) * np.dtype(t.dtype).itemsize for t in jax.tree.leaves(layout.template)))
   chunk = int(min(num_clients, max(1, chunk_bytes // per_client)))
   num_chunks = -(-num_clients // chunk)
 
   @jax.jit
-  def draw(key, params):
+  def draw(key, params, first):
     def one(c):
-      ids = jnp.minimum(c * chunk + jnp.arange(chunk, dtype=jnp.int32), num_clients - 1)
+      ids = first + jnp.minimum(c * chunk + jnp.arange(chunk, dtype=jnp.int32), num_clients - 1)
       return layout.encode(init_clients(key, params, ids))
 
     chunks = jax.lax.map(one, jnp.arange(num_chunks, dtype=jnp.int32))
     return jax.tree.map(lambda a: a.reshape((num_chunks * chunk,) + a.shape[2:])[:num_clients], chunks)
 
-  return draw(key, params)
+  return draw(key, params, jnp.asarray(first, jnp.int32))
 
 
 def check_store(store: Any, layout: StoreLayout, num_clients: int) -> None:

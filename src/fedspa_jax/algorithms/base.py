@@ -10,13 +10,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from fedspa_jax import accounting
+from fedspa_jax import accounting, population
 from fedspa_jax import store as store_lib
 from fedspa_jax.client import make_preprocess
 from fedspa_jax.data.federated import FederatedData
-from fedspa_jax.evaluation import make_evaluate
+from fedspa_jax.evaluation import make_evaluate, make_evaluate_clients, summaries
 from fedspa_jax.models import flops
+from fedspa_jax.population import CLIENT_AXIS, PlacedData
 from fedspa_jax.round import SimState, check_aggregation, check_mesh, make_round
 from fedspa_jax.server import init_server
 
@@ -38,6 +41,8 @@ class Algorithm:
       leaves [C, ...]: FedSpa's bool masks, Ditto's personal models, ...
     evaluate_fn: the pure, un-jitted evaluation (state, data, clients=None) behind `evaluate`, without its host-side
       check of `clients` (for vmapping over seeds, as `fedspa_jax.sweep` does).
+    place: data -> the data as `round` and `evaluate` take it: `jax.device_put(data)`, or with a mesh the
+      population laid out over it (`fedspa_jax.population.place`; each process places only its own devices).
   """
 
   name: str
@@ -48,6 +53,7 @@ class Algorithm:
   round_fn: Callable[..., Any]
   client_states: Callable[..., Any]
   evaluate_fn: Callable[..., Any] | None = None
+  place: Callable[..., Any] = jax.device_put
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,13 +71,20 @@ class Common:
     weighting: "samples" (aggregate weighted by client sample counts) or "uniform" (1 per client). Every algorithm
       sets its own default (`with_defaults`; docs/algorithms.md says why), recorded in its hparams.
     server_lr: server learning rate eta_s.
-    mesh: optional `jax.sharding.Mesh` with a "clients" axis to shard the cohort over.
+    mesh: optional `jax.sharding.Mesh` with a "clients" axis: the client population (store and data) is sharded
+      over it, each device holding and training its own block of clients (`fedspa_jax.population`); pass the
+      data through `algo.place(data)` first.
     eval_clients_per_batch: clients evaluated together (memory bound of `evaluate`).
     cohort_batch: clients vmapped together. The cohort is sorted by size and run as `lax.map` over groups of this
       many clients, each group costing its own largest client's steps (see `fedspa_jax.round`); None runs the
       whole cohort as one vmapped group. "auto" (default): 1 on CPU, where vmapped lanes bring no speed and skewed
       sizes cost up to 2x (docs/benchmarks.md), None on accelerators, which need the lanes to fill the device.
-      With `mesh`, groups are rounded up to a multiple of the mesh's size.
+      With `mesh`, per device.
+    cohort_sampling: "uniform" (S of the K clients without replacement) or "stratified" (S / T from each of T
+      strata of consecutive ids; with a mesh, each device samples its own clients and no sample moves); see
+      `fedspa_jax.population`.
+    cohort_strata: T for "stratified" (default: the devices on the mesh's client axis, 1 without a mesh); a
+      multiple of them.
   """
 
   clients_per_round: int = 10
@@ -88,6 +101,8 @@ class Common:
   mesh: jax.sharding.Mesh | None = None
   eval_clients_per_batch: int = 16
   cohort_batch: int | str | None = "auto"
+  cohort_sampling: str = "uniform"
+  cohort_strata: int | None = None
 
   def __post_init__(self):
     check_positive_int("clients_per_round", self.clients_per_round)
@@ -98,6 +113,10 @@ class Common:
     check_mesh(self.mesh)
     if self.cohort_batch not in (None, "auto"):
       check_positive_int("cohort_batch", self.cohort_batch)
+    if self.cohort_sampling not in population.SAMPLINGS:
+      raise ValueError(f"cohort_sampling must be one of {population.SAMPLINGS}, got {self.cohort_sampling!r}")
+    if self.cohort_strata is not None:
+      check_positive_int("cohort_strata", self.cohort_strata)
     if not (isinstance(self.server_lr, (int, float)) and self.server_lr > 0):
       raise ValueError(f"server_lr must be > 0, got {self.server_lr!r}")
     make_optimizer(self.optimizer, self.lr, self.momentum, self.weight_decay)  # validates lr and momentum
@@ -171,7 +190,7 @@ def init_params(model: nn.Module, key: jax.Array, data: FederatedData) -> Any:
 
 def check_model_fits(model: nn.Module, data: FederatedData) -> None:
   """Raises ValueError, before anything is compiled, when the model cannot consume `data` or emits wrong logits."""
-  if not isinstance(data, FederatedData):
+  if not isinstance(data, (FederatedData, PlacedData)):
     raise TypeError(f"data must be a fedspa_jax.data.FederatedData, got {type(data).__name__}")
   x = jax.ShapeDtypeStruct((1, *data.sample_shape), jnp.float32)
   try:
@@ -198,17 +217,18 @@ def check_cohort(clients_per_round: Any, data: FederatedData) -> None:
     )
 
 
-def check_state_matches(state: Any, data: FederatedData, layout: store_lib.StoreLayout) -> None:
-  """The client store must hold exactly this algorithm's encoded state for the data's K clients."""
+def check_state_matches(state: Any, data: FederatedData, layout: store_lib.StoreLayout, rows: int) -> None:
+  """The client store must hold exactly this algorithm's encoded state for `rows` clients (K, or K_pad on a mesh)."""
   if not isinstance(state, SimState):
     raise TypeError(f"state must be a SimState from this algorithm's init, got {type(state).__name__}")
   leaves = jax.tree.leaves(state.clients)
-  if leaves and leaves[0].shape[0] != data.num_clients:
+  if leaves and leaves[0].shape[0] != rows:
     raise ValueError(
-        f"state holds {leaves[0].shape[0]} clients but data has {data.num_clients}; "
-        "call init with this dataset"
+        f"state holds {leaves[0].shape[0]} clients but data has {data.num_clients}"
+        + (f" (padded to {rows} over the mesh)" if rows != data.num_clients else "")
+        + "; call init with this dataset and mesh"
     )
-  store_lib.check_store(state.clients, layout, data.num_clients)
+  store_lib.check_store(state.clients, layout, rows)
 
 
 def check_eval_clients(clients: Any, num_clients: int) -> None:
@@ -256,28 +276,83 @@ def assemble(
   """
   check_aggregation(aggregation, common.weighting)
   clients_per_round = common.clients_per_round
+  mesh = common.mesh
   server_optimizer = optax.sgd(common.server_lr)
   apply_fn = make_apply_fn(model)
   layout_of = lambda params: store_lib.make_layout(init_clients, params)
+  placement_of = lambda data: population.make_placement(data.num_clients, mesh, common.cohort_strata)
 
-  def init(key: jax.Array, data: FederatedData):
+  def check_population(data):
+    population.check_population(placement_of(data), clients_per_round, common.cohort_sampling, mesh)
+
+  def init(key: jax.Array, data: FederatedData | PlacedData):
     check_cohort(clients_per_round, data)
-    k_params, k_clients, k_sim = jax.random.split(key, 3)
-    params = init_params(model, k_params, data)
-    return SimState(
-        server=init_server(params, server_optimizer),
-        clients=store_lib.init_store(init_clients, layout_of(params), k_clients, params, data.num_clients),
-        round=jnp.zeros((), jnp.int32),
-        key=k_sim,
-        participation=jnp.zeros((data.num_clients,), jnp.int32),
-    )
+    check_population(data)
+    if mesh is None:
+      k_params, k_clients, k_sim = jax.random.split(key, 3)
+      params = init_params(model, k_params, data)
+      return SimState(
+          server=init_server(params, server_optimizer),
+          clients=store_lib.init_store(init_clients, layout_of(params), k_clients, params, data.num_clients),
+          round=jnp.zeros((), jnp.int32),
+          key=k_sim,
+          participation=jnp.zeros((data.num_clients,), jnp.int32),
+      )
+    check_model_fits(model, data)
+    return init_sharded(key, data)
+
+  def init_sharded(key, data):
+    # Everything is drawn inside one program: the replicated server state, and each device's own block of the
+    # store (client k's state from k, whatever the block). The key enters as host data, so this runs unchanged
+    # under jax.distributed (every process passes the same value).
+    placement = placement_of(data)
+    impl = jax.random.key_impl(key)
+    sample = jnp.zeros((1, *data.sample_shape), jnp.float32)
+
+    def build(key_data):
+      k_params, k_clients, k_sim = jax.random.split(jax.random.wrap_key_data(key_data, impl=impl), 3)
+      params = model.init(k_params, sample)["params"]
+      layout = layout_of(params)
+
+      def block(params, k_clients):
+        first = jax.lax.axis_index(CLIENT_AXIS) * placement.block
+        return store_lib.init_store(init_clients, layout, k_clients, params, placement.block, first=first)
+
+      store = jax.shard_map(block, mesh=mesh, in_specs=(P(), P()), out_specs=P(CLIENT_AXIS), check_vma=False)(
+          params, k_clients
+      )
+      return SimState(
+          server=init_server(params, server_optimizer),
+          clients=store,
+          round=jnp.zeros((), jnp.int32),
+          key=k_sim,
+          participation=jnp.zeros((placement.padded,), jnp.int32),
+      )
+
+    shardings = SimState(server=replicated, clients=by_client, round=replicated, key=replicated,
+                         participation=by_client)
+    return jax.jit(build, out_shardings=shardings)(np.asarray(jax.random.key_data(key)))
+
+  replicated = None if mesh is None else NamedSharding(mesh, P())
+  by_client = None if mesh is None else NamedSharding(mesh, P(CLIENT_AXIS))
+
+  def place(data: FederatedData):
+    """The data as the round takes it: on the device, or laid out over the mesh (`population.place`)."""
+    if mesh is None:
+      return jax.device_put(data)
+    return population.place(data, mesh, common.cohort_strata)
 
   def check(state, data):
     # Runs at trace time: bad input surfaces here, before compilation.
+    if mesh is not None and not isinstance(data, PlacedData):
+      raise TypeError("with a mesh, the round and evaluate take the data laid out over it: pass algo.place(data)")
+    if mesh is None and isinstance(data, PlacedData):
+      raise TypeError("this data is laid out over a mesh; build the algorithm with that mesh")
     check_model_fits(model, data)
     check_cohort(clients_per_round, data)
+    check_population(data)
     layout = layout_of(state.server.params)
-    check_state_matches(state, data, layout)
+    check_state_matches(state, data, layout, placement_of(data).padded if mesh is not None else data.num_clients)
     return layout
 
   def round_fn(state, data: FederatedData):
@@ -290,10 +365,12 @@ def assemble(
         aggregation=aggregation,
         weighting=common.weighting,
         server_optimizer=server_optimizer,
-        mesh=common.mesh,
+        mesh=mesh,
         cohort_batch=resolve_cohort_batch(common.cohort_batch),
-        gather_state=layout.gather,
-        scatter_state=layout.scatter,
+        sampling=common.cohort_sampling,
+        strata=common.cohort_strata,
+        encode=layout.encode,
+        decode=layout.decode,
     )
     new_state, metrics = run(state, data.train)
     real = jnp.sum(metrics["cohort"] < data.num_clients)
@@ -303,15 +380,53 @@ def assemble(
   def evaluate_fn(state, data: FederatedData, clients=None):
     layout = check(state, data)
     preprocess = make_preprocess(data.mean, data.std)
+    key = jax.random.fold_in(jax.random.fold_in(state.key, state.round), 2)  # 0: cohort, 1: clients
+    if mesh is not None:
+      return evaluate_sharded(state, data, clients, layout, preprocess, key)
     evaluate_clients = make_evaluate(
         make_personalize(preprocess), apply_fn, clients_per_batch=common.eval_clients_per_batch
     )
-    key = jax.random.fold_in(jax.random.fold_in(state.key, state.round), 2)  # 0: cohort, 1: clients
     ids = jnp.arange(data.num_clients, dtype=jnp.int32) if clients is None else jnp.asarray(clients, jnp.int32)
     return evaluate_clients(
         state.server.params, lambda i: layout.gather(state.clients, i), ids, state.participation, data.train,
         data.test, key, preprocess,
     )
+
+  def evaluate_sharded(state, data, clients, layout, preprocess, key):
+    # Each device evaluates the clients it holds; the per-client results are gathered, replicated.
+    placement = placement_of(data)
+    evaluate_clients = make_evaluate_clients(
+        make_personalize(preprocess), apply_fn, clients_per_batch=common.eval_clients_per_batch
+    )
+    every = clients is None
+
+    def body(params, store, participation, train, test, key, ids):
+      first = jax.lax.axis_index(CLIENT_AXIS) * placement.block
+      gather = lambda rows: layout.gather(store, rows)
+      if every:  # my block, every row
+        rows = jnp.arange(placement.block, dtype=jnp.int32)
+        out = evaluate_clients(params, gather, rows, first + rows, first + rows < data.num_clients, train, test,
+                               key, preprocess)
+        return {**out, "participation": participation}
+      held = (ids >= first) & (ids < first + placement.block)
+      rows = jnp.where(held, ids - first, 0)
+      out = evaluate_clients(params, gather, rows, ids, held, train, test, key, preprocess)
+      out = {**out, "participation": jnp.where(held, jnp.take(participation, rows), 0)}
+      # Exactly one device holds each client: the others add zeros (NaN stays NaN).
+      return jax.lax.psum(jax.tree.map(lambda a: jnp.where(held, a, jnp.zeros((), a.dtype)), out), CLIENT_AXIS)
+
+    ids = jnp.zeros((1,), jnp.int32) if every else jnp.asarray(clients, jnp.int32)
+    out_spec = P(CLIENT_AXIS) if every else P()
+    out = jax.shard_map(
+        body, mesh=mesh, in_specs=(P(), P(CLIENT_AXIS), P(CLIENT_AXIS), P(CLIENT_AXIS), P(CLIENT_AXIS), P(), P()),
+        out_specs=out_spec, check_vma=False,
+    )(state.server.params, state.clients, state.participation, data.train, data.test, key, ids)
+    if every:
+      ids = jnp.arange(data.num_clients, dtype=jnp.int32)
+      out = jax.tree.map(lambda a: a[: data.num_clients], out)
+    out = jax.lax.with_sharding_constraint(out, replicated)
+    participated = out.pop("participation") > 0
+    return summaries(ids, out, participated)
 
   jitted_evaluate = jax.jit(evaluate_fn)
 
@@ -323,7 +438,10 @@ def assemble(
     """The decoded state of `clients` (default: all), leaves [C, ...] (FedSpa: bool masks)."""
     check_eval_clients(clients, data.num_clients)
     ids = np.arange(data.num_clients) if clients is None else np.asarray(clients)
-    return layout_of(state.server.params).gather(state.clients, jnp.asarray(ids, jnp.int32))
+    gather = layout_of(state.server.params).gather
+    if mesh is None:
+      return gather(state.clients, jnp.asarray(ids, jnp.int32))
+    return jax.jit(gather, out_shardings=replicated)(state.clients, np.asarray(ids, np.int32))
 
   return Algorithm(
       name=name,
@@ -334,6 +452,7 @@ def assemble(
       round_fn=round_fn,
       client_states=client_states,
       evaluate_fn=evaluate_fn,
+      place=place,
   )
 
 

@@ -1,0 +1,186 @@
+"""The client population sharded over 8 forced CPU devices: layout, per-device memory, equality with one device."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fedspa_jax as fj
+from fedspa_jax import config as config_lib
+from fedspa_jax import experiment, population
+from fedspa_jax.round import make_client_mesh
+
+VOLATILE = {"wall_time", "run_dir", "device", "hparams"}
+HPARAMS = dict(density=0.4, clients_per_round=8, local_epochs=1, batch_size=8, lr=0.05, rounds=10)
+
+
+def tiny(**changes) -> config_lib.Config:
+  """The default config's smoke variant with 16 clients, 8 per round (a multiple of 8 strata), 6 rounds."""
+  config = config_lib.load("default", smoke=True)
+  config = dataclasses.replace(config, num_clients=16, rounds=6, checkpoint_every=3, eval_every=3,
+                               rounds_per_dispatch=3)
+  return config_lib.apply_overrides(config, [("hparams.clients_per_round", 8), *changes.items()])
+
+
+def quiet_run(config, workdir, **kw):
+  return experiment.run(config, workdir, echo=None, write_plots=False, progress=False, **kw)
+
+
+def records(workdir):
+  return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_runs_close(a_dir, a, b_dir, b):
+  for key in ("bytes_up", "bytes_down", "samples", "clients_participating", "num_clients"):
+    assert a[key] == b[key], key
+  np.testing.assert_allclose(a["client_accuracy"], b["client_accuracy"], atol=1e-6)
+  np.testing.assert_allclose(a["final_loss_mean"], b["final_loss_mean"], rtol=1e-5)
+  ra, rb = records(a_dir), records(b_dir)
+  assert [r["round"] for r in ra] == [r["round"] for r in rb] == [3, 6]
+  for x, y in zip(ra, rb):
+    for k in x:
+      if k != "wall_time":
+        np.testing.assert_allclose(x[k], y[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  ca, cb = np.load(a_dir / "clients.npz"), np.load(b_dir / "clients.npz")
+  np.testing.assert_array_equal(ca["participation"], cb["participation"])
+  np.testing.assert_array_equal(ca["hamming"], cb["hamming"])  # the same masks, client by client
+
+
+@pytest.fixture(scope="module")
+def data():
+  return fj.data.synthetic(1.0, 1.0, num_clients=20, max_samples_per_client=60, seed=3)
+
+
+@pytest.fixture(scope="module")
+def model():
+  return fj.models.get("mlp", num_classes=10, hidden=(16,))
+
+
+@pytest.fixture(scope="module")
+def mesh():
+  assert jax.device_count() == 8, "conftest forces 8 CPU devices"
+  return make_client_mesh()
+
+
+@pytest.fixture(scope="module")
+def sharded(model, mesh):
+  return fj.algorithms.get("fedspa", model=model, mesh=mesh, **HPARAMS)
+
+
+def test_placed_data_holds_each_block_on_its_device(data, sharded):
+  placed = sharded.place(data)
+  k_pad, block = 24, 3  # 20 clients padded to a multiple of 8 devices
+  assert placed.num_clients == 20 and placed.train.count.shape == (k_pad,)
+  for split, placed_split in ((data.train, placed.train), (data.test, placed.test)):
+    rows = placed_split.x.shape[0] // 8
+    for shard_x, shard_y, shard_off, shard_count in zip(
+        *(sorted(a.addressable_shards, key=lambda s: s.index[0].start or 0)
+          for a in (placed_split.x, placed_split.y, placed_split.offset, placed_split.count))):
+      assert shard_count.data.shape == (block,)
+      d = (shard_count.index[0].start or 0) // block
+      for j in range(block):
+        k = d * block + j
+        n, start = int(shard_count.data[j]), int(shard_off.data[j])
+        if k >= 20:
+          assert n == 0
+          continue
+        x, y = split.client(k)
+        np.testing.assert_array_equal(np.asarray(shard_x.data)[start : start + n], x)
+        np.testing.assert_array_equal(np.asarray(shard_y.data)[start : start + n], y)
+      assert shard_x.data.shape[0] == rows
+  # Data memory per device: the largest block's training samples, not N_total.
+  counts = np.pad(np.asarray(data.train.count), (0, k_pad - 20))
+  assert placed.train.x.shape[0] // 8 == counts.reshape(8, block).sum(1).max() < data.train.total
+
+
+def test_store_is_sharded_one_block_per_device(data, model, sharded):
+  placed = sharded.place(data)
+  state = sharded.init(jax.random.key(0), placed)
+  spec = jax.sharding.PartitionSpec("clients")
+  for leaf in jax.tree.leaves(state.clients) + [state.participation]:
+    assert leaf.shape[0] == 24 and leaf.sharding.spec == spec
+    assert {shard.data.shape[0] for shard in leaf.addressable_shards} == {3}
+  held = population.per_device_bytes(state.clients)
+  total = sum(a.nbytes for a in jax.tree.leaves(state.clients))
+  assert len(held) == 8 and set(held.values()) == {total // 8}
+  # The masks are stored packed (uint32 words); client k's initial state does not depend on the sharding.
+  single = fj.algorithms.get("fedspa", model=model, **HPARAMS)
+  ref = single.client_states(single.init(jax.random.key(0), data), data)
+  got = sharded.client_states(state, data)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), ref, got)
+
+
+def test_round_needs_placed_data(data, sharded):
+  placed = sharded.place(data)
+  state = sharded.init(jax.random.key(0), placed)
+  with pytest.raises(TypeError, match="place"):
+    sharded.round(state, jax.device_put(data))
+
+
+@pytest.mark.parametrize("sampling", ["uniform", "stratified"])
+def test_sharded_run_equals_one_device(sampling, tmp_path):
+  # One device ("stratified" with the 8 strata the 8 devices give) against 8 devices, fused rounds, with a resume.
+  changes = {"hparams.cohort_sampling": sampling}
+  one = quiet_run(tiny(**changes, **({"hparams.cohort_strata": 8} if sampling == "stratified" else {})),
+                  tmp_path / "one")
+  eight = quiet_run(tiny(**changes, shard_clients=True), tmp_path / "eight")
+  assert "8 x" in eight["device"]
+  assert_runs_close(tmp_path / "one", one, tmp_path / "eight", eight)
+  if sampling == "uniform":  # a sharded checkpoint resumes to the uninterrupted result
+    stopped = quiet_run(tiny(**changes, shard_clients=True), tmp_path / "resumed", stop_after=3)
+    assert stopped["status"] == "stopped"
+    resumed = quiet_run(tiny(**changes, shard_clients=True), tmp_path / "resumed", resume=True)
+    assert_runs_close(tmp_path / "eight", eight, tmp_path / "resumed", resumed)
+
+
+def test_stratified_sampling_draws_evenly_from_each_stratum():
+  placement = population.Placement(num_clients=30, shards=1, strata=4)  # strata of 8, the last holds 6
+  cohorts = jax.vmap(lambda k: population.sample_stratified(k, placement, 8))(
+      jax.random.split(jax.random.key(0), 400))
+  cohorts = np.asarray(cohorts)
+  assert cohorts.max() < 30
+  for row in cohorts:
+    assert len(set(row.tolist())) == 8
+    np.testing.assert_array_equal(np.bincount(row // 8, minlength=4), [2, 2, 2, 2])
+  freq = np.bincount(cohorts.ravel(), minlength=30) / 400
+  np.testing.assert_allclose(freq[:24], 2 / 8, atol=0.08)
+  np.testing.assert_allclose(freq[24:], 2 / 6, atol=0.08)
+
+
+def test_deal_order_balances_a_sorted_cohort():
+  from fedspa_jax.round import deal_order
+
+  order = np.asarray(deal_order(8, 4))
+  assert sorted(order.tolist()) == list(range(8))
+  np.testing.assert_array_equal(order.reshape(4, 2), [[0, 7], [1, 6], [2, 5], [3, 4]])
+
+
+def test_bad_populations_fail_before_compiling(model, mesh, tmp_path):
+  small = fj.data.synthetic(1.0, 1.0, num_clients=6, max_samples_per_client=20, seed=0)
+  algo = fj.algorithms.get("fedspa", model=model, mesh=mesh, **{**HPARAMS, "clients_per_round": 2})
+  with pytest.raises(ValueError, match="6 clients cannot be sharded over 8 devices"):
+    algo.init(jax.random.key(0), small)
+  sixteen = fj.data.synthetic(1.0, 1.0, num_clients=16, max_samples_per_client=20, seed=0)
+  with pytest.raises(ValueError, match="multiple of 8"):
+    fj.algorithms.get("fedspa", model=model, mesh=mesh, cohort_sampling="stratified",
+                      **{**HPARAMS, "clients_per_round": 6}).init(jax.random.key(0), sixteen)
+  with pytest.raises(ValueError, match="multiple of the 8 devices"):
+    fj.algorithms.get("fedspa", model=model, mesh=mesh, cohort_sampling="stratified", cohort_strata=4,
+                      **HPARAMS).init(jax.random.key(0), sixteen)
+  with pytest.raises(ValueError, match="cohort_sampling"):
+    fj.algorithms.get("fedspa", model=model, cohort_sampling="per_client", **HPARAMS)
+  with pytest.raises(experiment.ConfigError, match="cannot be sharded"):
+    quiet_run(tiny(num_clients=6, shard_clients=True, **{"hparams.clients_per_round": 3}), tmp_path / "k6")
+
+
+def test_checkpoint_of_another_device_count_is_refused(tmp_path, monkeypatch):
+  # 20 clients: 24 rows on 8 devices, 20 on 4 (another layout), so the resume must refuse with a clear error.
+  config = tiny(num_clients=20, shard_clients=True)
+  quiet_run(config, tmp_path / "run", stop_after=3)
+  four = make_client_mesh(jax.devices()[:4])
+  monkeypatch.setattr(experiment, "make_client_mesh", lambda: four)
+  with pytest.raises(experiment.ConfigError, match="cannot resume"):
+    quiet_run(config, tmp_path / "run", resume=True)
