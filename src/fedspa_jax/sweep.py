@@ -330,7 +330,7 @@ def sweep(
       ev_i = seed_slice(ev, i)
       summary = experiment._summary(c, algo, datas[i], ev_i, histories[i], totals[i], d)
       (d / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-      experiment._write_clients(d / "clients.npz", algo, seed_state(state, i), datas[i], ev_i)
+      np.savez(d / "clients.npz", **experiment._client_arrays(algo, seed_state(state, i), datas[i], ev_i))
       summaries.append(summary)
     result = sweep_summary(config, seeds, summaries, workdir, time.perf_counter() - start)
     (workdir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
