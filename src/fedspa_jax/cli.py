@@ -147,7 +147,9 @@ def _run(args) -> int:
       config, args.out, resume=args.resume, overwrite=args.overwrite, stop_after=args.stop_after,
       progress=args.progress, echo=None if args.quiet else print, write_plots=args.plots,
   )
-  if summary.get("status") == "complete":
+  from fedspa_jax import distributed
+
+  if summary.get("status") == "complete" and distributed.is_primary():
     s = summary["final_accuracy"]
     print(f"done: {summary['algorithm']} on {summary['dataset']}, final accuracy {s['mean']:.4f} ± {s['std']:.4f} "
           f"(p10 {s['p10']:.3f}, worst 10% {s['worst10']:.3f}), best {summary['best_accuracy_mean']:.4f}; "
