@@ -15,8 +15,13 @@ Sections (each prints one Markdown table and its targets):
   skew     useful samples/s (samples the clients really trained on, per second) with pathological (2 classes) and
            dirichlet (alpha 0.1) client sizes, 100 clients, 1 local epoch, cohort_batch None, 1 and 2, interleaved.
            Target: dirichlet / pathological >= 0.75 for each cohort_batch.
+  shard    K = 10,000 Fashion-MNIST clients on 8 forced CPU devices: per-device store and data bytes against one
+           device, s/round and collective bytes of each cohort placement ("uniform": samples and state rows move to
+           the device that trains them; "stratified": each device samples its own clients). Target: store per
+           device <= 1/8 of the 1-device store plus padding.
   torch    the whole FedSpa round (10 clients x 600 samples, 1 epoch, batch 32) against a plain sequential PyTorch
-           loop doing the same dense LeNet-5 training (2 threads), interleaved in one process. Target: JAX/torch >= 1.
+           loop doing the same dense LeNet-5 training (2 threads), interleaved in one process (a subprocess with one
+           XLA CPU device per core): FedSpa on one device and sharded over the cores. Target: JAX/torch >= 1.
 
 Times exclude compilation (one warm-up round first), have no host sync inside the timed loop and block at the end.
 Run it on a quiet machine: the load average at start and end is reported with the results.
@@ -45,7 +50,7 @@ import fedspa_jax as fj
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_models  # noqa: E402  (the sibling script: one place that names the machine)
 
-SECTIONS = ("scale", "million", "skew", "torch")
+SECTIONS = ("scale", "million", "skew", "torch", "shard")
 DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "benchmarks.md")
 BEGIN, END = "<!-- bench_scale:begin -->", "<!-- bench_scale:end -->"
 GIB = 2**30
@@ -56,12 +61,14 @@ FULL = dict(
     million_clients=1_000_000, million_rounds=10,
     skew_blocks=5, skew_rounds=4, skew_cohort_batches=[None, 1, 2],
     torch_blocks=5, torch_rounds=3,
+    shard_clients=10_000, shard_cohort=16, shard_rounds=10,
 )
 QUICK = dict(
     scale_clients=[100, 1_000], scale_rounds=2, scale_steps=5,
     million_clients=20_000, million_rounds=2,
     skew_blocks=1, skew_rounds=1, skew_cohort_batches=[None, 2],
     torch_blocks=2, torch_rounds=1,
+    shard_clients=1_000, shard_cohort=16, shard_rounds=2,
 )
 
 
@@ -134,8 +141,8 @@ def load_fashion_mnist(num_clients: int, partition: str, **partition_args) -> fj
 
 
 def fedspa(model, **kwargs):
-  return fj.algorithms.get("fedspa", model=model, density=0.5, clients_per_round=10, batch_size=32, lr=0.05,
-                           **kwargs)
+  hparams = dict(density=0.5, clients_per_round=10, batch_size=32, lr=0.05)
+  return fj.algorithms.get("fedspa", model=model, **{**hparams, **kwargs})
 
 
 # ---- one measurement in a subprocess (peak RSS of that measurement alone) ----------------------------------------
@@ -177,13 +184,13 @@ def one_million(num_clients: int, rounds: int) -> dict:
               data_bytes=tree_bytes(data))
 
 
-ONE = {"scale": one_scale, "million": one_million}
 
 
-def in_subprocess(section: str, **kwargs) -> dict:
-  """Runs `ONE[section](**kwargs)` in a fresh Python process; its result plus that process's peak RSS."""
+def in_subprocess(section: str, env: dict | None = None, **kwargs) -> dict:
+  """Runs `ONE[section](**kwargs)` in a fresh Python process (with `env` added); its result plus its peak RSS."""
   request = json.dumps({"section": section, **kwargs})
-  proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", request], capture_output=True, text=True)
+  proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", request], capture_output=True, text=True,
+                        env={**os.environ, **(env or {})})
   if proc.returncode != 0:
     sys.stderr.write(proc.stderr)
     raise RuntimeError(f"the subprocess for {request} failed with exit code {proc.returncode}")
@@ -197,6 +204,89 @@ def run_one(request: str) -> None:
 
 
 # ---- sections: each returns its Markdown --------------------------------------------------------------------------
+
+
+DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
+               "s64": 8, "u64": 8, "f64": 8}
+COLLECTIVES = ("all-to-all", "all-gather", "all-reduce", "reduce-scatter", "collective-permute")
+
+
+def collective_bytes(hlo: str) -> dict[str, int]:
+  """Per-device bytes of every collective's result in compiled (partitioned) HLO text, by collective kind."""
+  found: dict[str, int] = {}
+  for line in hlo.splitlines():
+    if " = " not in line:
+      continue
+    rhs = line.split(" = ", 1)[1]
+    for kind in COLLECTIVES:
+      match = re.search(rf"\s{kind}(-start)?\(", rhs)
+      if match:
+        shapes = re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", rhs[: match.start()])
+        size = sum(DTYPE_BYTES.get(t, 4) * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+                   for t, dims in shapes)
+        found[kind] = found.get(kind, 0) + size
+        break
+  return found
+
+
+def one_shard(num_clients: int, rounds: int, local_steps: int, cohort: int) -> dict:
+  """FedSpa LeNet-5 on K Fashion-MNIST (iid) clients: 1 device against the population sharded over all devices."""
+  from fedspa_jax import population
+
+  host = load_fashion_mnist(num_clients, "iid")
+  model = fj.models.get("lenet5", num_classes=host.num_classes)
+  mesh = fj.round.make_client_mesh()
+  common = dict(local_steps=local_steps, local_epochs=None, rounds=rounds + 1, clients_per_round=cohort)
+  variants = {"1 device": fedspa(model, **common),
+              "uniform": fedspa(model, mesh=mesh, **common),
+              "stratified": fedspa(model, mesh=mesh, cohort_sampling="stratified", **common)}
+  out = {}
+  for name, algo in variants.items():
+    log(f"shard: {name}")
+    data = algo.place(host)
+    state = jax.block_until_ready(algo.init(jax.random.key(0), data))
+    per_device = lambda tree: max(population.per_device_bytes(tree).values())
+    start = time.perf_counter()
+    traffic = collective_bytes(algo.round.lower(state, data).compile().as_text())
+    compile_s = time.perf_counter() - start
+    state, first_s = warm_up(algo, state, data)
+    state, history, elapsed = run_rounds(algo, state, data, rounds)
+    out[name] = dict(store_total=tree_bytes(state.clients), store_device=per_device(state.clients),
+                     data_device=per_device(data), compile_s=compile_s, first_s=first_s, round_s=elapsed / rounds, traffic=traffic,
+                     samples=total(history, "samples") / rounds)
+  return {"variants": out, "devices": jax.device_count()}
+
+
+def section_shard(sizes: dict) -> list[str]:
+  devices, k, cohort = 8, sizes["shard_clients"], sizes["shard_cohort"]
+  rounds, steps = sizes["shard_rounds"], sizes["scale_steps"]
+  result = in_subprocess("shard", env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"},
+                         num_clients=k, rounds=rounds, local_steps=steps, cohort=cohort)
+  v = result["variants"]
+  one = v["1 device"]
+  lines = [
+      f"### The population sharded over {devices} devices",
+      "",
+      f"FedSpa (density 0.5), LeNet-5, Fashion-MNIST iid, K = {k:,} clients, {cohort} per round, {steps} local steps "
+      f"at batch 32, on {devices} forced XLA CPU devices (`XLA_FLAGS=--xla_force_host_platform_device_count="
+      f"{devices}`; they share this machine's cores, so s/round shows the overhead of the sharded program, not a "
+      "speed-up). `1 device`: no mesh. `uniform` and `stratified`: `mesh=make_client_mesh()` with that "
+      "`cohort_sampling`. Per-device bytes: the largest of the devices' shards. Collective bytes: the per-device "
+      "result sizes of every collective in the compiled round (its partitioned HLO), summed by kind.",
+      "",
+      "| placement | store per device | store total | data per device | compile (s) | s/round | "
+      "collective bytes per round and device |",
+      "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+  ]
+  for name, r in v.items():
+    traffic = ", ".join(f"{kind} {format_bytes(n)}" for kind, n in sorted(r["traffic"].items())) or "none"
+    lines.append(f"| {name} | {format_bytes(r['store_device'])} | {format_bytes(r['store_total'])} | "
+                 f"{format_bytes(r['data_device'])} | {r['compile_s']:.1f} | {r['round_s']:.3f} | {traffic} |")
+  share = v["uniform"]["store_device"] / one["store_device"]
+  padded = -(-k // devices) * devices
+  lines += ["", f"Store per device / 1-device store: {share:.4f} (target: 1/{devices} plus padding = "
+                f"{padded / k / devices:.4f}: {verdict(share <= padded / k / devices + 1e-9)})."]
+  return lines
 
 
 def section_scale(sizes: dict) -> list[str]:
@@ -354,23 +444,22 @@ def torch_round(torch, global_model, x, y, offset, count, clients, batch_size: i
   return samples
 
 
-def section_torch(sizes: dict) -> list[str]:
-  try:
-    import torch
-  except ImportError:
-    message = ('PyTorch is not installed; skipped. Install it with `.venv/bin/python -m pip install -e ".[bench]"` '
-               "(or `pip install torch`).")
-    log(message)
-    return ["### FedSpa round against a PyTorch client loop", "", message]
+def one_torch(blocks: int, rounds: int) -> dict:
+  """JAX FedSpa on 1 device, FedSpa with the cohort sharded over every host device, and the torch loop, interleaved."""
+  import torch
+
   torch.set_num_threads(2)
   torch.manual_seed(0)
-  blocks, rounds = sizes["torch_blocks"], sizes["torch_rounds"]
   host = load_fashion_mnist(100, "pathological", classes_per_client=2)
-  data = jax.device_put(host)
   model = fj.models.get("lenet5", num_classes=10)
-  algo = fedspa(model, local_epochs=1, rounds=blocks * rounds + 1)
-  state = algo.init(jax.random.key(0), data)
-  state, jax_compile_s = warm_up(algo, state, data)
+  variants = {"one": fedspa(model, local_epochs=1, rounds=blocks * rounds + 1),
+              "sharded": fedspa(model, local_epochs=1, rounds=blocks * rounds + 1, mesh=fj.round.make_client_mesh())}
+  runs, compile_s = {}, {}
+  for name, algo in variants.items():
+    data = algo.place(host)
+    state = algo.init(jax.random.key(0), data)
+    state, compile_s[name] = warm_up(algo, state, data)
+    runs[name] = [algo, state, data]
 
   # The same samples for torch, normalised once up front (NCHW float32), as a torch Dataset would hold them.
   train = host.train
@@ -379,7 +468,7 @@ def section_torch(sizes: dict) -> list[str]:
   y = torch.from_numpy(np.asarray(train.y, np.int64))
   offset, count = np.asarray(train.offset).tolist(), np.asarray(train.count).tolist()
   torch_model = make_torch_lenet5(torch)
-  jax_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.server.params))
+  jax_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(runs["one"][1].server.params))
   torch_params = sum(p.numel() for p in torch_model.parameters())
   if jax_params != torch_params:
     raise AssertionError(f"torch LeNet-5 has {torch_params} parameters, fedspa's {jax_params}")
@@ -392,37 +481,65 @@ def section_torch(sizes: dict) -> list[str]:
     return samples, time.perf_counter() - start
 
   torch_block()  # warm-up: allocator, OpenMP threads
-  jax_rates, torch_rates = [], []
+  rates = {"one": [], "sharded": [], "torch": []}
   for block in range(blocks):
-    log(f"torch: block {block + 1} of {blocks}")
-    state, history, elapsed = run_rounds(algo, state, data, rounds)
-    jax_rates.append(total(history, "samples") / elapsed)
+    print(f"[bench_scale] torch: block {block + 1} of {blocks}", file=sys.stderr, flush=True)
+    for name, run in runs.items():
+      algo, state, data = run
+      run[1], history, elapsed = run_rounds(algo, state, data, rounds)
+      rates[name].append(total(history, "samples") / elapsed)
     samples, elapsed = torch_block()
-    torch_rates.append(samples / elapsed)
-  jax_rate, torch_rate = statistics.median(jax_rates), statistics.median(torch_rates)
-  ratio = jax_rate / torch_rate
+    rates["torch"].append(samples / elapsed)
+  return {"rates": rates, "compile_s": compile_s, "devices": jax.device_count(), "torch": torch.__version__,
+          "torch_threads": torch.get_num_threads(), "params": torch_params}
+
+
+def section_torch(sizes: dict) -> list[str]:
+  try:
+    import torch  # noqa: F401
+  except ImportError:
+    message = ('PyTorch is not installed; skipped. Install it with `.venv/bin/python -m pip install -e ".[bench]"` '
+               "(or `pip install torch`).")
+    log(message)
+    return ["### FedSpa round against a PyTorch client loop", "", message]
+  cores = os.cpu_count() or 1
+  # One XLA CPU device per core (set before JAX starts, so in a subprocess): the sharded variant trains one client
+  # per core at a time, where a single device runs the small LeNet-5 kernels on one core at a time.
+  result = in_subprocess("torch", env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={cores}"},
+                         blocks=sizes["torch_blocks"], rounds=sizes["torch_rounds"])
+  rates = result["rates"]
+  median = {name: statistics.median(values) for name, values in rates.items()}
+  ratio = {name: median[name] / median["torch"] for name in ("one", "sharded")}
+  row = lambda label, name, compile_s: (
+      f"| {label} | {compile_s} | {median[name]:,.0f} | {', '.join(f'{r:,.0f}' for r in rates[name])} |")
   return [
       "### FedSpa round against a PyTorch client loop",
       "",
       "Fashion-MNIST, 100 clients (pathological, 2 classes, 600 samples each), 10 clients per round, 1 local epoch "
       "of SGD at batch 32 (lr 0.05), LeNet-5. JAX: the whole FedSpa round (density 0.5: masked training, the dense "
-      "gradient batch and mask update, aggregation), one compiled program. PyTorch "
-      f"{torch.__version__} ({torch.get_num_threads()} threads): a sequential loop over the 10 clients, each a fresh "
-      f"copy of the same dense LeNet-5 ({torch_params:,} parameters) trained for 1 epoch over its own 600 samples "
-      "(already normalised float tensors), then the mean of the models. Interleaved in one process: "
-      f"{blocks} blocks of {rounds} JAX rounds then {rounds} torch rounds; medians over the blocks.",
+      "gradient batch and mask update, aggregation), one compiled program, either on one XLA CPU device or with the "
+      f"population sharded over {result['devices']} XLA CPU devices, one per core "
+      f"(`XLA_FLAGS=--xla_force_host_platform_device_count={result['devices']}` and `shard_clients=true`: each "
+      "device trains its share of the cohort, one client at a time). PyTorch "
+      f"{result['torch']} ({result['torch_threads']} threads): a sequential loop over the 10 clients, each a fresh "
+      f"copy of the same dense LeNet-5 ({result['params']:,} parameters) trained for 1 epoch over its own 600 samples "
+      "(already normalised float tensors), then the mean of the models. All three interleaved in one process: "
+      f"{sizes['torch_blocks']} blocks of {sizes['torch_rounds']} rounds of each; medians over the blocks.",
       "",
       "| implementation | compile (s) | samples/s (median) | per block |",
       "| --- | ---: | ---: | --- |",
-      f"| fedspa-jax FedSpa round | {jax_compile_s:.1f} | {jax_rate:,.0f} | "
-      f"{', '.join(f'{r:,.0f}' for r in jax_rates)} |",
-      f"| PyTorch dense loop | - | {torch_rate:,.0f} | {', '.join(f'{r:,.0f}' for r in torch_rates)} |",
+      row("fedspa-jax FedSpa round, 1 device", "one", f"{result['compile_s']['one']:.1f}"),
+      row(f"fedspa-jax FedSpa round, {result['devices']} CPU devices", "sharded",
+          f"{result['compile_s']['sharded']:.1f}"),
+      row("PyTorch dense loop", "torch", "-"),
       "",
-      f"JAX / torch = {ratio:.2f} (target >= 1.0: {verdict(ratio >= 1.0)}).",
+      f"JAX / torch = {ratio['sharded']:.2f} with one device per core (target >= 1.0: "
+      f"{verdict(ratio['sharded'] >= 1.0)}); {ratio['one']:.2f} on one device.",
   ]
 
 
-RUN = {"scale": section_scale, "million": section_million, "skew": section_skew, "torch": section_torch}
+ONE = {"scale": one_scale, "million": one_million, "torch": one_torch, "shard": one_shard}
+RUN = {"shard": section_shard, "scale": section_scale, "million": section_million, "skew": section_skew, "torch": section_torch}
 
 
 # ---- the report ---------------------------------------------------------------------------------------------------
