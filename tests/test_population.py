@@ -184,3 +184,24 @@ def test_checkpoint_of_another_device_count_is_refused(tmp_path, monkeypatch):
   monkeypatch.setattr(experiment, "make_client_mesh", lambda: four)
   with pytest.raises(experiment.ConfigError, match="cannot resume"):
     quiet_run(config, tmp_path / "run", resume=True)
+
+
+@pytest.mark.parametrize("name", ["ditto", "fedavg_ft", "subfedavg"])
+def test_other_algorithms_sharded_equal_one_device(name, data, model, mesh):
+  # Dense per-client state (Ditto), fine-tuning at evaluation (FedAvg-FT), Sub-FedAvg's own state and rules.
+  hparams = dict(clients_per_round=8, local_steps=3, local_epochs=None, batch_size=8, lr=0.05, rounds=4)
+  one = fj.algorithms.get(name, model=model, **hparams)
+  eight = fj.algorithms.get(name, model=model, mesh=mesh, **hparams)
+  placed, on_device = eight.place(data), one.place(data)
+  a, b = one.init(jax.random.key(1), on_device), eight.init(jax.random.key(1), placed)
+  for _ in range(2):
+    a, ma = one.round(a, on_device)
+    b, mb = eight.round(b, placed)
+    assert sorted(np.asarray(ma["cohort"]).tolist()) == sorted(np.asarray(mb["cohort"]).tolist())
+  jax.tree.map(lambda u, v: np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-5, atol=1e-6),
+               a.server.params, b.server.params)
+  ea, eb = one.evaluate(a, on_device), eight.evaluate(b, placed)
+  np.testing.assert_allclose(ea["accuracy"], eb["accuracy"], atol=1e-6)
+  np.testing.assert_array_equal(ea["participated"], eb["participated"])
+  sa, sb = one.client_states(a, data), eight.client_states(b, data)
+  jax.tree.map(lambda u, v: np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-5, atol=1e-6), sa, sb)
