@@ -120,20 +120,25 @@ def test_round_needs_placed_data(data, sharded):
     sharded.round(state, jax.device_put(data))
 
 
+@pytest.fixture(scope="module")
+def eight_uniform(tmp_path_factory):
+  """The tiny run on 8 devices, uniform sampling, uninterrupted: (folder, summary)."""
+  workdir = tmp_path_factory.mktemp("eight") / "run"
+  return workdir, quiet_run(tiny(shard_clients=True), workdir)
+
+
 @pytest.mark.parametrize("sampling", ["uniform", "stratified"])
-def test_sharded_run_equals_one_device(sampling, tmp_path):
-  # One device ("stratified" with the 8 strata the 8 devices give) against 8 devices, fused rounds, with a resume.
+def test_sharded_run_equals_one_device(sampling, eight_uniform, tmp_path):
+  # One device ("stratified" with the 8 strata the 8 devices give) against 8 devices, fused rounds.
   changes = {"hparams.cohort_sampling": sampling}
   one = quiet_run(tiny(**changes, **({"hparams.cohort_strata": 8} if sampling == "stratified" else {})),
                   tmp_path / "one")
-  eight = quiet_run(tiny(**changes, shard_clients=True), tmp_path / "eight")
+  if sampling == "uniform":
+    eight_dir, eight = eight_uniform
+  else:
+    eight_dir, eight = tmp_path / "eight", quiet_run(tiny(**changes, shard_clients=True), tmp_path / "eight")
   assert "8 x" in eight["device"]
-  assert_runs_close(tmp_path / "one", one, tmp_path / "eight", eight)
-  if sampling == "uniform":  # a sharded checkpoint resumes to the uninterrupted result
-    stopped = quiet_run(tiny(**changes, shard_clients=True), tmp_path / "resumed", stop_after=3)
-    assert stopped["status"] == "stopped"
-    resumed = quiet_run(tiny(**changes, shard_clients=True), tmp_path / "resumed", resume=True)
-    assert_runs_close(tmp_path / "eight", eight, tmp_path / "resumed", resumed)
+  assert_runs_close(tmp_path / "one", one, eight_dir, eight)
 
 
 def test_stratified_sampling_draws_evenly_from_each_stratum():
@@ -176,13 +181,21 @@ def test_bad_populations_fail_before_compiling(model, mesh, tmp_path):
     quiet_run(tiny(num_clients=6, shard_clients=True, **{"hparams.clients_per_round": 3}), tmp_path / "k6")
 
 
-def test_checkpoint_of_another_device_count_is_refused(tmp_path, monkeypatch):
-  # 20 clients: 24 rows on 8 devices, 20 on 4 (another layout), so the resume must refuse with a clear error.
+def test_checkpoint_of_another_device_count(eight_uniform, tmp_path, monkeypatch):
+  four = make_client_mesh(jax.devices()[:4])
+  # 16 clients: 16 rows on 8 devices and on 4, so orbax reshards and the run ends as the uninterrupted one.
+  config = tiny(shard_clients=True)
+  whole_dir, whole = eight_uniform
+  quiet_run(config, tmp_path / "moved", stop_after=3)
+  with monkeypatch.context() as patch:
+    patch.setattr(experiment, "make_client_mesh", lambda: four)
+    moved = quiet_run(config, tmp_path / "moved", resume=True)
+  assert_runs_close(whole_dir, whole, tmp_path / "moved", moved)
+  # 20 clients: 24 rows on 8 devices, 20 on 4 (another layout): the resume refuses with a clear error.
   config = tiny(num_clients=20, shard_clients=True)
   quiet_run(config, tmp_path / "run", stop_after=3)
-  four = make_client_mesh(jax.devices()[:4])
   monkeypatch.setattr(experiment, "make_client_mesh", lambda: four)
-  with pytest.raises(experiment.ConfigError, match="cannot resume"):
+  with pytest.raises(experiment.ConfigError, match="cannot resume.*clients"):
     quiet_run(config, tmp_path / "run", resume=True)
 
 
