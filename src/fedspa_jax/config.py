@@ -60,7 +60,8 @@ class Config:
     keep_checkpoints: how many recent checkpoints to keep.
     rounds_per_dispatch: rounds fused into one compiled call (lax.scan) between evaluations and checkpoints.
     data_dir: where the data source looks first.
-    shard_clients: shard each round's cohort over all devices (a "clients" mesh); results equal one device's.
+    shard_clients: shard the client population (store and data) over all devices, a "clients" mesh; results equal
+      one device's for the same `hparams.cohort_sampling` (docs/scaling.md).
     smoke: this is the config file's tiny variant.
   """
 
