@@ -167,7 +167,7 @@ def draw_figures(cells: list[dict[str, Any]], partitions: list[str], img: pathli
     ax.set_ylabel("mean client accuracy (all clients)")
     ax.grid(alpha=0.3)
     if ax.lines:
-      ax.legend(fontsize=7, loc="lower right")
+      ax.legend(fontsize=7, loc="best")
   paths.append(img / f"{stem}_accuracy_vs_rounds.png")
   fig.savefig(paths[-1])
 
@@ -187,7 +187,7 @@ def draw_figures(cells: list[dict[str, Any]], partitions: list[str], img: pathli
     ax.set_ylabel("final mean client accuracy")
     ax.grid(alpha=0.3)
     if ax.lines or ax.containers:
-      ax.legend(fontsize=7, loc="lower right")
+      ax.legend(fontsize=7, loc="best")
   paths.append(img / f"{stem}_accuracy_vs_bytes.png")
   fig.savefig(paths[-1])
   return paths
@@ -239,8 +239,10 @@ def report(out: pathlib.Path, img: pathlib.Path, docs_img: str, stem: str = "stu
       + f": {done} of {len(units)} units, {sum(r is not None for r in finals)} of {len(finals)} algorithm × partition "
       f"cells; {MISSING} marks a cell not finished yet.",
       "",
-      f"Setting: real Fashion-MNIST, 100 clients, {10} sampled per round, LeNet-5, {plan.rounds} rounds of "
-      f"{plan.local_epochs} local epochs, SGD without momentum at batch 32; every algorithm at its defaults otherwise "
+      ("Setting (SMOKE: the configs' tiny variants, 4 clients, 2 per round, 2 local steps at batch 8): " if plan.smoke
+       else f"Setting: real Fashion-MNIST, 100 clients, 10 sampled per round, LeNet-5, {plan.rounds} rounds of "
+       f"{plan.local_epochs} local epochs at batch 32, ")
+      + "SGD without momentum; every algorithm at its defaults otherwise "
       "(FedSpa: ERK, alpha 0.5, cosine schedule to the last round, gradient regrowth, uniform weighting; Ditto "
       "lambda 0.1; FedRep 10 head epochs; FedAvg-FT 1 fine-tuning epoch; Sub-FedAvg as its reference code, target "
       "density 0.5; docs/algorithms.md). Partitions: pathological with 2 classes per client "
