@@ -537,7 +537,11 @@ def main(argv: Sequence[str] | None = None, runner: Callable = default_runner) -
   except StudyError as e:
     print(f"study_fashion_mnist: error: {e}", file=sys.stderr)
     return 2
-  if command == "check":
+  if command == "check":  # what `start` asks before it goes to the background
+    pid = holder(out) if out.exists() else None
+    if pid:
+      print(f"a driver (pid {pid}) is already running on {out}; see `status`")
+      return 3
     return 0
   if command == "status":
     if (out / "plan.json").exists():  # the folder's own plan, whatever options were given

@@ -23,7 +23,7 @@ case "$cmd" in
       prev="$a"
     done
     bash scripts/install_datasets.sh >&2
-    "${driver[@]}" check "$@"  # bad options fail here, in the foreground, exit status 2
+    "${driver[@]}" check "$@"  # bad options (exit status 2) or a driver already running (3) stop here
     mkdir -p "$out"
     setsid nohup nice -n 10 "${driver[@]}" run "$@" >> "$out/study.log" 2>&1 < /dev/null &
     echo "study started: pid $!, log $out/study.log; progress: bash scripts/study_fashion_mnist.sh status --out $out"

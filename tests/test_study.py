@@ -166,6 +166,7 @@ def test_one_driver_per_folder_and_the_plan_is_pinned(tmp_path, capsys):
     runner = FakeRunner()
     assert study.run_study(PLAN, out, runner) == 3 and runner.ran == []
     assert f"running: driver pid {os.getpid()}, between units" in study.status_text(PLAN, out)
+    assert study.main(["check", "--out", str(out)]) == 3  # `start` stops here: no second driver in the background
   finally:
     lock.release()
   assert study.run_study(PLAN, out, FakeRunner()) == 0
