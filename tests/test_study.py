@@ -66,11 +66,11 @@ def test_bad_input_fails_before_jax_is_imported():
 
 def test_plan_order_and_sizes():
   core = study.plan_units(study.Plan())
-  assert len(core) == 10 * 4  # 10 cells, each 3 lr units and a final unit
+  assert len(core) == 9 * 4  # 9 cells, each 3 lr units and a final unit
   assert [str(u).split()[1] for u in core[:4]] == ["pathological/fedspa"] * 4
   assert core[3].kind == "final" and {u.partition for u in core[:20]} == {"pathological"}
   full = study.plan_units(study.Plan(cells=study.TIERS["all"]))
-  assert full[:40] == core  # the core tier is the full study's prefix
+  assert full[:36] == core and full[36].path == "lr_search/dirichlet/fedrep/lr_0.01"  # the core tier comes first
   assert len(full) == 18 + 14 * 3  # 18 cells; the 4 FedSpa ablations reuse its lr (no search of their own)
   for i, unit in enumerate(full):
     if unit.kind == "final":  # every lr unit it depends on comes first
