@@ -127,7 +127,9 @@ def search_table(plan: study.Plan, out: pathlib.Path, cells: list[dict[str, Any]
       acc = record.get("final_accuracy_mean")
       text = "diverged" if acc is None else f"{acc:.4f}"
       values.append(f"**{text}**" if cell["lr"] == lr else text)
-    lines.append(f"| {cell['partition']} | {study.VARIANTS[cell['variant']].label} | " + " | ".join(values) + " |")
+    edge = cell["lr"] is not None and cell["lr"] in (min(plan.lrs), max(plan.lrs)) and len(plan.lrs) > 1
+    label = study.VARIANTS[cell["variant"]].label + (" (at the grid's edge)" if edge else "")
+    lines.append(f"| {cell['partition']} | {label} | " + " | ".join(values) + " |")
   return "\n".join(lines)
 
 
@@ -216,6 +218,8 @@ def report(out: pathlib.Path, img: pathlib.Path, docs_img: str, stem: str = "stu
       if (partition, variant) in wanted:
         cells.append(load_cell(plan, out, partition, variant))
   units = study.plan_units(study.Plan.from_dict({**plan.to_dict(), "cells": [list(c) for c in wanted]}))
+  core_units = study.plan_units(study.Plan.from_dict({**plan.to_dict(), "cells": [list(c) for c in study.TIERS["core"]]}))
+  core_set = set(core_units)
   done = sum(study.read_unit(out, u) is not None for u in units)
   finals = [study.read_unit(out, u) for u in units if u.kind == "final"]
   finished = [r["finished_at"] for r in (study.read_unit(out, u) for u in units) if r and "finished_at" in r]
@@ -236,8 +240,10 @@ def report(out: pathlib.Path, img: pathlib.Path, docs_img: str, stem: str = "stu
       f"Machine: {machine()}, shared with other work (the study runs at nice 10); JAX {jax.__version__}. "
       f"Results as of {datetime.date.today().isoformat()}"
       + (f" (last unit finished {max(finished)})" if finished else "")
-      + f": {done} of {len(units)} units, {sum(r is not None for r in finals)} of {len(finals)} algorithm × partition "
-      f"cells; {MISSING} marks a cell not finished yet.",
+      + f": {done} of {len(units)} units (default tier `core`: "
+      f"{sum(study.read_unit(out, u) is not None for u in core_units)} of {len(core_units)}), "
+      f"{sum(r is not None for r in finals)} of {len(finals)} algorithm × partition cells; {MISSING} marks a cell not "
+      "finished yet.",
       "",
       ("Setting (SMOKE: the configs' tiny variants, 4 clients, 2 per round, 2 local steps at batch 8): " if plan.smoke
        else f"Setting: real Fashion-MNIST, 100 clients, 10 sampled per round, LeNet-5, {plan.rounds} rounds of "
@@ -259,6 +265,18 @@ def report(out: pathlib.Path, img: pathlib.Path, docs_img: str, stem: str = "stu
       "only the clients sampled at least once (of 100). Bytes per round summed over the 10 sampled clients; training "
       "FLOPs of the whole run (FedAvg-FT's fine-tuning before evaluation is not counted).",
       "",
+      "Sizing: the machine has 2 cores shared with other work, so the study was planned for one core (measured "
+      "there: 1.4-1.5 s per round of one seed for FedSpa, FedAvg and Local, 1.7 for Sub-FedAvg, 2.75 for Ditto, 3.8 "
+      "for FedRep with its 10 head epochs; 3 seeds vmapped in one sweep cost ~1.08x per seed on CPU). The default "
+      f"tier `core` ({len(core_units)} units, ~{sum(study.estimate_seconds(plan, u) for u in core_units) / 3600:.1f} h "
+      "of one core) holds FedSpa, FedAvg, Local, Ditto and FedRep on the pathological split, then the same without "
+      "FedRep on Dirichlet. Cut from it, and run by `--tier all` in the same folder (another "
+      f"~{sum(study.estimate_seconds(plan, u) for u in units if u not in core_set) / 3600:.1f} h): Dirichlet's "
+      "FedRep, then FedAvg-FT, FedSpa with random regrowth, Sub-FedAvg and FedSpa at densities 0.2 and 0.8 "
+      "(pathological only), then FedAvg-FT, random regrowth and Sub-FedAvg on Dirichlet. The lr search runs "
+      f"{plan.search_rounds} rounds instead of {plan.rounds}; evaluations every {plan.eval_every} rounds cover all "
+      "clients. Nothing else is reduced: the final runs have the full rounds, epochs and seeds.",
+      "",
   ]
   fedavg = {}
   for partition in partitions:
@@ -271,7 +289,7 @@ def report(out: pathlib.Path, img: pathlib.Path, docs_img: str, stem: str = "stu
     lines.append("")
   lines += ["### Learning-rate search", "",
             f"Mean client accuracy, seed {plan.search_seed}, after {plan.search_rounds} rounds; the selected rate in "
-            "bold.", "", search_table(plan, out, cells), ""]
+            "bold. A rate selected at the grid's edge means the grid may not bracket that algorithm's best rate.", "", search_table(plan, out, cells), ""]
   for path in paths:
     lines += [f"![{path.stem.replace('_', ' ')}]({docs_img}/{path.name})", ""]
   lines += [
