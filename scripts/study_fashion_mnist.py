@@ -7,7 +7,10 @@
 Setting: Fashion-MNIST, 100 clients, 10 per round, LeNet-5, SGD (momentum 0, batch 32), 2 local epochs, 100 rounds;
 partitions pathological-2 (`fashion_mnist_pathological`) and Dirichlet(0.3) (`fashion_mnist_dirichlet`).
 
-The study is a list of units, run in priority order (`TIERS`; the default tier "core" first):
+The study is a list of units, run in priority order. `--tier core` (default, ~2.4 h of one core): FedSpa (d=0.5),
+FedAvg, Local, Ditto, FedRep on pathological, then the same but FedRep on Dirichlet. `--tier all` (~4.5 h; the same
+folder continues): then Dirichlet's FedRep, FedAvg-FT, FedSpa with random regrowth, Sub-FedAvg, FedSpa at densities
+0.2 and 0.8 (pathological only), then FedAvg-FT, random regrowth and Sub-FedAvg on Dirichlet. Units:
   - lr unit: one algorithm, one partition, one learning rate of the grid, seed `search_seed` (0), `search_rounds`
     rounds (`experiment.run`);
   - final unit: one algorithm, one partition, the selected learning rate, seeds 1, 2, 3 as one vmapped program
@@ -18,8 +21,11 @@ numbers are not the ones the selection was made on. FedSpa's ablations (random r
 FedSpa's selected rate (`lr_from`), so they differ from it in one thing only.
 
 Each finished unit writes `<out>/<unit dir>/unit.json` at once (atomically); a restart skips those and reruns an
-interrupted unit from its start. `<out>/plan.json` pins the plan: a restart with other options is refused. Only one
-driver runs on a folder at a time (a lock), so a second `start` is harmless.
+interrupted unit from its start (a failed one is recorded in failed.txt and retried on the next start).
+`<out>/plan.json` pins the plan (grid, seeds, rounds, epochs): a restart with other options is refused; the tier or
+cells may change. Only one driver runs on a folder at a time (a lock), so a second `start` is harmless.
+Bad options (a non-positive or repeated lr, no or repeated seeds, the search seed among the final seeds, fewer than
+100 rounds or 2 epochs without --smoke) are one error line and exit status 2, before JAX is imported.
 """
 
 from __future__ import annotations
