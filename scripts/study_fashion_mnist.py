@@ -459,12 +459,14 @@ def status_text(plan: Plan, out: pathlib.Path) -> str:
     lines.append(f"running: driver pid {pid}, between units")
   else:
     lines.append("running: no driver (start or continue with `bash scripts/study_fashion_mnist.sh start`)")
-  # Estimate: the static per-unit estimates, scaled by how the finished units compared with theirs.
+  # Estimate: the static per-unit estimates, scaled by the median of the finished units' actual/estimated ratios
+  # (a median, so that a unit paused for a while does not skew it).
   spent = [(read_unit(out, u)["wall_time"], estimate_seconds(plan, u)) for u in units if states[u] == "done"]
-  scale = sum(a for a, _ in spent) / sum(e for _, e in spent) if spent else 1.0
+  ratios = sorted(a / e for a, e in spent)
+  scale = ratios[len(ratios) // 2] if ratios else 1.0
   left_s = sum(estimate_seconds(plan, u) for u in units if states[u] != "done") * scale
   lines.append(f"time spent on finished units: {sum(a for a, _ in spent) / 3600:.2f} h; estimated left: "
-               f"{left_s / 3600:.2f} h (static estimates x {scale:.2f}, the finished units' ratio)")
+               f"{left_s / 3600:.2f} h (static single-core estimates x {scale:.2f}, the finished units' median ratio)")
   lines.append("")
   lines.append(f"{'partition':13s} {'variant':14s} {'lr search':22s} {'lr':>6s} {'final':9s} accuracy (seeds "
                f"{', '.join(map(str, plan.seeds))})")
