@@ -237,13 +237,6 @@ def place(data: FederatedData, mesh: Mesh, strata: int | None = None) -> PlacedD
   )
 
 
-def replicate(tree: Any, mesh: Mesh) -> Any:
-  """Host values (the same on every process) as arrays replicated over the mesh."""
-  sharding = NamedSharding(mesh, PartitionSpec())
-  host = jax.device_get(tree)
-  return jax.tree.map(lambda a: jax.make_array_from_callback(np.shape(a), sharding, lambda i: np.asarray(a)[i]), host)
-
-
 def per_device_bytes(tree: Any) -> dict[str, int]:
   """The bytes of `tree`'s arrays held by each local device, {device: bytes}."""
   held: dict[str, int] = {}
