@@ -61,17 +61,59 @@ def _magnitude_keys(x: jax.Array) -> jax.Array:
   return jax.lax.bitcast_convert_type(magnitude, jnp.int32)
 
 
-def _bisect(keys: jax.Array, count: jax.Array) -> jax.Array:
-  """The smallest key t with at least `count` keys <= t (32 passes of compare-and-count over the int32 range)."""
+def _bisect(keys: list[jax.Array], counts: jax.Array) -> jax.Array:
+  """Per array i, the smallest key t with at least counts[i] keys <= t.
+
+  32 passes of compare-and-count over the int32 range, all arrays advanced together in one loop: the loop's fixed
+  cost per pass (large beside a small layer's compares on CPU) is paid once for every leaf of a model.
+  """
 
   def halve(_, bounds):
     low, high = bounds
     mid = low + (high - low) // 2
-    enough = jnp.sum(keys <= mid, dtype=jnp.int32) >= count
+    enough = jnp.stack([jnp.sum(k <= mid[i], dtype=jnp.int32) for i, k in enumerate(keys)]) >= counts
     return jnp.where(enough, low, mid + 1), jnp.where(enough, mid, high)
 
-  threshold, _ = jax.lax.fori_loop(0, 32, halve, (jnp.int32(0), jnp.int32(_NO)))
+  n = len(keys)
+  threshold, _ = jax.lax.fori_loop(0, 32, halve, (jnp.zeros((n,), jnp.int32), jnp.full((n,), _NO, jnp.int32)))
   return threshold
+
+
+def select_smallest_many(
+    keys: list[jax.Array], counts: jax.Array, tie_keys: list[jax.Array] | None = None
+) -> list[jax.Array]:
+  """`select_smallest` of several arrays at once (one bisection loop for all): per i, counts[i] entries of keys[i]."""
+  counts = jnp.asarray(counts, jnp.int32).reshape(-1)
+  threshold = _bisect(keys, counts)
+  below = [k < threshold[i] for i, k in enumerate(keys)]
+  tied = [k == threshold[i] for i, k in enumerate(keys)]
+  need = counts - jnp.stack([jnp.sum(b, dtype=jnp.int32) for b in below])
+  if tie_keys is None:
+    take_tied = [t & (jnp.cumsum(t, dtype=jnp.int32) <= need[i]) for i, t in enumerate(tied)]
+  else:
+    ties = jnp.stack([jnp.sum(t, dtype=jnp.int32) for t in tied])
+
+    def take_all(_):  # every entry tied at the threshold is taken: nothing to break
+      return [t for t in tied]
+
+    def take_random(_):
+      random_keys = []
+      for t, tie_key in zip(tied, tie_keys):
+        bits = jax.random.bits(tie_key, t.shape, jnp.uint32) >> 1
+        random_keys.append(jnp.where(t, jnp.minimum(bits.astype(jnp.int32), _NO - 1), _NO))
+      second = _bisect(random_keys, need)
+      out = []
+      for i, r in enumerate(random_keys):
+        under = r < second[i]
+        level = r == second[i]
+        rest = need[i] - jnp.sum(under, dtype=jnp.int32)
+        out.append(under | (level & (jnp.cumsum(level, dtype=jnp.int32) <= rest)))
+      return out
+
+    # Ties at the threshold are rare for float scores: the second bisection runs only when some leaf has more
+    # tied entries than it needs (a real branch when unbatched, as the round runs clients on CPU).
+    take_tied = jax.lax.cond(jnp.any(ties > need), take_random, take_all, None)
+  return [(b | t) & (counts[i] > 0) for i, (b, t) in enumerate(zip(below, take_tied))]
 
 
 def select_smallest(keys: jax.Array, count: jax.Array, tie_key: jax.Array | None = None) -> jax.Array:
@@ -90,22 +132,28 @@ def select_smallest(keys: jax.Array, count: jax.Array, tie_key: jax.Array | None
   Returns:
     bool [N] with exactly `count` True entries.
   """
-  threshold = _bisect(keys, count)
-  below = keys < threshold
-  tied = keys == threshold
-  need = count - jnp.sum(below, dtype=jnp.int32)
-  if tie_key is None:
-    take_tied = tied & (jnp.cumsum(tied, dtype=jnp.int32) <= need)
-  else:
-    bits = jax.random.bits(tie_key, keys.shape, jnp.uint32) >> 1
-    random_keys = jnp.minimum(bits.astype(jnp.int32), _NO - 1)
-    random_keys = jnp.where(tied, random_keys, _NO)
-    second = _bisect(random_keys, need)
-    under = random_keys < second
-    level = random_keys == second
-    rest = need - jnp.sum(under, dtype=jnp.int32)
-    take_tied = under | (level & (jnp.cumsum(level, dtype=jnp.int32) <= rest))
-  return (below | take_tied) & (count > 0)
+  return select_smallest_many([keys], jnp.reshape(count, (1,)), None if tie_key is None else [tie_key])[0]
+
+
+def drop_and_grow_many(
+    masks: list[jax.Array],
+    params: list[jax.Array],
+    grow_scores: list[jax.Array],
+    rate: jax.Array,
+    tie_keys: list[jax.Array] | None = None,
+) -> list[jax.Array]:
+  """`drop_and_grow` of several leaves at once (each its own counts; one selection loop for all)."""
+  shapes = [m.shape for m in masks]
+  masks = [m.reshape(-1) for m in masks]
+  params = [p.reshape(-1) for p in params]
+  grow_scores = [g.reshape(-1) for g in grow_scores]
+  active = jnp.stack([jnp.sum(m, dtype=jnp.int32) for m in masks])
+  counts = jnp.clip(jnp.ceil(rate * active.astype(jnp.float32)).astype(jnp.int32), 0, active)
+  dropped = select_smallest_many([jnp.where(m, _magnitude_keys(p), _NO) for m, p in zip(masks, params)], counts)
+  kept = [m & ~d for m, d in zip(masks, dropped)]
+  grow_keys = [jnp.where(~k, _INF_BITS - _magnitude_keys(g), _NO) for k, g in zip(kept, grow_scores)]
+  grown = select_smallest_many(grow_keys, counts, tie_keys)
+  return [(k | g).reshape(shape) for k, g, shape in zip(kept, grown, shapes)]
 
 
 def drop_and_grow(
@@ -123,16 +171,7 @@ def drop_and_grow(
   Returns:
     The new bool mask, with exactly as many active entries as `mask`.
   """
-  shape = mask.shape
-  mask, param, grow_score = mask.reshape(-1), param.reshape(-1), grow_score.reshape(-1)
-  active = jnp.sum(mask, dtype=jnp.int32)
-  count = jnp.clip(jnp.ceil(rate * active.astype(jnp.float32)).astype(jnp.int32), 0, active)
-  dropped = select_smallest(jnp.where(mask, _magnitude_keys(param), _NO), count)
-  kept = mask & ~dropped
-  candidate = ~kept
-  # Largest |score| first: reverse the key order (both keys stay within [0, +inf bits]).
-  grown = select_smallest(jnp.where(candidate, _INF_BITS - _magnitude_keys(grow_score), _NO), count, tie_key)
-  return (kept | grown).reshape(shape)
+  return drop_and_grow_many([mask], [param], [grow_score], rate, None if tie_key is None else [tie_key])[0]
 
 
 def prune_smallest(mask: jax.Array, param: jax.Array, count: jax.Array) -> jax.Array:
@@ -177,14 +216,18 @@ def prune_and_regrow(
   param_leaves = treedef.flatten_up_to(params)
   grad_leaves = treedef.flatten_up_to(grads) if grads is not None else [None] * len(leaves)
   keys = jax.random.split(key, len(leaves))
-  out = []
-  for (path, m), p, g, k in zip(leaves, param_leaves, grad_leaves, keys):
-    if not maskable(path, m):
-      out.append(m)
-      continue
+  chosen = [i for i, (path, m) in enumerate(leaves) if maskable(path, m)]
+  out = [m for _, m in leaves]
+  if chosen:
     if regrow == "gradient":
-      out.append(drop_and_grow(m, p, jnp.abs(g), rate, tie_key=k))
+      scores = [jnp.abs(grad_leaves[i]) for i in chosen]
+      tie_keys = [keys[i] for i in chosen]
     else:  # random scores need no tie-breaking of their own
-      out.append(drop_and_grow(m, p, jax.random.uniform(k, m.shape), rate))
+      scores = [jax.random.uniform(keys[i], leaves[i][1].shape) for i in chosen]
+      tie_keys = None
+    new = drop_and_grow_many([leaves[i][1] for i in chosen], [param_leaves[i] for i in chosen], scores, rate,
+                             tie_keys)
+    for i, m in zip(chosen, new):
+      out[i] = m
   return jax.tree_util.tree_unflatten(treedef, out)
 
