@@ -1,9 +1,23 @@
-"""Test-wide JAX settings: 8 forced CPU devices (for sharding tests) and strict promotion rules."""
+"""Test-wide JAX settings: 8 forced CPU devices (for sharding tests), strict promotion rules, and a persistent
+compilation cache.
+
+Many tests compile the same programs (the tiny configs' rounds and evaluations, in several files, in the pytest-xdist
+workers, and in the processes that tests/test_multihost.py starts). JAX's persistent cache, keyed by the program, the
+JAX version and the flags, lets every compile after the first one load the executable instead: it shares compiled
+functions across tests without changing what any test computes. `FEDSPA_TEST_JAX_CACHE=off` turns it off; any other
+value is the folder to use (default: fedspa-jax-test-cache in the system's temporary folder).
+"""
 
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+_cache = os.environ.get("FEDSPA_TEST_JAX_CACHE", os.path.join(tempfile.gettempdir(), "fedspa-jax-test-cache"))
+if _cache != "off":
+  # Environment variables, so that the processes tests start (multi-process runs) share the cache too.
+  os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _cache)
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import jax  # noqa: E402  (must come after XLA_FLAGS)
 
