@@ -25,7 +25,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, PartitionSpec
 
 from fedspa_jax.population import (CLIENT_AXIS, Placement, make_placement, sample_cohort, sample_strata,
                                    sample_stratified)
