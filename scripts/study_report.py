@@ -292,15 +292,15 @@ def report(out: pathlib.Path, img: pathlib.Path, docs_img: str, stem: str = "stu
             "bold. A rate selected at the grid's edge means the grid may not bracket that algorithm's best rate.", "", search_table(plan, out, cells), ""]
   for path in paths:
     lines += [f"![{path.stem.replace('_', ' ')}]({docs_img}/{path.name})", ""]
-  lines += [
-      "### Verdict",
-      "",
+  verdict = VERDICT.read_text().strip() if VERDICT.is_file() else (
       "> **Placeholder: no verdict yet.** The study is still running; the verdict on the paper's claim (FedSpa beats "
-      "these baselines at lower cost: where it holds, where not, and why) will be written from the complete table.",
-      "",
-      END,
-  ]
+      "these baselines at lower cost: where it holds, where not, and why) will be written from the complete table.")
+  lines += ["### Verdict", "", verdict, "", END]
   return "\n".join(lines)
+
+
+# The verdict, written by hand from the tables (kept in its own file so that regenerating the section keeps it).
+VERDICT = pathlib.Path(__file__).resolve().parents[1] / "docs" / "study_verdict.md"
 
 
 def update_docs(docs: pathlib.Path, section: str, before: str = "## FedSpa against the baselines on Fashion-MNIST") -> None:
