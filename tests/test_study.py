@@ -192,7 +192,8 @@ def _fake_final(out, partition, variant, lr, accs, flops):
                                                           "final_accuracy_mean": float(np.mean(accs))})
 
 
-def test_report_on_a_partial_study(tmp_path):
+def test_report_on_a_partial_study(tmp_path, monkeypatch):
+  monkeypatch.setattr(report, "VERDICT", tmp_path / "no_verdict.md")  # not the repository's hand-written one
   out = tmp_path / "study"
   study.run_study(PLAN, out, FakeRunner(accuracy=lambda unit, lr: {0.01: 0.5, 0.1: 0.7}[lr] if unit.kind == "lr"
                                         else 0.7))
@@ -213,3 +214,7 @@ def test_report_on_a_partial_study(tmp_path):
   report.update_docs(docs, section.replace("Placeholder", "Still a placeholder"))
   text = docs.read_text()
   assert text.count(report.BEGIN) == 1 and "Still a placeholder" in text and text.index(report.BEGIN) < text.index("old")
+  # A verdict written by hand replaces the placeholder, and survives regenerating the section.
+  (tmp_path / "no_verdict.md").write_text("FedSpa wins here, loses there.\n")
+  section = report.report(out, tmp_path / "img", "img")
+  assert "FedSpa wins here, loses there." in section and "Placeholder" not in section
