@@ -23,7 +23,8 @@ FedSpa's selected rate (`lr_from`), so they differ from it in one thing only.
 Each finished unit writes `<out>/<unit dir>/unit.json` at once (atomically); a restart skips those and reruns an
 interrupted unit from its start (a failed one is recorded in failed.txt and retried on the next start).
 `<out>/plan.json` pins the plan (grid, seeds, rounds, epochs): a restart with other options is refused; the tier or
-cells may change. Only one driver runs on a folder at a time (a lock), so a second `start` is harmless.
+cells may change. Several drivers may share a folder (`start --jobs 2`, one per core): each unit runs under its
+own lock, so no unit runs twice; `start` refuses while drivers already run on the folder.
 Bad options (a non-positive or repeated lr, no or repeated seeds, the search seed among the final seeds, fewer than
 100 rounds or 2 epochs without --smoke) are one error line and exit status 2, before JAX is imported.
 """
@@ -344,13 +345,14 @@ def run_unit(plan: Plan, out: pathlib.Path, unit: Unit, runner: Callable) -> dic
 
 
 class Lock:
-  """An exclusive flock on <out>/driver.lock, so that one driver runs per folder."""
+  """An exclusive, non-blocking flock on one file; it goes with the process that holds it."""
 
-  def __init__(self, out: pathlib.Path):
-    self.path = out / "driver.lock"
+  def __init__(self, path: pathlib.Path, unlink: bool = False):
+    self.path = path
+    self.unlink = unlink  # remove the file on release (a driver's own file, which no other process opens)
     self.file = None
 
-  def acquire(self) -> bool:
+  def acquire(self, note: str = "") -> bool:
     self.path.parent.mkdir(parents=True, exist_ok=True)
     self.file = open(self.path, "a+")
     try:
@@ -361,74 +363,119 @@ class Lock:
       return False
     self.file.seek(0)
     self.file.truncate()
-    self.file.write(f"{os.getpid()}\n")
+    self.file.write(note or f"{os.getpid()}\n")
     self.file.flush()
+    return True
+
+  def held_elsewhere(self) -> bool:
+    """Whether another process holds the lock now (a free lock is taken and given back at once)."""
+    if not self.path.exists():
+      return False
+    if self.acquire():
+      self.release()
+      return False
     return True
 
   def release(self) -> None:
     if self.file is not None:
+      if self.unlink:
+        self.path.unlink(missing_ok=True)
       fcntl.flock(self.file, fcntl.LOCK_UN)
       self.file.close()
       self.file = None
 
 
-def holder(out: pathlib.Path) -> str | None:
-  """The pid of the driver running on `out`, or None when none holds the lock."""
-  lock = Lock(out)
-  if not lock.path.exists():
-    return None
-  if lock.acquire():
-    lock.release()
-    return None
-  return lock.path.read_text().strip() or "?"
+def driver_lock(out: pathlib.Path, pid: int | None = None) -> Lock:
+  return Lock(out / "drivers" / f"{pid or os.getpid()}.lock", unlink=True)
+
+
+def unit_lock(out: pathlib.Path, unit: Unit) -> Lock:
+  return Lock(out / "locks" / (unit.path.replace("/", "__") + ".lock"))
+
+
+def drivers(out: pathlib.Path) -> list[str]:
+  """The pids of the drivers running on `out` (each holds <out>/drivers/<pid>.lock while it runs)."""
+  found = []
+  for path in sorted((out / "drivers").glob("*.lock")) if (out / "drivers").exists() else []:
+    if Lock(path).held_elsewhere():
+      found.append(path.stem)
+  return found
 
 
 def run_study(plan: Plan, out: pathlib.Path, runner: Callable = default_runner,
-              max_units: int | None = None) -> int:
-  """Runs every unit not done yet, in order; returns 0 (all done), 1 (some failed) or 3 (another driver runs)."""
+              max_units: int | None = None, poll_s: float = 20.0) -> int:
+  """Runs every unit not done yet, in order; returns 0 (all done) or 1 (some failed).
+
+  Several drivers may run on one folder (`start --jobs N`): each unit is run under its own lock, so a unit held by
+  another driver is skipped, and a driver whose remaining units all wait on another driver's (a final unit whose lr
+  search is still running elsewhere) polls every `poll_s` seconds until they can run.
+  """
   plan = check_plan(plan)
-  lock = Lock(out)
-  if not lock.acquire():
-    log(f"another driver (pid {holder(out)}) is running on {out}; see `status`")
-    return 3
+  me = driver_lock(out)
+  me.acquire()
   try:
     check_folder(plan, out)
     units = plan_units(plan)
     done = sum(unit_state(plan, out, u) == "done" for u in units)
     log(f"{out}: {done} of {len(units)} units done; running the rest (pid {os.getpid()})")
-    failed, ran = 0, 0
-    for unit in units:
-      if max_units is not None and ran >= max_units:
-        break
-      state = unit_state(plan, out, unit)
-      if state == "done":
-        continue
-      if state == "waiting" or (state == "failed" and unit.kind == "final" and not _lr_ready(plan, out, unit)):
-        log(f"skip  {unit}: its lr search is not complete")
-        continue
-      ran += 1
-      write_json_atomic(out / "running.json", {"unit": unit.path, "pid": os.getpid(),
-                                               "started_at": datetime.datetime.now().isoformat(timespec="seconds"),
-                                               "estimate_s": round(estimate_seconds(plan, unit))})
-      log(f"start {unit} (estimate {estimate_seconds(plan, unit) / 60:.1f} min on one core)")
-      try:
-        record = run_unit(plan, out, unit, runner)
-      except Exception:  # noqa: BLE001  (recorded, retried on the next start; the other units go on)
-        failed += 1
-        (out / unit.path).mkdir(parents=True, exist_ok=True)
-        (out / unit.path / "failed.txt").write_text(traceback.format_exc())
-        log(f"FAILED {unit}; traceback in {out / unit.path / 'failed.txt'}")
-        traceback.print_exc()
-        continue
-      acc = record.get("final_accuracy_mean")
-      log(f"done  {unit}: {record['status']}, accuracy {acc if acc is None else f'{acc:.4f}'}, "
-          f"lr {record['lr']:g}, {record['wall_time']:.0f} s")
-    (out / "running.json").unlink(missing_ok=True)
+    failed, ran, tried, said = 0, 0, set(), set()
+    while max_units is None or ran < max_units:
+      ran_now, busy = False, False
+      for unit in units:
+        if max_units is not None and ran >= max_units:
+          break
+        state = unit_state(plan, out, unit)
+        if state == "done" or unit in tried:
+          continue
+        if state == "waiting" or (state == "failed" and unit.kind == "final" and not _lr_ready(plan, out, unit)):
+          if unit not in said:
+            log(f"skip  {unit}: its lr search is not complete")
+            said.add(unit)
+          continue
+        lock = unit_lock(out, unit)
+        if not lock.acquire(f"{os.getpid()}\n"):
+          busy = True  # another driver runs it
+          continue
+        try:
+          if unit_state(plan, out, unit) == "done":  # finished by another driver since the check above
+            continue
+          ran, ran_now = ran + 1, True
+          tried.add(unit)
+          failed += not _run_logged(plan, out, unit, runner)
+        finally:
+          lock.release()
+        break  # rescan from the top: a finished lr search may have made an earlier final unit ready
+      if not ran_now:
+        if not busy and not any(unit_lock(out, u).held_elsewhere() for u in units):
+          break
+        time.sleep(poll_s)  # units still running in another driver: their final units may become ready
     left = sum(unit_state(plan, out, u) != "done" for u in units)
     log(f"{len(units) - left} of {len(units)} units done" + (f", {failed} failed this time" if failed else ""))
     return 1 if failed else 0
   finally:
-    lock.release()
+    (out / "running" / f"{os.getpid()}.json").unlink(missing_ok=True)
+    me.release()
+
+
+def _run_logged(plan: Plan, out: pathlib.Path, unit: Unit, runner: Callable) -> bool:
+  """Runs one unit, logging it; a failure is recorded in failed.txt (retried on the next start). True if it ran."""
+  write_json_atomic(out / "running" / f"{os.getpid()}.json",
+                    {"unit": unit.path, "pid": os.getpid(),
+                     "started_at": datetime.datetime.now().isoformat(timespec="seconds"),
+                     "estimate_s": round(estimate_seconds(plan, unit))})
+  log(f"start {unit} (estimate {estimate_seconds(plan, unit) / 60:.1f} min on one core)")
+  try:
+    record = run_unit(plan, out, unit, runner)
+  except Exception:  # noqa: BLE001  (recorded, retried on the next start; the other units go on)
+    (out / unit.path).mkdir(parents=True, exist_ok=True)
+    (out / unit.path / "failed.txt").write_text(traceback.format_exc())
+    log(f"FAILED {unit}; traceback in {out / unit.path / 'failed.txt'}")
+    traceback.print_exc()
+    return False
+  acc = record.get("final_accuracy_mean")
+  log(f"done  {unit}: {record['status']}, accuracy {acc if acc is None else f'{acc:.4f}'}, "
+      f"lr {record['lr']:g}, {record['wall_time']:.0f} s")
+  return True
 
 
 def _lr_ready(plan: Plan, out: pathlib.Path, unit: Unit) -> bool:
@@ -450,14 +497,16 @@ def status_text(plan: Plan, out: pathlib.Path) -> str:
   lines = [f"study folder {out}",
            f"units done: {sum(done.values())} of {len(units)} (lr search {done['lr']}/{counts['lr']}, "
            f"final {done['final']}/{counts['final']}); left: {len(units) - sum(done.values())}"]
-  pid = holder(out) if out.exists() else None
-  running = json.loads((out / "running.json").read_text()) if (out / "running.json").exists() else None
-  if pid and running:
-    lines.append(f"running: {running['unit']} since {running['started_at']} (pid {pid}, estimate "
-                 f"{running['estimate_s'] / 60:.0f} min)")
-  elif pid:
-    lines.append(f"running: driver pid {pid}, between units")
-  else:
+  pids = drivers(out) if out.exists() else []
+  for pid in pids:
+    path = out / "running" / f"{pid}.json"
+    running = json.loads(path.read_text()) if path.exists() else None
+    if running:
+      lines.append(f"running: {running['unit']} since {running['started_at']} (pid {pid}, estimate "
+                   f"{running['estimate_s'] / 60:.0f} min)")
+    else:
+      lines.append(f"running: driver pid {pid}, between units")
+  if not pids:
     lines.append("running: no driver (start or continue with `bash scripts/study_fashion_mnist.sh start`)")
   # Estimate: the static per-unit estimates, scaled by the median of the finished units' actual/estimated ratios
   # (a median, so that a unit paused for a while does not skew it).
@@ -466,7 +515,8 @@ def status_text(plan: Plan, out: pathlib.Path) -> str:
   scale = ratios[len(ratios) // 2] if ratios else 1.0
   left_s = sum(estimate_seconds(plan, u) for u in units if states[u] != "done") * scale
   lines.append(f"time spent on finished units: {sum(a for a, _ in spent) / 3600:.2f} h; estimated left: "
-               f"{left_s / 3600:.2f} h (static single-core estimates x {scale:.2f}, the finished units' median ratio)")
+               f"{left_s / 3600:.2f} h of one core (static single-core estimates x {scale:.2f}, the finished units' "
+               f"median ratio)" + (f", ~{left_s / 3600 / len(pids):.2f} h with {len(pids)} drivers" if len(pids) > 1 else ""))
   lines.append("")
   lines.append(f"{'partition':13s} {'variant':14s} {'lr search':22s} {'lr':>6s} {'final':9s} accuracy (seeds "
                f"{', '.join(map(str, plan.seeds))})")
@@ -549,9 +599,9 @@ def main(argv: Sequence[str] | None = None, runner: Callable = default_runner) -
     print(f"study_fashion_mnist: error: {e}", file=sys.stderr)
     return 2
   if command == "check":  # what `start` asks before it goes to the background
-    pid = holder(out) if out.exists() else None
-    if pid:
-      print(f"a driver (pid {pid}) is already running on {out}; see `status`")
+    pids = drivers(out) if out.exists() else []
+    if pids:
+      print(f"{len(pids)} driver(s) (pid {', '.join(pids)}) already running on {out}; see `status`")
       return 3
     return 0
   if command == "status":

@@ -8,6 +8,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -116,7 +117,7 @@ def test_resume_skips_finished_units_and_reruns_the_interrupted_one(tmp_path):
     study.run_study(PLAN, out, first)
   assert first.ran == ["lr_search/pathological/fedspa/lr_0.01", "lr_search/pathological/fedspa/lr_0.1",
                        "final/pathological/fedspa"]
-  assert study.holder(out) is None  # the lock went with the process
+  assert study.drivers(out) == []  # the lock went with the process
   second = FakeRunner()
   assert study.run_study(PLAN, out, second) == 0
   assert second.ran == ["final/pathological/fedspa_random", "lr_search/pathological/fedavg/lr_0.01",
@@ -158,17 +159,30 @@ def test_lr_selection_ties_and_divergence(tmp_path):
   assert study.unit_state(plan, out2, study.Unit("final", "pathological", "fedspa")) == "failed"
 
 
-def test_one_driver_per_folder_and_the_plan_is_pinned(tmp_path, capsys):
+def test_drivers_share_a_folder_by_unit_locks_and_the_plan_is_pinned(tmp_path, capsys):
   out = tmp_path / "study"
-  lock = study.Lock(out)
-  assert lock.acquire()
+  other = study.driver_lock(out, pid=999999)  # another driver, as seen from this process
+  busy = study.unit_lock(out, study.Unit("lr", "pathological", "fedspa", 0.1))
+  assert other.acquire() and busy.acquire()
   try:
+    assert study.drivers(out) == ["999999"]
+    assert "running: driver pid 999999, between units" in study.status_text(PLAN, out)
+    assert study.main(["check", "--out", str(out)]) == 3  # `start` stops here: drivers already run on the folder
+    # The unit the other driver holds is skipped; its cell's final units wait, polling, until it is released.
+    threading.Timer(0.5, busy.release).start()
     runner = FakeRunner()
-    assert study.run_study(PLAN, out, runner) == 3 and runner.ran == []
-    assert f"running: driver pid {os.getpid()}, between units" in study.status_text(PLAN, out)
-    assert study.main(["check", "--out", str(out)]) == 3  # `start` stops here: no second driver in the background
+    assert study.run_study(PLAN, out, runner, poll_s=0.05) == 0
+    assert runner.ran[:3] == ["lr_search/pathological/fedspa/lr_0.01", "lr_search/pathological/fedavg/lr_0.01",
+                              "lr_search/pathological/fedavg/lr_0.1"]
+    assert runner.ran[3] == "final/pathological/fedavg"
+    # Released but never run by its holder: this driver runs it, then the final units it unblocked.
+    assert runner.ran[4:] == ["lr_search/pathological/fedspa/lr_0.1", "final/pathological/fedspa",
+                              "final/pathological/fedspa_random"]
+    assert study.drivers(out) == ["999999"]  # this driver's own lock went with it
   finally:
-    lock.release()
+    busy.release()
+    other.release()
+  assert study.drivers(out) == []
   assert study.run_study(PLAN, out, FakeRunner()) == 0
   args = ["run", "--out", str(out), "--smoke", "--lrs", "0.01", "0.1", "--seeds", "1", "2", "--rounds", "2"]
   assert study.main(args + ["--search-rounds", "2"], runner=FakeRunner()) == 2
