@@ -1,5 +1,5 @@
-"""Seeds as one vmapped program: a sweep equals separate runs seed by seed, compiles its round once, refuses bad
-seeds before compiling, and runs from the command line."""
+"""Seeds (and lrs) as one vmapped program: a sweep equals separate runs seed by seed (and lr by lr), compiles its
+round once, records a diverged lr, refuses bad seeds and lrs before compiling, and runs from the command line."""
 
 import contextlib
 import dataclasses
@@ -115,6 +115,86 @@ def test_an_occupied_folder_is_refused(swept):
     experiment.sweep(tiny(), SEEDS, root / "sweep", echo=None, progress=False)
 
 
+LR_SEEDS = (0, 1)
+BIG_LR = 1e30  # diverges in the first round
+
+
+@pytest.fixture(scope="module")
+def lr_swept(swept):
+  """A sweep over 3 lrs (the config's, a larger one, a diverging one) x 2 seeds, its traces, and separate runs."""
+  root, _, runs, _ = swept
+  base_lr = tiny().hparams["lr"]
+  lrs = (base_lr, 4 * base_lr, BIG_LR)
+  traces = []
+
+  def counting(round_fn):
+    traces.append(1)  # called once per trace of the lr-vmapped round, when the algorithm is built with a traced lr
+    return make_sweep_round(round_fn)
+
+  make_sweep_round = sweep_lib.make_sweep_round
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(sweep_lib, "make_sweep_round", counting)
+    summary = experiment.sweep(tiny(), LR_SEEDS, root / "lrs", lrs=lrs, echo=None, progress=False)
+  separate = {(base_lr, s): root / f"run{s}" for s in LR_SEEDS}  # the seed sweep's runs have the config's lr
+  for s in LR_SEEDS:
+    out = root / f"run_lr{s}"
+    experiment.run(sweep_lib.with_lr(tiny(seed=s), lrs[1]), out, echo=None, progress=False, write_plots=False)
+    separate[lrs[1], s] = out
+  return root / "lrs", lrs, summary, separate, len(traces)
+
+
+def test_lr_sweep_equals_separate_runs_lr_by_lr_and_compiles_once(lr_swept):
+  out, lrs, _, separate, traces = lr_swept
+  assert traces == 1  # 3 lrs x 2 seeds x 4 rounds: one trace, one compiled program
+  for (lr, s), run_dir in separate.items():
+    ours, theirs = records(out / f"lr_{lr:g}" / f"seed_{s}" / "metrics.jsonl"), records(run_dir / "metrics.jsonl")
+    assert [r["round"] for r in ours] == [1, 2, 3, 4]
+    for a, b in zip(ours, theirs):
+      for key in a:
+        if key in EXACT:
+          assert a[key] == b[key], (lr, s, a["round"], key)
+        elif key != "wall_time":
+          np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-5, err_msg=f"lr {lr} seed {s} {key}")
+    mine = json.loads((out / f"lr_{lr:g}" / f"seed_{s}" / "summary.json").read_text())
+    assert mine["hparams"]["lr"] == lr and mine["seed"] == s
+    assert config_lib.Config.from_dict(
+        json.loads((out / f"lr_{lr:g}" / f"seed_{s}" / "config.json").read_text())).hparams["lr"] == lr
+  accuracies = {lr: json.loads((out / f"lr_{lr:g}" / "summary.json").read_text())["final_accuracy_mean"]["mean"]
+                for lr in lrs[:2]}
+  assert accuracies[lrs[0]] != accuracies[lrs[1]]  # the lrs really are different simulations
+
+
+def test_a_diverged_lr_is_recorded_and_the_others_go_on(lr_swept):
+  out, lrs, summary, _, _ = lr_swept
+  big = summary["by_lr"][f"{BIG_LR:g}"]
+  assert big["status"] == "diverged" and big["diverged_seeds"] == list(LR_SEEDS)
+  assert summary["final_accuracy_mean_by_lr"][f"{BIG_LR:g}"] is None
+  seed_summary = json.loads((out / f"lr_{BIG_LR:g}" / "seed_0" / "summary.json").read_text())
+  assert seed_summary["status"] == "diverged" and "diverged" in seed_summary["error"]
+  means = {lr: summary["final_accuracy_mean_by_lr"][f"{lr:g}"]["mean"] for lr in lrs[:2]}
+  assert summary["best_lr"] == max(means, key=means.get)
+  assert summary["lrs"] == list(lrs) and summary["seeds"] == list(LR_SEEDS)
+  assert json.loads((out / "summary.json").read_text()) == summary
+
+
+@pytest.mark.parametrize(
+    "lrs, message",
+    [
+        ([], "at least one lr"),
+        ([0.1, -1.0], "lrs must be finite and > 0, got -1.0"),
+        ([0.0], "lrs must be finite and > 0, got 0.0"),
+        ([float("nan")], "lrs must be finite and > 0"),
+        ([0.1, 0.1], "lrs must be distinct; repeated: 0.1"),
+        ([True], "lrs must be numbers, got True"),
+        (0.1, "lrs must be a list of numbers"),
+    ],
+)
+def test_bad_lrs_raise_before_anything_runs(lrs, message, tmp_path):
+  with pytest.raises(ConfigError, match=message):
+    experiment.sweep(tiny(), (0,), tmp_path / "x", lrs=lrs, echo=None, progress=False)
+  assert not (tmp_path / "x").exists()
+
+
 def small_data(counts):
   counts = np.asarray(counts)
   n = int(counts.sum())
@@ -157,6 +237,9 @@ def test_cli_sweep_writes_the_seed_folders_and_a_summary(tmp_path):
     (["--seeds", "0", "x"], "seeds must be integers, got 'x'"),
     (["--seeds", "0,0"], "seeds must be distinct"),
     (["--seeds", "0", "--seed", "1"], "sweep takes --seeds, not --seed"),
+    (["--seeds", "0", "--lrs", "0.1", "-0.5"], "lrs must be finite and > 0, got -0.5"),
+    (["--seeds", "0", "--lrs", "0.1,x"], "lrs must be numbers, got 'x'"),
+    (["--seeds", "0", "--lrs", "0.1,0.1"], "lrs must be distinct"),
 ])
 def test_cli_bad_seeds_are_a_clear_error(args, message, tmp_path):
   code, _, stderr = call("sweep", *args, "--set", "smoke=true", "--out", tmp_path / "x")

@@ -90,12 +90,16 @@ def make_parser() -> argparse.ArgumentParser:
                        help="algorithms to compare (space- or comma-separated)")
   _add_config_args(compare)
   _add_run_args(compare)
-  sweep = sub.add_parser("sweep", help="one config, several seeds, as one vmapped program",
-                         description="Run one config once per seed, all seeds as one compiled program (the seed axis "
-                                     "vmapped over whole simulations); write seed_<s>/ run files and a summary with "
-                                     "mean ± std over seeds. No checkpoints or resume.")
+  sweep = sub.add_parser("sweep", help="one config, several seeds (and lrs), as one vmapped program",
+                         description="Run one config once per seed (and per learning rate with --lrs), all runs as "
+                                     "one compiled program (the seed and lr axes vmapped over whole simulations); "
+                                     "write seed_<s>/ (or lr_<lr>/seed_<s>/) run files and summaries with mean ± std "
+                                     "over seeds. No checkpoints or resume.")
   sweep.add_argument("--seeds", nargs="+", required=True, metavar="SEED",
                      help="distinct integer seeds >= 0 (space- or comma-separated)")
+  sweep.add_argument("--lrs", nargs="+", metavar="LR",
+                     help="distinct learning rates > 0 of the clients' SGD (space- or comma-separated; default: the "
+                          "config's lr, no lr axis); a run that diverges is recorded and the others go on")
   _add_config_args(sweep)
   sweep.add_argument("--out", help="sweep folder (default: runs/<algorithm>-sweep-<dataset>-<time>)")
   sweep.add_argument("--overwrite", action="store_true", help="replace the run or sweep in --out")
@@ -187,6 +191,21 @@ def parse_seeds(items: list[str]) -> list[int]:
   return seeds
 
 
+def parse_lrs(items: list[str] | None) -> list[float] | None:
+  """--lrs values ("0.01 0.1" or "0.01,0.1") as floats; ConfigError for anything else."""
+  from fedspa_jax.config import ConfigError
+
+  if items is None:
+    return None
+  lrs = []
+  for text in (t for item in items for t in item.split(",") if t):
+    try:
+      lrs.append(float(text))
+    except ValueError:
+      raise ConfigError(f"lrs must be numbers, got {text!r}") from None
+  return lrs
+
+
 def _sweep(args) -> int:
   from fedspa_jax import experiment
   from fedspa_jax.config import ConfigError
@@ -194,9 +213,18 @@ def _sweep(args) -> int:
   if args.seed is not None:
     raise ConfigError("sweep takes --seeds, not --seed")
   seeds = parse_seeds(args.seeds)
+  lrs = parse_lrs(args.lrs)
   config, _ = resolve_config(args)
-  summary = experiment.sweep(config, seeds, args.out, overwrite=args.overwrite, progress=args.progress,
+  summary = experiment.sweep(config, seeds, args.out, lrs=lrs, overwrite=args.overwrite, progress=args.progress,
                              echo=None if args.quiet else print)
+  if lrs is not None:
+    for lr, acc in summary["final_accuracy_mean_by_lr"].items():
+      print(f"lr {lr}: " + ("diverged" if acc is None else f"final accuracy {acc['mean']:.4f} ± {acc['std']:.4f} "
+                                                           f"over seeds"))
+    print(f"done: {summary['algorithm']} on {summary['dataset']}, {len(summary['lrs'])} lrs x "
+          f"{len(summary['seeds'])} seeds; best lr {summary['best_lr']} (chosen on these seeds); "
+          f"{summary['wall_time']:.1f}s -> {summary['run_dir']}")
+    return 0
   acc = summary["final_accuracy_mean"]
   per_seed = ", ".join(f"{a:.4f}" for a in summary["final_accuracy_mean_per_seed"])
   print(f"done: {summary['algorithm']} on {summary['dataset']}, {len(summary['seeds'])} seeds, final accuracy "

@@ -438,7 +438,7 @@ def _client_arrays(algo, state: Any, data: data_lib.FederatedData, ev: dict[str,
 
 
 def sweep(config: Config, seeds, workdir=None, **kwargs) -> dict[str, Any]:
-  """Runs `config` once per seed, all seeds as one vmapped program; see `fedspa_jax.sweep.sweep`."""
+  """Runs `config` once per seed (and per lr with `lrs=`), all runs as one vmapped program; see `fedspa_jax.sweep.sweep`."""
   from fedspa_jax import sweep as sweep_lib  # it builds on this module
 
   return sweep_lib.sweep(config, seeds, workdir, **kwargs)

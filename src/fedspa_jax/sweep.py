@@ -1,7 +1,12 @@
-"""Several seeds of one config as one compiled program: the seed axis vmapped over whole simulations.
+"""Several seeds (and learning rates) of one config as one compiled program: vmapped over whole simulations.
 
     from fedspa_jax import config as config_lib, experiment
     summary = experiment.sweep(config_lib.load("default"), seeds=[0, 1, 2], workdir="runs/sweep")
+    grid = experiment.sweep(config_lib.load("default"), seeds=[0, 1], workdir="runs/grid", lrs=[0.01, 0.1])
+
+With `lrs`, each (lr, seed) is a run: the algorithm is built inside the traced round with a traced lr (it enters only
+through the clients' `optax.sgd`), the lr axis is vmapped outside the seed axis (state [L, S, ...], the seeds' data
+shared by all lrs), and lr_<lr>/ holds what a seeds-only sweep folder holds; docs/cli.md has the layout.
 
 Seed s of a sweep is the run `experiment.run(replace(config, seed=s))`: its own data partition, model init, masks,
 cohorts and batches, with the same records, equal up to float rounding (tests/test_sweep.py). The seeds' datasets
@@ -54,6 +59,7 @@ from fedspa_jax.run_folder import OUTPUTS, RUN_MARKERS, RunExistsError, default_
 # The stacked state's axes: everything per seed but the round counter, which all seeds share.
 STATE_AXES = SimState(server=0, clients=0, round=None, key=0, participation=0)
 SEED_DIR = re.compile(r"seed_-?\d+")
+LR_DIR = re.compile(r"lr_[0-9.e+-]+")
 
 
 def check_seeds(seeds: Any) -> tuple[int, ...]:
@@ -78,6 +84,29 @@ def check_seeds(seeds: Any) -> tuple[int, ...]:
     raise ConfigError(f"seeds must be distinct; repeated: {', '.join(map(str, duplicates))}")
   return seeds
 
+
+
+def check_lrs(lrs: Any) -> tuple[float, ...]:
+  """The learning rates as a tuple of distinct finite Python floats > 0.
+
+  Raises:
+    ConfigError: no lrs, an lr that is not a number (bools included), not finite or not > 0, duplicates.
+  """
+  if isinstance(lrs, (str, bytes)) or not isinstance(lrs, (collections.abc.Sequence, np.ndarray)):
+    raise ConfigError(f"lrs must be a list of numbers, got {lrs!r}")
+  lrs = list(lrs)
+  if not lrs:
+    raise ConfigError("a sweep over lrs needs at least one lr")
+  for lr in lrs:
+    if isinstance(lr, (bool, np.bool_)) or not isinstance(lr, (int, float, np.integer, np.floating)):
+      raise ConfigError(f"lrs must be numbers, got {lr!r}")
+    if not (np.isfinite(lr) and lr > 0):
+      raise ConfigError(f"lrs must be finite and > 0, got {lr!r}")
+  lrs = tuple(float(lr) for lr in lrs)
+  duplicates = sorted({lr for lr in lrs if lrs.count(lr) > 1})
+  if duplicates:
+    raise ConfigError(f"lrs must be distinct; repeated: {', '.join(f'{lr:g}' for lr in duplicates)}")
+  return lrs
 
 def _pad_rows(split: data_lib.ClientSplit, rows: int, max_count: int) -> data_lib.ClientSplit:
   pad = rows - split.x.shape[0]
@@ -145,7 +174,8 @@ def make_sweep_evaluate(evaluate_fn: Callable, *, with_ids: bool) -> Callable:
 
 
 def _prepare_folder(workdir: pathlib.Path, overwrite: bool) -> None:
-  seed_dirs = [p for p in workdir.glob("seed_*") if p.is_dir() and SEED_DIR.fullmatch(p.name)]
+  seed_dirs = [p for p in workdir.glob("*_*") if p.is_dir() and (SEED_DIR.fullmatch(p.name) or
+                                                                   LR_DIR.fullmatch(p.name))]
   held = [name for name in RUN_MARKERS if (workdir / name).exists()] + [p.name for p in seed_dirs]
   if held and not overwrite:
     raise RunExistsError(
@@ -168,7 +198,19 @@ def _mean_std(values: Sequence[float | None]) -> dict[str, Any] | None:
 
 def sweep_summary(config: Config, seeds: tuple[int, ...], summaries: list[dict[str, Any]], workdir: pathlib.Path,
                   wall_time: float) -> dict[str, Any]:
-  """summary.json of a sweep: per-seed final mean accuracies and mean ± std over seeds."""
+  """summary.json of a sweep: per-seed final mean accuracies and mean ± std over seeds.
+
+  With a diverged seed (lr sweeps record them), the statistics over seeds are None and `diverged_seeds` lists them.
+  """
+  bad = [s["seed"] for s in summaries if s["status"] != "complete"]
+  if bad:
+    return {
+        "status": "diverged", "algorithm": config.algorithm, "dataset": config.dataset, "seeds": list(seeds),
+        "diverged_seeds": bad, "hparams": experiment._jsonable(config.hparams), "config": config.to_dict(),
+        "final_accuracy_mean_per_seed": [s["final_accuracy_mean"] for s in summaries],
+        "final_accuracy_mean": None, "wall_time": experiment.round_time(wall_time), "run_dir": str(workdir),
+        "seed_dirs": [str(workdir / f"seed_{s}") for s in seeds],
+    }
   first = summaries[0]
   over = lambda key: _mean_std([s[key] for s in summaries])
   return {
@@ -208,132 +250,256 @@ def format_sweep_record(records: list[dict[str, Any]]) -> str:
   )
 
 
+def _lr_name(lr: float) -> str:
+  return f"lr_{lr:g}"
+
+
+def with_lr(config: Config, lr: Any) -> Config:
+  """`config` with the clients' learning rate replaced (a float, or a traced scalar inside a vmapped lr sweep)."""
+  return dataclasses.replace(config, hparams={**config.hparams, "lr": lr})
+
+
+def make_lr_sweep_round(config: Config, data: data_lib.FederatedData) -> Callable:
+  """The pure round of all (lr, seed) runs: (lrs [L], state [L, S, ...], data [S, ...]) -> (state, metrics [L, S]).
+
+  The algorithm is built inside the traced function with its lr a traced scalar (it enters only through the clients'
+  `optax.sgd`), so one program serves every lr; the seeds' data are shared by all lrs (not copied per lr).
+  """
+
+  def round_at(lr, state, stacked):
+    _, algo = experiment.build(with_lr(config, lr), data)  # `data` (host, one seed's) sizes the model only
+    return make_sweep_round(algo.round_fn)(state, stacked)
+
+  return jax.vmap(round_at, in_axes=(0, STATE_AXES, None), out_axes=(STATE_AXES, 0))
+
+
+def make_lr_sweep_evaluate(evaluate_fn: Callable, *, with_ids: bool) -> Callable:
+  """jit of the evaluation of all (lr, seed) runs: the seeds' data and client ids are shared by all lrs."""
+  if with_ids:
+    inner = jax.vmap(evaluate_fn, in_axes=(STATE_AXES, 0, 0))
+    return jax.jit(jax.vmap(inner, in_axes=(STATE_AXES, None, None)))
+  inner = jax.vmap(lambda state, data: evaluate_fn(state, data), in_axes=(STATE_AXES, 0))
+  return jax.jit(jax.vmap(inner, in_axes=(STATE_AXES, None)))
+
+
 def sweep(
     config: Config,
     seeds: Sequence[int],
     workdir: str | pathlib.Path | None = None,
     *,
+    lrs: Sequence[float] | None = None,
     echo: Callable[[str], None] | None = print,
     progress: bool | None = None,
     overwrite: bool = False,
 ) -> dict[str, Any]:
-  """Runs `config` once per seed, all seeds as one vmapped program, and returns the sweep's summary.
+  """Runs `config` once per seed (and per learning rate), all runs as one vmapped program; returns the summary.
 
   Args:
     config: the experiment (its `seed` is replaced by each of `seeds`).
     seeds: distinct integers >= 0.
     workdir: the sweep folder (default: a new `runs/<algorithm>-sweep-<dataset>-<time>`).
-    echo: prints one line per evaluated round, mean ± std over seeds (None: silent).
+    lrs: distinct learning rates > 0 of the clients' SGD (None: the config's). Each (lr, seed) is a run; the lr axis
+      is vmapped too, so the whole grid is one program; run (lr, s) equals `run` with that lr and seed. A run that
+      diverges is recorded as diverged and the others go on (a too-large lr is a result of a search).
+    echo: prints one line per evaluated round (and lr), mean ± std over seeds (None: silent).
     progress: show a tqdm bar (None: only on a terminal).
     overwrite: replace the run or sweep `workdir` holds.
 
   Returns:
-    The summary (also written to summary.json); each seed's own summary is in seed_<s>/summary.json.
+    The summary (also written to summary.json); each seed's own summary is in seed_<s>/summary.json (with `lrs`:
+    lr_<lr>/seed_<s>/summary.json, and each lr_<lr>/summary.json is that lr's summary over seeds).
 
   Raises:
-    ConfigError (a ValueError): bad seeds, config, data options or folder, before anything is compiled.
+    ConfigError (a ValueError): bad seeds, lrs, config, data options or folder, before anything is compiled.
     FileNotFoundError: the dataset's files are missing.
-    TrainingDiverged: a seed's loss or parameters became NaN or infinite (the sweep stops; nothing to resume).
+    TrainingDiverged: without `lrs`, a seed's loss or parameters became NaN or infinite (the sweep stops).
   """
   say = echo or (lambda line: None)
   seeds = check_seeds(seeds)
+  lr_list = None if lrs is None else check_lrs(lrs)
   experiment.check_config(config)
   if config.shard_clients:
     raise ConfigError("a sweep does not support shard_clients (run the seeds separately to shard their cohorts)")
-  configs = [dataclasses.replace(config, seed=s) for s in seeds]
+  if lr_list is not None and config.hparams.get("optimizer") is not None:
+    raise ConfigError("a sweep over lrs needs the default SGD optimizer (hparams.optimizer is set)")
+  grid = [None] if lr_list is None else list(lr_list)  # the lr axis; None: the config's lr, no axis
+  runs = [(lr, s) for lr in grid for s in seeds]  # run j = (lr index j // S, seed index j % S)
+  configs = [dataclasses.replace(config if lr is None else with_lr(config, lr), seed=s) for lr, s in runs]
   workdir = pathlib.Path(workdir) if workdir is not None else default_workdir(
       dataclasses.replace(config, algorithm=f"{config.algorithm}-sweep"))
   _prepare_folder(workdir, overwrite)
   try:  # data options, model/data fit: input errors, found before compilation
     try:
-      datas = [experiment.load_data(c) for c in configs]
+      datas = [experiment.load_data(dataclasses.replace(config, seed=s)) for s in seeds]
     except TypeError as e:
       raise ConfigError(f"bad data options {config.data_args}: {e}") from e
-    _, algo = experiment.build(config, datas[0])
+    algos = [experiment.build(config if lr is None else with_lr(config, lr), datas[0])[1] for lr in grid]
+    algo = algos[0]
     states = [algo.init(jax.random.key(s), d) for s, d in zip(seeds, datas)]
     data = stack_data(datas)
   except ValueError as e:
     raise ConfigError(str(e)) from e
 
+  S = len(seeds)
+  lr_dirs = [workdir] if lr_list is None else [workdir / _lr_name(lr) for lr in grid]
+  run_dirs = [lr_dirs[j // S] / f"seed_{s}" for j, (_, s) in enumerate(runs)]
+  names = [f"seed {s}" if lr is None else f"lr {lr:g} seed {s}" for lr, s in runs]
   record = {**config.to_dict(), config_lib.RESOLVED_KEY: experiment._jsonable(algo.hparams)}
+  if lr_list is not None:
+    record["lrs"] = list(lr_list)
   (workdir / "config.json").write_text(json.dumps(record, indent=2) + "\n")
-  seed_dirs = [workdir / f"seed_{s}" for s in seeds]
   logs = []
-  for c, d in zip(configs, seed_dirs):
-    d.mkdir()
-    seed_record = {**record, **c.to_dict()}
+  for j, (c, d) in enumerate(zip(configs, run_dirs)):
+    d.mkdir(parents=True)
+    lr_algo = algos[j // S]
+    if lr_list is not None and j % S == 0:
+      lr_record = {**c.to_dict(), "seed": config.seed,
+                   config_lib.RESOLVED_KEY: experiment._jsonable(lr_algo.hparams)}
+      (d.parent / "config.json").write_text(json.dumps(lr_record, indent=2) + "\n")
+    seed_record = {**c.to_dict(), config_lib.RESOLVED_KEY: experiment._jsonable(lr_algo.hparams)}
     (d / "config.json").write_text(json.dumps(seed_record, indent=2) + "\n")
     logs.append(MetricsLog(d / "metrics.jsonl"))
   num_clients = datas[0].num_clients
   say(f"{algo.name} on {datas[0].name}: {num_clients} clients, {config.rounds} rounds, seeds "
-      f"{', '.join(map(str, seeds))} -> {workdir}")
+      f"{', '.join(map(str, seeds))}" + ("" if lr_list is None else f", lrs {', '.join(f'{lr:g}' for lr in grid)}")
+      + f" -> {workdir}")
 
-  state = stack_states(states)
+  stacked = stack_states(states)
+  if lr_list is None:
+    state = stacked
+    sweep_round = make_sweep_round(algo.round_fn)
+    evaluate_all = make_sweep_evaluate(algo.evaluate_fn, with_ids=False)
+    evaluate_ids = make_sweep_evaluate(algo.evaluate_fn, with_ids=True)
+    pick = lambda tree, j, axis=0: seed_slice(tree, j, axis)
+  else:  # [L, S, ...]: the initial state does not depend on the lr
+    state = stack_states([stacked] * len(grid))
+    round_of_lrs = make_lr_sweep_round(config, datas[0])
+    lr_values = jnp.asarray(grid, jnp.float32)
+    sweep_round = lambda state, data: round_of_lrs(lr_values, state, data)
+    evaluate_all = make_lr_sweep_evaluate(algo.evaluate_fn, with_ids=False)
+    evaluate_ids = make_lr_sweep_evaluate(algo.evaluate_fn, with_ids=True)
+    pick = lambda tree, j, axis=0: seed_slice(seed_slice(tree, j // S, axis), j % S, axis)
   device_data = jax.device_put(data)
-  params_like = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), state.server.params)
-  sweep_round = make_sweep_round(algo.round_fn)
+  params_like = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), states[0].server.params)
   steps: dict[int, Callable] = {}
-  evaluate_all = make_sweep_evaluate(algo.evaluate_fn, with_ids=False)
-  evaluate_ids = make_sweep_evaluate(algo.evaluate_fn, with_ids=True)
   no_checkpoints = dataclasses.replace(config, checkpoint_every=0)
-  histories: list[list[dict[str, Any]]] = [[] for _ in seeds]
-  totals = [experiment.Totals() for _ in seeds]
-  trains: list[dict[str, float]] = [{} for _ in seeds]
-  bar = make_progress(total=config.rounds, initial=0, desc=f"{algo.name} x{len(seeds)}", enable=progress)
+  histories: list[list[dict[str, Any]]] = [[] for _ in runs]
+  totals = [experiment.Totals() for _ in runs]
+  trains: list[dict[str, float]] = [{} for _ in runs]
+  diverged: dict[int, str] = {}  # run -> why (lr sweeps only; without lrs a divergence stops the sweep)
+  bar = make_progress(total=config.rounds, initial=0, desc=f"{algo.name} x{len(runs)}", enable=progress)
   start, r, pending, ev = time.perf_counter(), 0, None, None
 
+  def diverge(j: int, why: str) -> None:
+    if lr_list is None:
+      raise experiment.TrainingDiverged(f"{names[j]}: {why}")
+    if j not in diverged:
+      diverged[j] = why
+      with bar.external_write_mode():
+        say(f"{names[j]} diverged: {why} (recorded; the other runs go on)")
+
   def settle() -> None:
-    """Takes in the pending dispatch's metrics [n, seeds, ...]: totals, NaN check, progress bar."""
+    """Takes in the pending dispatch's metrics [n, (lrs,) seeds, ...]: totals, NaN check, progress bar."""
     nonlocal pending
     if pending is None:
       return
     (first, metrics), pending = pending, None
     host = jax.device_get(metrics)
-    for i, s in enumerate(seeds):
+    for j in range(len(runs)):
+      if j in diverged:
+        continue
       try:
-        trains[i] = experiment._consume(seed_slice(host, i, axis=1), first, totals[i], params_like) or trains[i]
+        trains[j] = experiment._consume(pick(host, j, axis=1), first, totals[j], params_like) or trains[j]
       except experiment.TrainingDiverged as e:
-        raise experiment.TrainingDiverged(f"seed {s}: {e}") from None
-      totals[i].wall_time = time.perf_counter() - start
+        diverge(j, str(e))
+      totals[j].wall_time = time.perf_counter() - start
     bar.update(first + jax.tree.leaves(host)[0].shape[0] - bar.n)
 
   try:
     while r < config.rounds:
       n = experiment._next_chunk(r, config=no_checkpoints, end=config.rounds)
       if n not in steps:
-        steps[n] = experiment.make_multi_round(sweep_round, n)  # jit, state donated; metrics [n, seeds, ...]
+        steps[n] = experiment.make_multi_round(sweep_round, n)  # jit, state donated; metrics [n, (lrs,) seeds, ...]
       new_state, metrics = steps[n](state, device_data)
       settle()  # the previous dispatch's metrics, fetched while this one runs
       state, pending, r = new_state, (r, metrics), r + n
       if not (r % config.eval_every == 0 or r == config.rounds):
         continue
       settle()
-      ids = [experiment.eval_ids(c, num_clients, r) for c in configs]
+      ids = [experiment.eval_ids(c, num_clients, r) for c in configs[:S]]
       if r == config.rounds or ids[0] is None:
         ev = jax.device_get(evaluate_all(state, device_data))
       else:
         ev = jax.device_get(evaluate_ids(state, device_data, np.stack(ids)))
-      records = []
-      for i, s in enumerate(seeds):
-        rec = experiment._eval_record(r, seed_slice(ev, i), trains[i], totals[i])
-        if not np.isfinite(rec["loss_mean"]) and rec["eval_with_test_data"]:
-          raise experiment.TrainingDiverged(f"seed {s}: training diverged by round {r}: mean test loss "
-                                            f"{rec['loss_mean']}")
-        histories[i].append(rec)
-        logs[i].write(rec)
-        records.append(rec)
+      lines = []
+      for l in range(len(grid)):
+        records = []
+        for j in range(l * S, (l + 1) * S):
+          if j in diverged:
+            continue
+          rec = experiment._eval_record(r, pick(ev, j), trains[j], totals[j])
+          if not np.isfinite(rec["loss_mean"]) and rec["eval_with_test_data"]:
+            diverge(j, f"training diverged by round {r}: mean test loss {rec['loss_mean']}")
+            continue
+          histories[j].append(rec)
+          logs[j].write(rec)
+          records.append(rec)
+        if records:
+          lines.append(("" if lr_list is None else f"lr {grid[l]:g}  ") + format_sweep_record(records))
       with bar.external_write_mode():
-        say(format_sweep_record(records))
+        for line in lines:
+          say(line)
     settle()
     summaries = []
-    for i, (c, d) in enumerate(zip(configs, seed_dirs)):
-      ev_i = seed_slice(ev, i)
-      summary = experiment._summary(c, algo, datas[i], ev_i, histories[i], totals[i], d)
+    for j, (c, d) in enumerate(zip(configs, run_dirs)):
+      if j in diverged:
+        summary = {"status": "diverged", "error": diverged[j], "seed": c.seed, "lr": c.hparams["lr"],
+                   "final_accuracy_mean": None, "run_dir": str(d)}
+      else:
+        ev_j = pick(ev, j)
+        summary = experiment._summary(c, algos[j // S], datas[j % S], ev_j, histories[j], totals[j], d)
+        np.savez(d / "clients.npz", **experiment._client_arrays(algos[j // S], pick_state(state, pick, j),
+                                                                 datas[j % S], ev_j))
       (d / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-      np.savez(d / "clients.npz", **experiment._client_arrays(algo, seed_state(state, i), datas[i], ev_i))
       summaries.append(summary)
-    result = sweep_summary(config, seeds, summaries, workdir, time.perf_counter() - start)
+    wall = time.perf_counter() - start
+    per_lr = [sweep_summary(configs[l * S], seeds, summaries[l * S:(l + 1) * S], lr_dirs[l], wall)
+              for l in range(len(grid))]
+    if lr_list is None:
+      result = per_lr[0]
+    else:
+      for l, summary in enumerate(per_lr):
+        (lr_dirs[l] / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+      result = lr_sweep_summary(config, seeds, grid, per_lr, workdir, wall)
     (workdir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
   finally:
     bar.close()
+
+
+def pick_state(state: SimState, pick: Callable, j: int) -> SimState:
+  """Run j's `SimState` from the stacked state (the round counter is shared)."""
+  return pick(state._replace(round=None), j)._replace(round=state.round)
+
+
+def lr_sweep_summary(config: Config, seeds: tuple[int, ...], lrs: list[float], per_lr: list[dict[str, Any]],
+                     workdir: pathlib.Path, wall_time: float) -> dict[str, Any]:
+  """summary.json of a sweep over lrs: each lr's summary over seeds, and the lr with the best mean final accuracy.
+
+  The best lr is chosen on the same seeds it is reported on; for an unbiased number, rerun it on other seeds.
+  """
+  means = [None if s["final_accuracy_mean"] is None else s["final_accuracy_mean"]["mean"] for s in per_lr]
+  ranked = [(m, -lr) for lr, m in zip(lrs, means) if m is not None]
+  return {
+      "status": "complete",
+      "algorithm": per_lr[0]["algorithm"],
+      "dataset": per_lr[0]["dataset"],
+      "lrs": list(lrs),
+      "seeds": list(seeds),
+      "config": config.to_dict(),
+      "final_accuracy_mean_by_lr": {f"{lr:g}": s["final_accuracy_mean"] for lr, s in zip(lrs, per_lr)},
+      "best_lr": None if not ranked else -max(ranked)[1],
+      "by_lr": {f"{lr:g}": s for lr, s in zip(lrs, per_lr)},
+      "wall_time": experiment.round_time(wall_time),
+      "run_dir": str(workdir),
+  }

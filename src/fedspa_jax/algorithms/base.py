@@ -157,7 +157,7 @@ def make_optimizer(
   """The clients' optimizer: the given optax transformation, or SGD(lr, momentum) with optional weight decay."""
   if optimizer is not None:
     return optimizer
-  if not lr > 0:
+  if not isinstance(lr, jax.core.Tracer) and not lr > 0:  # a traced lr: a sweep over lrs (checked before)
     raise ValueError(f"lr must be > 0, got {lr!r}")
   if not 0.0 <= momentum < 1.0:
     raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
