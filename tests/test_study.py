@@ -4,7 +4,6 @@ synthetic study folder. No training: units run through a fake runner."""
 
 import importlib.util
 import json
-import os
 import pathlib
 import subprocess
 import sys
