@@ -25,6 +25,9 @@ interrupted unit from its start (a failed one is recorded in failed.txt and retr
 `<out>/plan.json` pins the plan (grid, seeds, rounds, epochs): a restart with other options is refused; the tier or
 cells may change. Several drivers may share a folder (`start --jobs 2`, one per core): each unit runs under its
 own lock, so no unit runs twice; `start` refuses while drivers already run on the folder.
+Edge check (`python scripts/study_fashion_mnist.py edge`): for every cell whose selected lr sits at the grid's edge,
+one more lr unit one step past it (x3 above the top, /3 below the bottom); the report shows it beside the grid, and
+the selection does not change.
 Bad options (a non-positive or repeated lr, no or repeated seeds, the search seed among the final seeds, fewer than
 100 rounds or 2 epochs without --smoke) are one error line and exit status 2, before JAX is imported.
 """
@@ -192,6 +195,32 @@ def plan_units(plan: Plan) -> list[Unit]:
     if VARIANTS[variant].lr_from is None:
       units += [Unit("lr", partition, variant, lr) for lr in plan.lrs]
     units.append(Unit("final", partition, variant))
+  return units
+
+
+def edge_lr(plan: Plan, lr: float) -> float | None:
+  """The rate one step past the grid's edge that `lr` sits on (x3 above the top, /3 below the bottom), else None."""
+  if len(plan.lrs) < 2 or min(plan.lrs) < lr < max(plan.lrs):
+    return None
+  return float(f"{lr * 3 if lr == max(plan.lrs) else lr / 3:.6g}")
+
+
+def edge_units(plan: Plan, out: pathlib.Path) -> list[Unit]:
+  """The edge check: for every cell whose selected lr is at the grid's edge, an lr unit one step past it.
+
+  It does not change the selection (plan.json pins the grid); the report shows whether the next rate would have won.
+  """
+  units = []
+  for partition, variant in plan.cells:
+    if VARIANTS[variant].lr_from is not None:
+      continue
+    try:
+      lr, _ = select_lr(plan, out, partition, variant)
+    except StudyError:
+      continue
+    beyond = None if lr is None else edge_lr(plan, lr)
+    if beyond is not None:
+      units.append(Unit("lr", partition, variant, beyond))
   return units
 
 
@@ -403,7 +432,7 @@ def drivers(out: pathlib.Path) -> list[str]:
 
 
 def run_study(plan: Plan, out: pathlib.Path, runner: Callable = default_runner,
-              max_units: int | None = None, poll_s: float = 20.0) -> int:
+              max_units: int | None = None, poll_s: float = 20.0, units: list[Unit] | None = None) -> int:
   """Runs every unit not done yet, in order; returns 0 (all done) or 1 (some failed).
 
   Several drivers may run on one folder (`start --jobs N`): each unit is run under its own lock, so a unit held by
@@ -414,8 +443,8 @@ def run_study(plan: Plan, out: pathlib.Path, runner: Callable = default_runner,
   me = driver_lock(out)
   me.acquire()
   try:
-    check_folder(plan, out)
-    units = plan_units(plan)
+    check_folder(plan, out, readonly=units is not None)  # other units (the edge check) leave plan.json alone
+    units = plan_units(plan) if units is None else units
     done = sum(unit_state(plan, out, u) == "done" for u in units)
     log(f"{out}: {done} of {len(units)} units done; running the rest (pid {os.getpid()})")
     failed, ran, tried, said = 0, 0, set(), set()
@@ -554,7 +583,9 @@ def _short(state: str, record: dict[str, Any] | None) -> str:
 
 def parse_plan(argv: Sequence[str] | None) -> tuple[str, Plan, pathlib.Path, int | None]:
   parser = argparse.ArgumentParser(prog="study_fashion_mnist", description=__doc__.split("\n\n")[0])
-  parser.add_argument("command", nargs="?", default="run", choices=("run", "status", "plan", "check"))
+  parser.add_argument("command", nargs="?", default="run", choices=("run", "status", "plan", "check", "edge"),
+                      help="edge: for every cell whose selected lr sits at the grid's edge, run the lr unit one step "
+                      "past it (x3 or /3), which the report shows beside the grid (the selection does not change)")
   parser.add_argument("--out", default=None, help=f"study folder (default {DEFAULT_OUT}, or ...-smoke with --smoke)")
   parser.add_argument("--lrs", nargs="*", type=float, default=list(Plan.lrs), help="learning-rate grid")
   parser.add_argument("--seeds", nargs="*", type=int, default=list(Plan.seeds), help="seeds of the final runs")
@@ -615,6 +646,14 @@ def main(argv: Sequence[str] | None = None, runner: Callable = default_runner) -
       print(f"{u}  ~{estimate_seconds(plan, u) / 60:.1f} min")
     print(f"{len(units)} units, ~{sum(estimate_seconds(plan, u) for u in units) / 3600:.2f} h on one core")
     return 0
+  if command == "edge":
+    if not (out / "plan.json").exists():
+      print(f"study_fashion_mnist: error: {out} holds no study (no plan.json)", file=sys.stderr)
+      return 2
+    plan = Plan.from_dict(json.loads((out / "plan.json").read_text()))
+    units = edge_units(plan, out)
+    print("edge check: " + (", ".join(map(str, units)) if units else "no cell's selected lr is at the grid's edge"))
+    return run_study(plan, out, runner, max_units, units=units) if units else 0
   try:
     return run_study(plan, out, runner, max_units)
   except StudyError as e:

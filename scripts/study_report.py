@@ -113,8 +113,10 @@ def markdown_table(rows: list[dict[str, str]]) -> str:
 
 def search_table(plan: study.Plan, out: pathlib.Path, cells: list[dict[str, Any]]) -> str:
   """Seed-`search_seed` mean accuracy after `search_rounds` rounds for every grid value; the selected one in bold."""
-  header = ["partition", "algorithm"] + [f"lr {lr:g}" for lr in plan.lrs]
-  lines = ["| " + " | ".join(header) + " |", "| :--- | :--- |" + " ---: |" * len(plan.lrs)]
+  edges = {(u.partition, u.variant): u for u in study.edge_units(plan, out)
+           if study.read_unit(out, u) is not None}  # the edge check's finished units
+  header = ["partition", "algorithm"] + [f"lr {lr:g}" for lr in plan.lrs] + (["one step past the edge"] if edges else [])
+  lines = ["| " + " | ".join(header) + " |", "| :--- | :--- |" + " ---: |" * (len(plan.lrs) + bool(edges))]
   for cell in cells:
     if study.VARIANTS[cell["variant"]].lr_from:
       continue
@@ -129,6 +131,10 @@ def search_table(plan: study.Plan, out: pathlib.Path, cells: list[dict[str, Any]
       values.append(f"**{text}**" if cell["lr"] == lr else text)
     edge = cell["lr"] is not None and cell["lr"] in (min(plan.lrs), max(plan.lrs)) and len(plan.lrs) > 1
     label = study.VARIANTS[cell["variant"]].label + (" (at the grid's edge)" if edge else "")
+    if edges:
+      unit = edges.get((cell["partition"], cell["variant"]))
+      acc = None if unit is None else study.read_unit(out, unit).get("final_accuracy_mean")
+      values.append("" if unit is None else f"lr {unit.lr:g}: " + ("diverged" if acc is None else f"{acc:.4f}"))
     lines.append(f"| {cell['partition']} | {label} | " + " | ".join(values) + " |")
   return "\n".join(lines)
 
@@ -289,7 +295,9 @@ def report(out: pathlib.Path, img: pathlib.Path, docs_img: str, stem: str = "stu
     lines.append("")
   lines += ["### Learning-rate search", "",
             f"Mean client accuracy, seed {plan.search_seed}, after {plan.search_rounds} rounds; the selected rate in "
-            "bold. A rate selected at the grid's edge means the grid may not bracket that algorithm's best rate.", "", search_table(plan, out, cells), ""]
+            "bold. A rate selected at the grid's edge means the grid may not bracket that algorithm's best rate; the last "
+            "column, where shown, is the edge check (`python scripts/study_fashion_mnist.py edge`): the same search run "
+            "one step past the edge (x3), which did not take part in the selection.", "", search_table(plan, out, cells), ""]
   for path in paths:
     lines += [f"![{path.stem.replace('_', ' ')}]({docs_img}/{path.name})", ""]
   verdict = VERDICT.read_text().strip() if VERDICT.is_file() else (

@@ -231,3 +231,24 @@ def test_report_on_a_partial_study(tmp_path, monkeypatch):
   (tmp_path / "no_verdict.md").write_text("FedSpa wins here, loses there.\n")
   section = report.report(out, tmp_path / "img", "img")
   assert "FedSpa wins here, loses there." in section and "Placeholder" not in section
+
+
+def test_edge_check_runs_one_step_past_the_grid_and_the_report_shows_it(tmp_path, monkeypatch):
+  monkeypatch.setattr(report, "VERDICT", tmp_path / "no_verdict.md")
+  out = tmp_path / "study"
+  accs = {0.01: 0.5, 0.1: 0.7, 0.3: 0.75, 0.001: 0.1}
+  # FedSpa (and its ablation, which takes FedSpa's lr) at the top edge, FedAvg at the bottom edge.
+  pick = lambda unit, lr: (accs[lr] if unit.variant == "fedspa" else 1 - accs[lr]) if unit.kind == "lr" else 0.7
+  study.run_study(PLAN, out, FakeRunner(accuracy=pick))
+  assert [u.path for u in study.edge_units(PLAN, out)] == ["lr_search/pathological/fedspa/lr_0.3",
+                                                          "lr_search/pathological/fedavg/lr_0.00333333"]
+  accs[0.00333333] = 0.6
+  runner = FakeRunner(accuracy=pick)
+  assert study.main(["edge", "--out", str(out)], runner=runner) == 0
+  assert runner.ran == ["lr_search/pathological/fedspa/lr_0.3", "lr_search/pathological/fedavg/lr_0.00333333"]
+  assert study.select_lr(PLAN, out, "pathological", "fedspa")[0] == 0.1  # the selection does not change
+  assert "units done: 7 of 7" in study.status_text(PLAN, out)  # nor the plan
+  section = report.report(out, tmp_path / "img", "img")
+  assert "| pathological | FedSpa (d=0.5) (at the grid's edge) | 0.5000 | **0.7000** | lr 0.3: 0.7500 |" in section
+  assert "| pathological | FedAvg (at the grid's edge) | **0.5000** | 0.3000 | lr 0.00333333: 0.4000 |" in section
+  assert study.main(["edge", "--out", str(tmp_path / "none")]) == 2
