@@ -545,7 +545,8 @@ def status_text(plan: Plan, out: pathlib.Path) -> str:
   left_s = sum(estimate_seconds(plan, u) for u in units if states[u] != "done") * scale
   lines.append(f"time spent on finished units: {sum(a for a, _ in spent) / 3600:.2f} h; estimated left: "
                f"{left_s / 3600:.2f} h of one core (static single-core estimates x {scale:.2f}, the finished units' "
-               f"median ratio)" + (f", ~{left_s / 3600 / len(pids):.2f} h with {len(pids)} drivers" if len(pids) > 1 else ""))
+               f"median ratio)" + (f", ~{left_s / 3600 / min(len(pids), os.cpu_count() or 1):.2f} h with {len(pids)} "
+                                   f"drivers on {os.cpu_count()} cores" if len(pids) > 1 else ""))
   lines.append("")
   lines.append(f"{'partition':13s} {'variant':14s} {'lr search':22s} {'lr':>6s} {'final':9s} accuracy (seeds "
                f"{', '.join(map(str, plan.seeds))})")
