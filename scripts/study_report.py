@@ -240,6 +240,8 @@ def report(out: pathlib.Path, img: pathlib.Path, docs_img: str, stem: str = "stu
       "bash scripts/study_fashion_mnist.sh start              # background (nohup, nice 10), resumable: rerun to continue",
       "bash scripts/study_fashion_mnist.sh status             # units done / left, the running unit, time left",
       "bash scripts/study_fashion_mnist.sh start --tier all   # then the rest of the issue's list, same folder",
+      "bash scripts/study_fashion_mnist.sh start --tier all --jobs 2  # or both at once: one driver per core",
+      ".venv/bin/python scripts/study_fashion_mnist.py edge    # lr one step past the grid, where the selection sat at its edge",
       ".venv/bin/python scripts/study_report.py --update-docs  # this section and its figures",
       "```",
       "",
