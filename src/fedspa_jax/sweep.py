@@ -85,7 +85,6 @@ def check_seeds(seeds: Any) -> tuple[int, ...]:
   return seeds
 
 
-
 def check_lrs(lrs: Any) -> tuple[float, ...]:
   """The learning rates as a tuple of distinct finite Python floats > 0.
 
@@ -107,6 +106,7 @@ def check_lrs(lrs: Any) -> tuple[float, ...]:
   if duplicates:
     raise ConfigError(f"lrs must be distinct; repeated: {', '.join(f'{lr:g}' for lr in duplicates)}")
   return lrs
+
 
 def _pad_rows(split: data_lib.ClientSplit, rows: int, max_count: int) -> data_lib.ClientSplit:
   pad = rows - split.x.shape[0]
@@ -154,11 +154,6 @@ def stack_states(states: Sequence[SimState]) -> SimState:
 def seed_slice(tree: Any, i: int, axis: int = 0) -> Any:
   """Seed i's part of a stacked pytree (host numpy or device arrays)."""
   return jax.tree.map(lambda a: a[(slice(None),) * axis + (i,)], tree)
-
-
-def seed_state(state: SimState, i: int) -> SimState:
-  """Seed i's `SimState` from the stacked state."""
-  return seed_slice(state._replace(round=None), i)._replace(round=state.round)
 
 
 def make_sweep_round(round_fn: Callable) -> Callable:
