@@ -10,7 +10,8 @@ partitions pathological-2 (`fashion_mnist_pathological`) and Dirichlet(0.3) (`fa
 The study is a list of units, run in priority order. `--tier core` (default, ~2.4 h of one core): FedSpa (d=0.5),
 FedAvg, Local, Ditto, FedRep on pathological, then the same but FedRep on Dirichlet. `--tier all` (~4.5 h; the same
 folder continues): then Dirichlet's FedRep, FedAvg-FT, FedSpa with random regrowth, Sub-FedAvg, FedSpa at densities
-0.2 and 0.8 (pathological only), then FedAvg-FT, random regrowth and Sub-FedAvg on Dirichlet. Units:
+0.2 and 0.8 (pathological only), then FedAvg-FT, random regrowth and Sub-FedAvg on Dirichlet, then a diagnostic
+(FedSpa with uniform layer densities, pathological). Units:
   - lr unit: one algorithm, one partition, one learning rate of the grid, seed `search_seed` (0), `search_rounds`
     rounds (`experiment.run`);
   - final unit: one algorithm, one partition, the selected learning rate, seeds 1, 2, 3 as one vmapped program
@@ -72,6 +73,10 @@ VARIANTS = {
     "subfedavg": Variant("subfedavg", {"density": 0.5}, label="Sub-FedAvg (d=0.5)"),
     "fedspa_d0.2": Variant("fedspa", {"density": 0.2}, lr_from="fedspa", label="FedSpa (d=0.2)"),
     "fedspa_d0.8": Variant("fedspa", {"density": 0.8}, lr_from="fedspa", label="FedSpa (d=0.8)"),
+    # Not in the list: a diagnostic. Under ERK the small last layer (84 x 10) is dense, so every client shares
+    # its whole classifier; uniform densities mask it too (d=0.5 in every kernel), so masks can personalize it.
+    "fedspa_uniform": Variant("fedspa", {"density": 0.5, "density_rule": "uniform"}, lr_from="fedspa",
+                              label="FedSpa (d=0.5, uniform layers)"),
 }
 
 CORE = ("fedspa", "fedavg", "local", "ditto", "fedrep")
@@ -85,6 +90,7 @@ TIERS["all"] = TIERS["core"] + tuple(
     [("dirichlet", "fedrep")]
     + [("pathological", v) for v in ("fedavg_ft", "fedspa_random", "subfedavg", "fedspa_d0.2", "fedspa_d0.8")]
     + [("dirichlet", v) for v in ("fedavg_ft", "fedspa_random", "subfedavg")]
+    + [("pathological", "fedspa_uniform")]  # the diagnostic, last
 )
 
 # Seconds per simulated round of one seed, measured on one pinned core of the 2-core AMD EPYC (5 rounds of 2

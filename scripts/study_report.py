@@ -28,8 +28,8 @@ import study_fashion_mnist as study  # noqa: E402
 
 BEGIN, END = "<!-- study:begin -->", "<!-- study:end -->"
 # Row order within a partition: FedSpa and its ablations, the other sparse method, then the dense baselines.
-ROW_ORDER = ("fedspa", "fedspa_d0.2", "fedspa_d0.8", "fedspa_random", "subfedavg", "fedavg", "fedavg_ft", "local",
-             "ditto", "fedrep")
+ROW_ORDER = ("fedspa", "fedspa_d0.2", "fedspa_d0.8", "fedspa_random", "fedspa_uniform", "subfedavg", "fedavg",
+             "fedavg_ft", "local", "ditto", "fedrep")
 PARTITION_TITLES = {"pathological": "Pathological, 2 classes per client", "dirichlet": "Dirichlet(0.3)"}
 MISSING = "·"  # a cell whose unit has not finished
 
@@ -281,7 +281,8 @@ def report(out: pathlib.Path, img: pathlib.Path, docs_img: str, stem: str = "stu
       "FedRep on Dirichlet. Cut from it, and run by `--tier all` in the same folder (another "
       f"~{sum(study.estimate_seconds(plan, u) for u in units if u not in core_set) / 3600:.1f} h): Dirichlet's "
       "FedRep, then FedAvg-FT, FedSpa with random regrowth, Sub-FedAvg and FedSpa at densities 0.2 and 0.8 "
-      "(pathological only), then FedAvg-FT, random regrowth and Sub-FedAvg on Dirichlet. The lr search runs "
+      "(pathological only), then FedAvg-FT, random regrowth and Sub-FedAvg on Dirichlet, and last a diagnostic not "
+      "in the issue's list: FedSpa with uniform layer densities on pathological (see the verdict). The lr search runs "
       f"{plan.search_rounds} rounds instead of {plan.rounds}; evaluations every {plan.eval_every} rounds cover all "
       "clients. Nothing else is reduced: the final runs have the full rounds, epochs and seeds.",
       "",

@@ -71,7 +71,7 @@ def test_plan_order_and_sizes():
   assert core[3].kind == "final" and {u.partition for u in core[:20]} == {"pathological"}
   full = study.plan_units(study.Plan(cells=study.TIERS["all"]))
   assert full[:36] == core and full[36].path == "lr_search/dirichlet/fedrep/lr_0.01"  # the core tier comes first
-  assert len(full) == 18 + 14 * 3  # 18 cells; the 4 FedSpa ablations reuse its lr (no search of their own)
+  assert len(full) == 19 + 14 * 3  # 19 cells; FedSpa's 5 ablations reuse its lr (no search of their own)
   for i, unit in enumerate(full):
     if unit.kind == "final":  # every lr unit it depends on comes first
       source = study.lr_source(unit.variant)
