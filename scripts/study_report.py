@@ -232,8 +232,9 @@ def mask_overlap_table(out: pathlib.Path, cells: list[dict[str, Any]]) -> str:
     by_shared: dict[int, list[float]] = {0: [], 1: [], 2: []}
     unit = study.Unit("final", cell["partition"], cell["variant"])
     for s in cell["record"]["seeds"]:
-      z = np.load(out / unit.path / f"seed_{s}" / "clients.npz")
-      if "hamming" not in z.files:
+      path = out / unit.path / f"seed_{s}" / "clients.npz"
+      z = np.load(path) if path.is_file() else None
+      if z is None or "hamming" not in z.files:
         continue
       active = z["active"].astype(float)
       common = 1 - z["hamming"] / (active[:, None] + active[None, :])
@@ -244,6 +245,8 @@ def mask_overlap_table(out: pathlib.Path, cells: list[dict[str, Any]]) -> str:
         chosen = shared[iu] == k
         if chosen.any():
           by_shared[k].append(float(common[iu][chosen].mean()))
+    if not any(by_shared.values()):
+      continue  # no clients.npz with masks
     values = [f"{np.mean(v):.3f}" if v else MISSING for v in by_shared.values()]
     lines.append(f"| {study.VARIANTS[cell['variant']].label} | " + " | ".join(values)
                  + f" | {random_overlap(cell['variant']):.3f} |")

@@ -252,3 +252,22 @@ def test_edge_check_runs_one_step_past_the_grid_and_the_report_shows_it(tmp_path
   assert "| pathological | FedSpa (d=0.5) (at the grid's edge) | 0.5000 | **0.7000** | lr 0.3: 0.7500 |" in section
   assert "| pathological | FedAvg (at the grid's edge) | **0.5000** | 0.3000 | lr 0.00333333: 0.4000 |" in section
   assert study.main(["edge", "--out", str(tmp_path / "none")]) == 2
+
+
+def test_mask_overlap_by_shared_classes(tmp_path):
+  out = tmp_path / "study"
+  unit = study.Unit("final", "pathological", "fedspa")
+  folder = out / unit.path / "seed_1"
+  folder.mkdir(parents=True)
+  # Clients 0 and 1 share both classes, 0 and 2 one, 1 and 2 one, 3 shares none with anyone; 10 active weights each.
+  labels = np.zeros((4, 10), int)
+  labels[0, [0, 1]] = labels[1, [0, 1]] = labels[2, [1, 2]] = labels[3, [5, 6]] = 7
+  hamming = np.array([[0, 2, 6, 20], [2, 0, 8, 20], [6, 8, 0, 20], [20, 20, 20, 0]])
+  np.savez(folder / "clients.npz", hamming=hamming, active=np.full(4, 10), label_counts=labels)
+  cell = {"partition": "pathological", "variant": "fedspa", "record": {"seeds": [1]}, "seeds": [{}]}
+  table = report.mask_overlap_table(out, [cell])
+  row = table.splitlines()[-1]
+  # sharing 2: 1 - 2/20; sharing 1: mean(1 - 6/20, 1 - 8/20); sharing 0: 0 (disjoint masks)
+  assert row.startswith("| FedSpa (d=0.5) | 0.000 | 0.650 | 0.900 | ")
+  assert float(row.split("|")[5]) == pytest.approx(report.random_overlap("fedspa"), abs=1e-3)
+  assert 0.5 < report.random_overlap("fedspa") < 0.6 and report.random_overlap("fedspa_uniform") == pytest.approx(0.5)
