@@ -336,7 +336,8 @@ def report(out: pathlib.Path, img: pathlib.Path, docs_img: str, stem: str = "stu
       "(pathological only), then FedAvg-FT, random regrowth and Sub-FedAvg on Dirichlet, and last a diagnostic not "
       "in the issue's list: FedSpa with uniform layer densities on pathological (see the verdict). The lr search runs "
       f"{plan.search_rounds} rounds instead of {plan.rounds}; evaluations every {plan.eval_every} rounds cover all "
-      "clients. Nothing else is reduced: the final runs have the full rounds, epochs and seeds.",
+      "clients. Nothing else is reduced: the final runs have the full rounds, epochs and seeds. Several drivers may "
+      "share the cores (`--jobs`), so a unit's wall time in unit.json is not a single-core time.",
       "",
   ]
   fedavg = {}
