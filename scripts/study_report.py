@@ -151,12 +151,13 @@ def curves(cell: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | 
 
 def draw_figures(cells: list[dict[str, Any]], partitions: list[str], img: pathlib.Path, stem: str) -> list[pathlib.Path]:
   """accuracy vs rounds (mean ± std band over seeds) and final accuracy vs bytes, one panel per partition."""
-  from cycler import cycler
   from matplotlib import colormaps
   from matplotlib.figure import Figure
 
-  style = cycler(linestyle=["-", "--"]) * cycler(color=colormaps["tab10"].colors)
-  colors = {v: c for v, c in zip(ROW_ORDER, style)}
+  palette = list(colormaps["tab10"].colors) + ["black"]  # one color per variant: ROW_ORDER has 11
+  assert len(palette) >= len(ROW_ORDER)
+  colors = {v: {"color": c, "linestyle": "-" if v in ("fedspa", "fedavg", "local", "ditto", "fedrep") else "--"}
+            for v, c in zip(ROW_ORDER, palette)}
   paths = []
   img.mkdir(parents=True, exist_ok=True)
   fig = Figure(figsize=(5.2 * len(partitions), 4.0), dpi=110, layout="constrained")
