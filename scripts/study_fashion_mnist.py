@@ -502,11 +502,13 @@ def _run_logged(plan: Plan, out: pathlib.Path, unit: Unit, runner: Callable) -> 
   try:
     record = run_unit(plan, out, unit, runner)
   except Exception:  # noqa: BLE001  (recorded, retried on the next start; the other units go on)
+    (out / "running" / f"{os.getpid()}.json").unlink(missing_ok=True)
     (out / unit.path).mkdir(parents=True, exist_ok=True)
     (out / unit.path / "failed.txt").write_text(traceback.format_exc())
     log(f"FAILED {unit}; traceback in {out / unit.path / 'failed.txt'}")
     traceback.print_exc()
     return False
+  (out / "running" / f"{os.getpid()}.json").unlink(missing_ok=True)  # between units, `status` says so
   acc = record.get("final_accuracy_mean")
   log(f"done  {unit}: {record['status']}, accuracy {acc if acc is None else f'{acc:.4f}'}, "
       f"lr {record['lr']:g}, {record['wall_time']:.0f} s")
