@@ -18,6 +18,7 @@ import dataclasses
 import json
 import pathlib
 import sys
+from typing import Any, Callable
 
 # Config fields that have their own flag: (flag, field, type).
 _FLAGS = (
@@ -178,32 +179,27 @@ def _compare(args) -> int:
   return 0
 
 
-def parse_seeds(items: list[str]) -> list[int]:
-  """--seeds values ("0 1 2" or "0,1,2") as integers; ConfigError for anything else."""
+def parse_values(items: list[str], convert: Callable[[str], Any], what: str) -> list[Any]:
+  """Space- or comma-separated values ("0 1 2" or "0,1,2") converted one by one; ConfigError names `what` it wants."""
   from fedspa_jax.config import ConfigError
 
-  seeds = []
+  values = []
   for text in (t for item in items for t in item.split(",") if t):
     try:
-      seeds.append(int(text))
+      values.append(convert(text))
     except ValueError:
-      raise ConfigError(f"seeds must be integers, got {text!r}") from None
-  return seeds
+      raise ConfigError(f"{what}, got {text!r}") from None
+  return values
+
+
+def parse_seeds(items: list[str]) -> list[int]:
+  """--seeds values as integers; ConfigError for anything else."""
+  return parse_values(items, int, "seeds must be integers")
 
 
 def parse_lrs(items: list[str] | None) -> list[float] | None:
-  """--lrs values ("0.01 0.1" or "0.01,0.1") as floats; ConfigError for anything else."""
-  from fedspa_jax.config import ConfigError
-
-  if items is None:
-    return None
-  lrs = []
-  for text in (t for item in items for t in item.split(",") if t):
-    try:
-      lrs.append(float(text))
-    except ValueError:
-      raise ConfigError(f"lrs must be numbers, got {text!r}") from None
-  return lrs
+  """--lrs values as floats (None when not given); ConfigError for anything else."""
+  return None if items is None else parse_values(items, float, "lrs must be numbers")
 
 
 def _sweep(args) -> int:
