@@ -62,27 +62,42 @@ SEED_DIR = re.compile(r"seed_-?\d+")
 LR_DIR = re.compile(r"lr_[0-9.e+-]+")
 
 
+def _check_values(values: Any, name: str, noun: str, types: tuple, empty: str,
+                  problem: Callable[[Any], str | None], convert: Callable, fmt: Callable = str) -> tuple:
+  """`values` as a tuple of distinct converted values; ConfigError for anything else.
+
+  Args:
+    name, noun: for the messages ("seeds must be integers", "lrs must be a list of numbers").
+    types: the accepted types of one value (bools never are).
+    empty: the message for an empty list.
+    problem: a value's error message, or None when it is fine.
+  """
+  if isinstance(values, (str, bytes)) or not isinstance(values, (collections.abc.Sequence, np.ndarray)):
+    raise ConfigError(f"{name} must be a list of {noun}, got {values!r}")
+  values = list(values)
+  if not values:
+    raise ConfigError(empty)
+  for v in values:
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, types):
+      raise ConfigError(f"{name} must be {noun}, got {v!r}")
+    message = problem(v)
+    if message:
+      raise ConfigError(message)
+  values = tuple(convert(v) for v in values)
+  duplicates = sorted({v for v in values if values.count(v) > 1})
+  if duplicates:
+    raise ConfigError(f"{name} must be distinct; repeated: {', '.join(map(fmt, duplicates))}")
+  return values
+
+
 def check_seeds(seeds: Any) -> tuple[int, ...]:
   """The seeds as a tuple of distinct Python ints >= 0.
 
   Raises:
     ConfigError: no seeds, a seed that is not an integer (bools and floats included) or is negative, duplicates.
   """
-  if isinstance(seeds, (str, bytes)) or not isinstance(seeds, (collections.abc.Sequence, np.ndarray)):
-    raise ConfigError(f"seeds must be a list of integers, got {seeds!r}")
-  seeds = list(seeds)
-  if not seeds:
-    raise ConfigError("a sweep needs at least one seed")
-  for s in seeds:
-    if isinstance(s, (bool, np.bool_)) or not isinstance(s, (int, np.integer)):
-      raise ConfigError(f"seeds must be integers, got {s!r}")
-    if s < 0:
-      raise ConfigError(f"seeds must be >= 0, got {s}")
-  seeds = tuple(int(s) for s in seeds)
-  duplicates = sorted({s for s in seeds if seeds.count(s) > 1})
-  if duplicates:
-    raise ConfigError(f"seeds must be distinct; repeated: {', '.join(map(str, duplicates))}")
-  return seeds
+  return _check_values(seeds, "seeds", "integers", (int, np.integer), "a sweep needs at least one seed",
+                       lambda s: None if s >= 0 else f"seeds must be >= 0, got {s}", int)
 
 
 def check_lrs(lrs: Any) -> tuple[float, ...]:
@@ -91,21 +106,10 @@ def check_lrs(lrs: Any) -> tuple[float, ...]:
   Raises:
     ConfigError: no lrs, an lr that is not a number (bools included), not finite or not > 0, duplicates.
   """
-  if isinstance(lrs, (str, bytes)) or not isinstance(lrs, (collections.abc.Sequence, np.ndarray)):
-    raise ConfigError(f"lrs must be a list of numbers, got {lrs!r}")
-  lrs = list(lrs)
-  if not lrs:
-    raise ConfigError("a sweep over lrs needs at least one lr")
-  for lr in lrs:
-    if isinstance(lr, (bool, np.bool_)) or not isinstance(lr, (int, float, np.integer, np.floating)):
-      raise ConfigError(f"lrs must be numbers, got {lr!r}")
-    if not (np.isfinite(lr) and lr > 0):
-      raise ConfigError(f"lrs must be finite and > 0, got {lr!r}")
-  lrs = tuple(float(lr) for lr in lrs)
-  duplicates = sorted({lr for lr in lrs if lrs.count(lr) > 1})
-  if duplicates:
-    raise ConfigError(f"lrs must be distinct; repeated: {', '.join(f'{lr:g}' for lr in duplicates)}")
-  return lrs
+  return _check_values(lrs, "lrs", "numbers", (int, float, np.integer, np.floating),
+                       "a sweep over lrs needs at least one lr",
+                       lambda lr: None if np.isfinite(lr) and lr > 0 else f"lrs must be finite and > 0, got {lr!r}",
+                       float, fmt=lambda lr: f"{lr:g}")
 
 
 def _pad_rows(split: data_lib.ClientSplit, rows: int, max_count: int) -> data_lib.ClientSplit:
