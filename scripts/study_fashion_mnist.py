@@ -50,6 +50,7 @@ from typing import Any, Callable, Sequence
 
 PARTITIONS = {"pathological": "fashion_mnist_pathological", "dirichlet": "fashion_mnist_dirichlet"}
 DEFAULT_OUT = "runs/study_fashion_mnist"
+PROTOCOLS_OUT = "runs/study_protocols"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +87,18 @@ CORE = ("fedspa", "fedavg", "local", "ditto", "fedrep")
 TIERS = {
     "core": tuple([("pathological", v) for v in CORE] + [("dirichlet", v) for v in CORE if v != "fedrep"]),
 }
+# The protocol re-run (issue 18): the methods at the lrs the study above selected (SELECTED_LRS), every one scored
+# as it scores itself and after 1 epoch of local fine-tuning, FedSpa also with its "local" model; most important
+# first, the two partitions interleaved.
+PROTOCOL_VARIANTS = ("fedspa", "fedavg", "ditto", "fedrep", "local", "subfedavg", "fedspa_random")
+TIERS["protocols"] = tuple((p, v) for v in PROTOCOL_VARIANTS for p in PARTITIONS)
+# The lrs the seeded study selected (docs/benchmarks.md, 2026-11-30: grid {0.01, 0.03, 0.1} on seed 0, 30 rounds).
+SELECTED_LRS = {
+    "pathological/fedspa": 0.1, "pathological/subfedavg": 0.1, "pathological/fedavg": 0.1,
+    "pathological/fedavg_ft": 0.03, "pathological/local": 0.03, "pathological/ditto": 0.1, "pathological/fedrep": 0.03,
+    "dirichlet/fedspa": 0.1, "dirichlet/subfedavg": 0.1, "dirichlet/fedavg": 0.1, "dirichlet/fedavg_ft": 0.1,
+    "dirichlet/local": 0.03, "dirichlet/ditto": 0.1, "dirichlet/fedrep": 0.03,
+}
 TIERS["all"] = TIERS["core"] + tuple(
     [("dirichlet", "fedrep")]
     + [("pathological", v) for v in ("fedavg_ft", "fedspa_random", "subfedavg", "fedspa_d0.2", "fedspa_d0.8")]
@@ -119,6 +132,10 @@ class Plan:
   eval_every: int = 10
   cells: tuple[tuple[str, str], ...] = TIERS["core"]  # which cells, in order; not part of the folder's identity
   smoke: bool = False
+  # The protocol re-run: lrs fixed per "partition/variant" (no lr units), the fine-tuned column, FedSpa's model.
+  fixed_lrs: dict[str, float] | None = None
+  eval_finetune_epochs: int = 0
+  fedspa_personal_model: str | None = None
 
   def to_dict(self) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -126,6 +143,8 @@ class Plan:
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "Plan":
     d = dict(d)
+    if "fixed_lrs" in d and d["fixed_lrs"] is not None:
+      d["fixed_lrs"] = dict(d["fixed_lrs"])
     d["cells"] = tuple(tuple(c) for c in d["cells"])
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
@@ -198,7 +217,7 @@ def plan_units(plan: Plan) -> list[Unit]:
   """Every unit of the study in run order: each cell's lr units (if it searches), then its final unit."""
   units = []
   for partition, variant in plan.cells:
-    if VARIANTS[variant].lr_from is None:
+    if VARIANTS[variant].lr_from is None and plan.fixed_lrs is None:
       units += [Unit("lr", partition, variant, lr) for lr in plan.lrs]
     units.append(Unit("final", partition, variant))
   return units
@@ -267,6 +286,11 @@ def select_lr(plan: Plan, out: pathlib.Path, partition: str, variant: str) -> tu
     StudyError: every lr of the grid diverged.
   """
   source = lr_source(variant)
+  if plan.fixed_lrs is not None:
+    key = f"{partition}/{source}"
+    if key not in plan.fixed_lrs:
+      raise StudyError(f"no fixed lr for {key}; the plan fixes {', '.join(sorted(plan.fixed_lrs))}")
+    return plan.fixed_lrs[key], {}
   table = {}
   for lr in plan.lrs:
     record = read_unit(out, Unit("lr", partition, source, lr))
@@ -328,8 +352,12 @@ def make_config(plan: Plan, unit: Unit, lr: float):
       "seed": plan.search_seed if unit.kind == "lr" else plan.seeds[0],
       "eval_every": plan.eval_every, "eval_clients": None, "checkpoint_every": 0,
       "rounds_per_dispatch": plan.eval_every, **{f"hparams.{k}": v for k, v in common.items()},
+      "eval_finetune_epochs": plan.eval_finetune_epochs,
   })
-  config, _ = compare.for_algorithm(config, variant.algorithm, variant.hparams)
+  hparams = dict(variant.hparams)
+  if plan.fedspa_personal_model is not None and variant.algorithm.startswith("fedspa"):
+    hparams["personal_model"] = plan.fedspa_personal_model
+  config, _ = compare.for_algorithm(config, variant.algorithm, hparams)
   return config
 
 
@@ -344,7 +372,11 @@ def default_runner(plan: Plan, unit: Unit, config, workdir: pathlib.Path) -> dic
               "final_accuracy_mean_participating": summary["final_accuracy_participating"]["mean"],
               "wall_time_run": summary["wall_time"]}
     summary = experiment.sweep(config, plan.seeds, workdir, overwrite=True, progress=False)
+    protocols = {key: summary[key]["mean"] for key in summary
+                 if key.startswith("final_accuracy_") and isinstance(summary[key], dict) and "mean" in summary[key]
+                 and isinstance(summary[key]["mean"], dict)}
     return {"status": "complete", "final_accuracy_mean": summary["final_accuracy_mean"]["mean"],
+            "protocol": summary.get("protocol"), "protocols": protocols,
             "final_accuracy_mean_std": summary["final_accuracy_mean"]["std"],
             "final_accuracy_mean_per_seed": summary["final_accuracy_mean_per_seed"],
             "wall_time_run": summary["wall_time"]}
@@ -611,10 +643,14 @@ def parse_plan(argv: Sequence[str] | None) -> tuple[str, Plan, pathlib.Path, int
   parser.add_argument("--cells", nargs="*", default=None,
                       help="PARTITION/VARIANT cells to run, in this order (instead of --tier)")
   parser.add_argument("--max-units", type=int, default=None, help="stop after running this many units")
+  parser.add_argument("--protocols", action="store_true",
+                      help="the protocol re-run (issue 18): the methods at the lrs already selected (no lr search), "
+                      "scored as they score themselves and after 1 fine-tuning epoch, FedSpa also with its local "
+                      f"model; default folder {PROTOCOLS_OUT}")
   parser.add_argument("--smoke", action="store_true",
                       help="the configs' tiny variants (4 clients, local steps), 2 rounds: checks the plumbing only")
   args = parser.parse_args(argv)
-  cells = TIERS[args.tier]
+  cells = TIERS["protocols"] if args.protocols else TIERS[args.tier]
   if args.cells is not None:
     cells = tuple(tuple(c.split("/", 1)) if "/" in c else (c, "") for c in args.cells)
   small = args.smoke
@@ -625,7 +661,11 @@ def parse_plan(argv: Sequence[str] | None) -> tuple[str, Plan, pathlib.Path, int
       local_epochs=args.local_epochs, eval_every=args.eval_every or (1 if small else Plan.eval_every),
       cells=cells, smoke=small,
   )
-  out = pathlib.Path(args.out or (DEFAULT_OUT + ("-smoke" if small else "")))
+  if args.protocols:
+    plan = dataclasses.replace(plan, fixed_lrs=dict(SELECTED_LRS), eval_finetune_epochs=1,
+                               fedspa_personal_model="local")
+  base = PROTOCOLS_OUT if args.protocols else DEFAULT_OUT
+  out = pathlib.Path(args.out or (base + ("-smoke" if small else "")))
   return args.command, plan, out, args.max_units
 
 

@@ -15,9 +15,13 @@ cmd="${1:-start}"
 driver=(python scripts/study_fashion_mnist.py)
 case "$cmd" in
   start)
-    out=runs/study_fashion_mnist prev="" jobs=1 args=()
+    base=runs/study_fashion_mnist prev="" jobs=1 args=()
     for a in "$@"; do
-      [ "$a" = "--smoke" ] && out=runs/study_fashion_mnist-smoke
+      [ "$a" = "--protocols" ] && base=runs/study_protocols
+    done
+    out=$base
+    for a in "$@"; do
+      [ "$a" = "--smoke" ] && out=$base-smoke
     done
     for a in "$@"; do
       if [ "$prev" = "--jobs" ]; then jobs="$a"

@@ -22,14 +22,14 @@ import pathlib
 from typing import Any
 
 # Fields that do not change the trajectory of a run: a run may be resumed with different values of these.
-RESUMABLE_FIELDS = ("eval_every", "eval_clients", "checkpoint_every", "keep_checkpoints", "rounds_per_dispatch", "data_dir",
+RESUMABLE_FIELDS = ("eval_every", "eval_clients", "eval_finetune_epochs", "checkpoint_every", "keep_checkpoints", "rounds_per_dispatch", "data_dir",
                     "shard_clients")
 # config.json also records the algorithm's resolved hyperparameters under this key; reading a config back drops it.
 RESOLVED_KEY = "algorithm_hparams"
 DICT_FIELDS = {"hparams": "hparams", "data": "data_args", "data_args": "data_args", "model": "model_args",
                "model_args": "model_args"}
 _INT_FIELDS = {"num_clients": 1, "rounds": 1, "eval_every": 1, "checkpoint_every": 0, "keep_checkpoints": 1,
-               "rounds_per_dispatch": 1, "seed": None}
+               "rounds_per_dispatch": 1, "seed": None, "eval_finetune_epochs": 0}
 _STR_FIELDS = ("algorithm", "dataset", "model")
 _OPTIONAL_STR_FIELDS = ("partition", "data_dir")
 
@@ -56,6 +56,9 @@ class Config:
     eval_every: evaluate every this many rounds (and after the last).
     eval_clients: evaluate a seeded sample of this many clients at the periodic evaluations (None: all K); the
       final evaluation always covers all clients. metrics.jsonl records how many were evaluated.
+    eval_finetune_epochs: E > 0 also scores every client, at the final evaluation, after E local epochs of
+      fine-tuning from the model it is scored with (the local-adaptation protocol, the same for every method;
+      `fedspa_jax.evaluation`), reported beside the method's own protocol as `final_accuracy_finetuned`.
     checkpoint_every: checkpoint every this many rounds (0: only at the end).
     keep_checkpoints: how many recent checkpoints to keep.
     rounds_per_dispatch: rounds fused into one compiled call (lax.scan) between evaluations and checkpoints.
@@ -77,6 +80,7 @@ class Config:
   model_args: dict[str, Any] = dataclasses.field(default_factory=dict)
   eval_every: int = 1
   eval_clients: int | None = None
+  eval_finetune_epochs: int = 0
   checkpoint_every: int = 10
   keep_checkpoints: int = 2
   rounds_per_dispatch: int = 1

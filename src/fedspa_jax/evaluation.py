@@ -2,9 +2,19 @@
 
 Personalized FL is judged by the distribution over clients, not one pooled number, so `summarize` reports the mean,
 std, p10, median, p90 and the mean of the worst 10% of clients. Clients without test samples have no accuracy: they
-get NaN in the per-client arrays, are left out of every summary, and are counted (`with_test_data`). Each
-evaluation also reports participation (clients sampled in at least one round) and the summaries over the
-participating clients beside those over all evaluated clients, so short runs do not hide clients that never trained.
+get NaN in the per-client arrays, are left out of every summary, and are counted (`with_test_data`). So are
+diverged clients: a client with test data whose model scores a non-finite loss gets NaN accuracy and loss, is left
+out of the summaries and counted (`diverged`); the run loop stops on it. Each evaluation also reports
+participation (clients sampled in at least one round) and the summaries over the participating clients beside
+those over all evaluated clients, so short runs do not hide clients that never trained.
+
+The protocol (DESIGN.md, "Evaluation"): each algorithm says which model(s) a client is scored with (`Personal`,
+by name: FedSpa's "masked_global" m_k ⊙ w, FedAvg's "global" w, Ditto's and Local's "own" models, ...); the first
+is the method's protocol ("accuracy", "loss"), any others are reported beside it ("accuracy_<name>"). With
+`finetune_epochs` E > 0, each evaluated client first trains E local epochs from each of those models on its own
+training data (its own optimizer and batch size; a sparse model keeps its mask, so zeros stay zero), and is scored
+on the result: local adaptation, the same for every method. The evaluation's FLOPs (fine-tuning at 3x forward per
+sample, plus the test forward passes) are reported as "flops", apart from training's.
 
 Cost follows the test samples: clients are sorted by test size and evaluated `clients_per_batch` at a time
 (vmapped within a group, `lax.map` across groups); a client's samples are read from the flat test split in chunks,
@@ -13,7 +23,7 @@ exactly as many chunks as its own data need.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,8 +31,20 @@ import optax
 
 from fedspa_jax.client import ApplyFn, ClientData
 
-# (server params, client state, train data, key) -> the params client k is evaluated with
-PersonalizeFn = Callable[[Any, Any, ClientData, jax.Array], Any]
+
+class Personal(NamedTuple):
+  """A model a client is scored with, and the mask that stays fixed if it is fine-tuned (None: dense)."""
+
+  params: Any
+  mask: Any | None = None
+
+
+# (server params, client state, train data, key) -> {protocol name: Personal}, the method's own protocol first
+PersonalizeFn = Callable[[Any, Any, ClientData, jax.Array], dict[str, Personal]]
+# (Personal, train data, key) -> (fine-tuned params, samples trained on)
+FinetuneFn = Callable[[Personal, ClientData, jax.Array], tuple[Any, jax.Array]]
+# Personal -> forward FLOPs of one sample through it
+ForwardFlopsFn = Callable[[Personal], jax.Array]
 
 
 def evaluate_client(
@@ -102,16 +124,21 @@ def make_evaluate_clients(
     *,
     clients_per_batch: int = 16,
     chunk_size: int = 256,
+    finetune: FinetuneFn | None = None,
+    forward_flops: ForwardFlopsFn | None = None,
 ) -> Callable[..., dict[str, jax.Array]]:
   """Builds evaluate_clients(server_params, gather_state, rows, ids, held, train, test, key, preprocess).
 
   Evaluates the clients at `rows` [C] of the given splits and store (`gather_state(rows [G])` decodes one group's
-  state at a time); `ids` [C] are their global ids (client k personalizes with `fold_in(key, k)`); clients not
-  `held` [C] (bool) here are treated as having no data (no steps, NaN), so a device can run a list of clients of
-  which it holds only some.
+  state at a time); `ids` [C] are their global ids (client k personalizes and fine-tunes with `fold_in(key, k)`);
+  clients not `held` [C] (bool) here are treated as having no data (no steps, NaN), so a device can run a list of
+  clients of which it holds only some. `finetune` (None: score as personalized) adapts each model first;
+  `forward_flops` (None: no "flops") costs it.
 
   Returns:
-    {"loss", "accuracy" (NaN without test data), "count"}, each [C] in the order of `rows`.
+    {"loss", "accuracy" (NaN without test data or diverged), "count", "diverged" (bool), "flops" (with
+    `forward_flops`), "loss_<name>" and "accuracy_<name>" for every further protocol}, each [C] in the order of
+    `rows`.
   """
 
   def evaluate_clients(server_params, gather_state, rows, ids, held, train, test, key, preprocess):
@@ -130,8 +157,25 @@ def make_evaluate_clients(
         return ClientData(split.x, split.y, jnp.take(split.offset, row, mode="clip"),
                           jnp.where(here, jnp.take(split.count, row, mode="clip"), 0))
 
-      params = personalize(server_params, state_k, view(train), jax.random.fold_in(key, k))
-      return evaluate_client(apply_fn, params, view(test), preprocess=preprocess, chunk_size=chunk)
+      train_k, test_k, key_k = view(train), view(test), jax.random.fold_in(key, k)
+      out, flops = {}, jnp.zeros((), jnp.float32)
+      for i, (name, personal) in enumerate(personalize(server_params, state_k, train_k, key_k).items()):
+        params, tuned = personal.params, jnp.zeros((), jnp.int32)
+        if finetune is not None:
+          params, tuned = finetune(personal, train_k, key_k)
+        scored = evaluate_client(apply_fn, params, test_k, preprocess=preprocess, chunk_size=chunk)
+        diverged = (test_k.count > 0) & ~jnp.isfinite(scored["loss"])
+        nan = jnp.full((), jnp.nan, jnp.float32)
+        suffix = "" if i == 0 else f"_{name}"
+        out[f"loss{suffix}"] = jnp.where(diverged, nan, scored["loss"])
+        out[f"accuracy{suffix}"] = jnp.where(diverged, nan, scored["accuracy"])
+        if i == 0:
+          out.update(count=scored["count"], diverged=diverged)
+        if forward_flops is not None:
+          flops += forward_flops(personal) * (test_k.count + 3 * tuned).astype(jnp.float32)
+      if forward_flops is not None:
+        out["flops"] = flops
+      return out
 
     def run_group(lane):
       rows_g, ids_g, held_g = lane
@@ -144,11 +188,18 @@ def make_evaluate_clients(
   return evaluate_clients
 
 
+def protocol_names(out: dict[str, Any]) -> list[str]:
+  """The further protocols per-client results `out` hold ("accuracy_<name>" [C] beside "accuracy")."""
+  return [k[len("accuracy_"):] for k in out if k.startswith("accuracy_") and not k.endswith("summary")
+          and not k.endswith("_participating")]
+
+
 def summaries(ids: jax.Array, out: dict[str, jax.Array], participated: jax.Array) -> dict[str, Any]:
-  """The evaluation's result from per-client `out` (loss, accuracy, count [C]) and participation [C] (bool)."""
-  return {
+  """The evaluation's result from per-client `out` (loss, accuracy, count, diverged [C], further protocols' loss
+  and accuracy, flops) and participation [C] (bool)."""
+  result = {
       "clients": ids,
-      **out,
+      **{k: v for k, v in out.items() if k != "flops"},
       "participated": participated,
       "accuracy_summary": summarize(out["accuracy"]),
       "loss_summary": summarize(out["loss"]),
@@ -156,8 +207,15 @@ def summaries(ids: jax.Array, out: dict[str, jax.Array], participated: jax.Array
       "loss_summary_participating": summarize(out["loss"], participated),
       "evaluated": jnp.int32(ids.shape[0]),
       "with_test_data": jnp.sum(out["count"] > 0, dtype=jnp.int32),
+      "diverged": jnp.sum(out["diverged"], dtype=jnp.int32),
       "participating": jnp.sum(participated, dtype=jnp.int32),
   }
+  for name in protocol_names(out):
+    result[f"accuracy_{name}_summary"] = summarize(out[f"accuracy_{name}"])
+    result[f"loss_{name}_summary"] = summarize(out[f"loss_{name}"])
+  if "flops" in out:
+    result["flops"] = jnp.sum(out["flops"])
+  return result
 
 
 def make_evaluate(
@@ -166,6 +224,8 @@ def make_evaluate(
     *,
     clients_per_batch: int = 16,
     chunk_size: int = 256,
+    finetune: FinetuneFn | None = None,
+    forward_flops: ForwardFlopsFn | None = None,
 ) -> Callable[..., dict[str, Any]]:
   """Builds evaluate(server_params, gather_state, ids, participation, train, test, key, preprocess) on one device.
 
@@ -173,12 +233,16 @@ def make_evaluate(
 
   Returns:
     A function returning, for the clients `ids` [C] (in that order): "clients" [C], "accuracy" [C], "loss" [C]
-    (NaN without test data), "count" [C], "participated" [C] bool; "accuracy_summary" / "loss_summary" over the
-    clients with test data; "accuracy_summary_participating" / "loss_summary_participating" over those that also
-    took part in a round; and the numbers "evaluated", "with_test_data", "participating".
+    (NaN without test data or diverged), "count" [C], "diverged" [C] bool, "participated" [C] bool;
+    "accuracy_summary" / "loss_summary" over the clients with test data that did not diverge;
+    "accuracy_summary_participating" / "loss_summary_participating" over those that also took part in a round;
+    the numbers "evaluated", "with_test_data", "diverged", "participating"; "flops" (with `forward_flops`); and for
+    every further protocol, "accuracy_<name>", "loss_<name>" [C] and their summaries "accuracy_<name>_summary",
+    "loss_<name>_summary".
   """
   evaluate_clients = make_evaluate_clients(
-      personalize, apply_fn, clients_per_batch=clients_per_batch, chunk_size=chunk_size
+      personalize, apply_fn, clients_per_batch=clients_per_batch, chunk_size=chunk_size, finetune=finetune,
+      forward_flops=forward_flops,
   )
 
   def evaluate(server_params, gather_state, ids, participation, train, test, key, preprocess):

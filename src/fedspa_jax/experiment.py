@@ -40,6 +40,7 @@ from fedspa_jax import config as config_lib
 from fedspa_jax import data as data_lib
 from fedspa_jax.checkpoint import Checkpointer, LayoutMismatch
 from fedspa_jax.config import Config, ConfigError
+from fedspa_jax.evaluation import protocol_names
 from fedspa_jax.logging_utils import MetricsLog, TensorBoardLog, format_record, human_bytes, make_progress
 from fedspa_jax.round import make_client_mesh
 # Re-exported: the run-folder errors are part of what `run` raises.
@@ -62,6 +63,7 @@ class Totals:
   flops_dense: float | None = None
   samples: int = 0
   wall_time: float = 0.0
+  eval_flops: float = 0.0
 
 
 def algorithm_hparams(config: Config) -> dict[str, Any]:
@@ -197,21 +199,71 @@ def _consume(metrics: dict[str, Any], first_round: int, totals: Totals, params: 
   return train
 
 
-def _eval_record(round: int, ev: dict[str, Any], train: dict[str, float], totals: Totals) -> dict[str, Any]:
+def evaluations(evaluate: Callable, config: Config, final: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
+  """One evaluation's results on the host: the method's own protocol, and at the final evaluation with
+  `config.eval_finetune_epochs` > 0 the local-adaptation protocol (None otherwise).
+
+  Args:
+    evaluate: finetune_epochs -> the (device) evaluation; None: the method's own protocol.
+  """
+  ev = jax.device_get(evaluate(None))
+  finetuned = None
+  if final and config.eval_finetune_epochs:
+    finetuned = jax.device_get(evaluate(config.eval_finetune_epochs))
+  return ev, finetuned
+
+
+def add_eval_flops(totals: Totals, *evs: dict[str, Any] | None) -> None:
+  """Counts the evaluations' FLOPs (test forward passes and fine-tuning) apart from training's."""
+  totals.eval_flops += sum(float(ev["flops"]) for ev in evs if ev is not None and "flops" in ev)
+
+
+def protocol_record(ev: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  """The record entries of one evaluation's protocols: `<prefix>accuracy_<stat>` of the method's own, and
+  `<prefix>accuracy_<name>_<stat>` of each further one (FedSpa's "masked_global" beside "local")."""
+  record = {f"{prefix}accuracy_{k}": float(v) for k, v in ev["accuracy_summary"].items()}
+  record[f"{prefix}loss_mean"] = float(ev["loss_summary"]["mean"])
+  for name in protocol_names(ev):
+    record.update({f"{prefix}accuracy_{name}_{k}": float(v) for k, v in ev[f"accuracy_{name}_summary"].items()})
+  return record
+
+
+def _eval_record(round: int, ev: dict[str, Any], train: dict[str, float], totals: Totals, *,
+                 protocol: str | None = None, finetuned: dict[str, Any] | None = None,
+                 finetune_epochs: int = 0) -> dict[str, Any]:
   record = {"round": round}
-  record.update({f"accuracy_{k}": float(v) for k, v in ev["accuracy_summary"].items()})
-  record["loss_mean"] = float(ev["loss_summary"]["mean"])
+  record.update(protocol_record(ev))
   record["accuracy_mean_participating"] = float(ev["accuracy_summary_participating"]["mean"])
   record.update(
       eval_clients=int(ev["evaluated"]), eval_with_test_data=int(ev["with_test_data"]),
-      eval_participating=int(ev["participating"]),
+      eval_diverged=int(ev["diverged"]), eval_participating=int(ev["participating"]),
   )
+  if protocol is not None:
+    record["protocol"] = protocol
+  if finetuned is not None:
+    record["finetune_epochs"] = finetune_epochs
+    record.update(protocol_record(finetuned, "finetuned_"))
+    record["finetuned_eval_diverged"] = int(finetuned["diverged"])
   record.update(train)
   record.update(bytes_up=totals.bytes_up, bytes_down=totals.bytes_down, samples=totals.samples)
   if totals.flops is not None:
     record.update(flops=totals.flops, flops_dense=totals.flops_dense)
+  record["eval_flops"] = totals.eval_flops
   record["wall_time"] = round_time(totals.wall_time)
   return record
+
+
+def check_diverged(record: dict[str, Any]) -> None:
+  """Raises TrainingDiverged when an evaluated client's model, as the method scores it, has a non-finite loss.
+
+  A model that diverges only when fine-tuned for the evaluation is a result of that protocol, not of training: it is
+  counted (`finetuned_eval_diverged`) and the run goes on.
+  """
+  if record["eval_diverged"]:
+    raise TrainingDiverged(
+        f"training diverged by round {record['round']}: {record['eval_diverged']} of "
+        f"{record['eval_with_test_data']} clients' models score a non-finite loss"
+    )
 
 
 def round_time(seconds: float) -> float:
@@ -295,7 +347,7 @@ def run(
   params_like = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state.server.params)  # for bytes
   steps: dict[int, Callable] = {}
   segment_start, segment_samples, wall_before = time.perf_counter(), totals.samples, totals.wall_time
-  ev, train, r, pending = None, {}, start, None
+  ev, finetuned, train, r, pending = None, None, {}, start, None
 
   def settle() -> None:
     """Takes in the pending dispatch's metrics: totals, NaN check, progress bar."""
@@ -330,11 +382,14 @@ def run(
         continue
       settle()
       if evaluate:
-        ev = jax.device_get(algo.evaluate(state, device_data, None if r == config.rounds else
-                                          eval_ids(config, data.num_clients, r)))
-        record = _eval_record(r, ev, train, totals)
-        if not np.isfinite(record["loss_mean"]) and record["eval_with_test_data"]:
-          raise TrainingDiverged(f"training diverged by round {r}: mean test loss {record['loss_mean']}")
+        ids = None if r == config.rounds else eval_ids(config, data.num_clients, r)
+        ev, finetuned = evaluations(
+            lambda epochs: algo.evaluate(state, device_data, ids, finetune_epochs=epochs), config, r == config.rounds
+        )
+        add_eval_flops(totals, ev, finetuned)
+        record = _eval_record(r, ev, train, totals, protocol=algo.protocol, finetuned=finetuned,
+                              finetune_epochs=config.eval_finetune_epochs)
+        check_diverged(record)
         history.append(record)
         if metrics_log is not None:
           metrics_log.write(record)
@@ -345,8 +400,8 @@ def run(
         if on_eval is not None:
           on_eval(record)
       if save:
-        if not bool(_all_finite(state.server.params)):
-          raise TrainingDiverged(f"training diverged by round {r}: the model holds NaN or inf")
+        if not bool(_all_finite((state.server.params, state.clients))):
+          raise TrainingDiverged(f"training diverged by round {r}: the model or a client's state holds NaN or inf")
         meta = {"format": CHECKPOINT_FORMAT, "round": r, "config": config.to_dict(), "history": history,
                 "totals": dataclasses.asdict(totals)}
         ckpt.save(r, state, meta)
@@ -356,9 +411,10 @@ def run(
       say(f"stopped after round {r}; checkpoint {path}; continue with --resume")
       return {"status": "stopped", "round": r, "checkpoint": str(path), "run_dir": str(workdir)}
     if ev is None:  # the run was complete already: evaluate the restored final state again
-      ev = jax.device_get(algo.evaluate(state, device_data))
-    summary = _summary(config, algo, data, ev, history, totals, workdir)
-    clients = _client_arrays(algo, state, data, ev)  # every process: decoding the masks is a collective
+      ev, finetuned = evaluations(lambda epochs: algo.evaluate(state, device_data, finetune_epochs=epochs), config,
+                                  True)
+    summary = _summary(config, algo, data, ev, history, totals, workdir, finetuned=finetuned, state=state)
+    clients = _client_arrays(algo, state, data, ev, finetuned)  # every process: decoding masks is a collective
     if primary:
       (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
       np.savez(workdir / "clients.npz", **clients)
@@ -381,10 +437,22 @@ def run(
       tensorboard.close()
 
 
-def _summary(config, algo, data, ev, history, totals, workdir) -> dict[str, Any]:
+def _summary(config, algo, data, ev, history, totals, workdir, *, finetuned=None, state=None) -> dict[str, Any]:
   best = max(history, key=lambda h: h["accuracy_mean"])
   final = {k: float(v) for k, v in ev["accuracy_summary"].items()}
   participating = {k: float(v) for k, v in ev["accuracy_summary_participating"].items()}
+  protocols = {"protocol": algo.protocol}
+  for name in protocol_names(ev):
+    protocols[f"final_accuracy_{name}"] = {k: float(v) for k, v in ev[f"accuracy_{name}_summary"].items()}
+  if finetuned is not None:
+    protocols["finetune_epochs"] = config.eval_finetune_epochs
+    protocols["final_accuracy_finetuned"] = {k: float(v) for k, v in finetuned["accuracy_summary"].items()}
+    for name in protocol_names(finetuned):
+      protocols[f"final_accuracy_finetuned_{name}"] = {
+          k: float(v) for k, v in finetuned[f"accuracy_{name}_summary"].items()}
+  if state is not None:  # the [K, ...] client store as held (padded over a mesh), and per client
+    store = sum(int(a.size) * a.dtype.itemsize for a in jax.tree.leaves(state.clients))
+    protocols.update(client_store_bytes=store, client_store_bytes_per_client=store / state.participation.shape[0])
   return {
       "status": "complete",
       "algorithm": algo.name,
@@ -395,10 +463,12 @@ def _summary(config, algo, data, ev, history, totals, workdir) -> dict[str, Any]
       "rounds": config.rounds,
       "seed": config.seed,
       "hparams": _jsonable(algo.hparams),
+      **protocols,
       "final_accuracy_mean": final["mean"],
       "final_accuracy": final,
       "final_accuracy_participating": participating,
       "clients_with_test_data": int(ev["with_test_data"]),
+      "clients_diverged": int(ev["diverged"]),
       "clients_participating": int(ev["participating"]),
       "final_loss_mean": float(ev["loss_summary"]["mean"]),
       "best_accuracy_mean": best["accuracy_mean"],
@@ -409,6 +479,7 @@ def _summary(config, algo, data, ev, history, totals, workdir) -> dict[str, Any]
       "bytes_total": totals.bytes_up + totals.bytes_down,
       "flops": totals.flops,
       "flops_dense": totals.flops_dense,
+      "eval_flops": totals.eval_flops,
       "samples": totals.samples,
       "wall_time": round_time(totals.wall_time),
       "device": _device(),
@@ -421,10 +492,18 @@ def _summary(config, algo, data, ev, history, totals, workdir) -> dict[str, Any]
 MAX_DISTANCE_CLIENTS = 2000
 
 
-def _client_arrays(algo, state: Any, data: data_lib.FederatedData, ev: dict[str, Any]) -> dict[str, np.ndarray]:
-  """What clients.npz holds: per-client accuracy, loss, test count, participation, labels, mask distances."""
+def _client_arrays(algo, state: Any, data: data_lib.FederatedData, ev: dict[str, Any],
+                   finetuned: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
+  """What clients.npz holds: per-client accuracy and loss (of every protocol evaluated), test count, participation,
+  labels, mask distances."""
+  protocols = {f"accuracy_{name}": np.asarray(ev[f"accuracy_{name}"]) for name in protocol_names(ev)}
+  if finetuned is not None:
+    protocols["accuracy_finetuned"] = np.asarray(finetuned["accuracy"])
+    protocols.update({f"accuracy_finetuned_{name}": np.asarray(finetuned[f"accuracy_{name}"])
+                      for name in protocol_names(finetuned)})
   arrays = {
       "accuracy": np.asarray(ev["accuracy"]),
+      **protocols,
       "loss": np.asarray(ev["loss"]),
       "test_count": np.asarray(ev["count"]),
       "participation": distributed.to_host(state.participation)[: data.num_clients],

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import functools
 import json
 import pathlib
 import re
@@ -212,6 +213,10 @@ def sweep_summary(config: Config, seeds: tuple[int, ...], summaries: list[dict[s
     }
   first = summaries[0]
   over = lambda key: _mean_std([s[key] for s in summaries])
+  # Every protocol's final accuracy distribution (FedSpa's masked_global beside local, the fine-tuned ones), over seeds
+  protocols = {key: {k: _mean_std([s[key][k] for s in summaries]) for k in first[key]} for key in first
+               if key.startswith("final_accuracy_") and key != "final_accuracy_mean" and isinstance(first[key], dict)}
+  protocols.update({key: first[key] for key in ("protocol", "finetune_epochs") if key in first})
   return {
       "status": "complete",
       "algorithm": first["algorithm"],
@@ -226,9 +231,11 @@ def sweep_summary(config: Config, seeds: tuple[int, ...], summaries: list[dict[s
       "final_accuracy_mean_per_seed": [s["final_accuracy_mean"] for s in summaries],
       "final_accuracy_mean": over("final_accuracy_mean"),
       "final_accuracy": {k: _mean_std([s["final_accuracy"][k] for s in summaries]) for k in first["final_accuracy"]},
+      **protocols,
       "final_loss_mean": over("final_loss_mean"),
       "best_accuracy_mean": over("best_accuracy_mean"),
-      **{key: over(key) for key in ("bytes_up", "bytes_down", "bytes_total", "flops", "flops_dense", "samples")},
+      **{key: over(key) for key in ("bytes_up", "bytes_down", "bytes_total", "flops", "flops_dense", "eval_flops",
+                                    "samples")},
       "wall_time": experiment.round_time(wall_time),
       "device": first["device"],
       "jax_version": jax.__version__,
@@ -364,11 +371,14 @@ def sweep(
       + f" -> {workdir}")
 
   stacked = stack_states(states)
+  epochs = config.eval_finetune_epochs
+  finetune_fn = functools.partial(algo.evaluate_fn, finetune_epochs=epochs)
   if lr_list is None:
     state = stacked
     sweep_round = make_sweep_round(algo.round_fn)
     evaluate_all = make_sweep_evaluate(algo.evaluate_fn, with_ids=False)
     evaluate_ids = make_sweep_evaluate(algo.evaluate_fn, with_ids=True)
+    evaluate_finetuned = make_sweep_evaluate(finetune_fn, with_ids=False)
     pick = lambda tree, j, axis=0: seed_slice(tree, j, axis)
   else:  # [L, S, ...]: the initial state does not depend on the lr
     state = stack_states([stacked] * len(grid))
@@ -377,6 +387,7 @@ def sweep(
     sweep_round = lambda state, data: round_of_lrs(lr_values, state, data)
     evaluate_all = make_lr_sweep_evaluate(algo.evaluate_fn, with_ids=False)
     evaluate_ids = make_lr_sweep_evaluate(algo.evaluate_fn, with_ids=True)
+    evaluate_finetuned = make_lr_sweep_evaluate(finetune_fn, with_ids=False)
     pick = lambda tree, j, axis=0: seed_slice(seed_slice(tree, j // S, axis), j % S, axis)
   device_data = jax.device_put(data)
   params_like = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), states[0].server.params)
@@ -387,7 +398,7 @@ def sweep(
   trains: list[dict[str, float]] = [{} for _ in runs]
   diverged: dict[int, str] = {}  # run -> why (lr sweeps only; without lrs a divergence stops the sweep)
   bar = make_progress(total=config.rounds, initial=0, desc=f"{algo.name} x{len(runs)}", enable=progress)
-  start, r, pending, ev = time.perf_counter(), 0, None, None
+  start, r, pending, ev, finetuned = time.perf_counter(), 0, None, None, None
 
   def diverge(j: int, why: str) -> None:
     if lr_list is None:
@@ -426,19 +437,29 @@ def sweep(
         continue
       settle()
       ids = [experiment.eval_ids(c, num_clients, r) for c in configs[:S]]
-      if r == config.rounds or ids[0] is None:
-        ev = jax.device_get(evaluate_all(state, device_data))
-      else:
-        ev = jax.device_get(evaluate_ids(state, device_data, np.stack(ids)))
+
+      def evaluate(epochs):
+        if epochs is not None:
+          return evaluate_finetuned(state, device_data)
+        if r == config.rounds or ids[0] is None:
+          return evaluate_all(state, device_data)
+        return evaluate_ids(state, device_data, np.stack(ids))
+
+      ev, finetuned = experiment.evaluations(evaluate, config, r == config.rounds)
       lines = []
       for l in range(len(grid)):
         records = []
         for j in range(l * S, (l + 1) * S):
           if j in diverged:
             continue
-          rec = experiment._eval_record(r, pick(ev, j), trains[j], totals[j])
-          if not np.isfinite(rec["loss_mean"]) and rec["eval_with_test_data"]:
-            diverge(j, f"training diverged by round {r}: mean test loss {rec['loss_mean']}")
+          ft_j = None if finetuned is None else pick(finetuned, j)
+          experiment.add_eval_flops(totals[j], pick(ev, j), ft_j)
+          rec = experiment._eval_record(r, pick(ev, j), trains[j], totals[j], protocol=algo.protocol,
+                                        finetuned=ft_j, finetune_epochs=epochs)
+          try:
+            experiment.check_diverged(rec)
+          except experiment.TrainingDiverged as e:
+            diverge(j, str(e))
             continue
           histories[j].append(rec)
           logs[j].write(rec)
@@ -455,10 +476,11 @@ def sweep(
         summary = {"status": "diverged", "error": diverged[j], "seed": c.seed, "lr": c.hparams["lr"],
                    "final_accuracy_mean": None, "run_dir": str(d)}
       else:
-        ev_j = pick(ev, j)
-        summary = experiment._summary(c, algos[j // S], datas[j % S], ev_j, histories[j], totals[j], d)
-        np.savez(d / "clients.npz", **experiment._client_arrays(algos[j // S], pick_state(state, pick, j),
-                                                                 datas[j % S], ev_j))
+        ev_j, ft_j = pick(ev, j), None if finetuned is None else pick(finetuned, j)
+        state_j = pick_state(state, pick, j)
+        summary = experiment._summary(c, algos[j // S], datas[j % S], ev_j, histories[j], totals[j], d,
+                                      finetuned=ft_j, state=state_j)
+        np.savez(d / "clients.npz", **experiment._client_arrays(algos[j // S], state_j, datas[j % S], ev_j, ft_j))
       (d / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
       summaries.append(summary)
     wall = time.perf_counter() - start

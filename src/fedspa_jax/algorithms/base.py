@@ -17,7 +17,8 @@ from fedspa_jax import accounting, population
 from fedspa_jax import store as store_lib
 from fedspa_jax.client import make_preprocess
 from fedspa_jax.data.federated import FederatedData
-from fedspa_jax.evaluation import make_evaluate, make_evaluate_clients, summaries
+from fedspa_jax.client import local_train
+from fedspa_jax.evaluation import Personal, make_evaluate, make_evaluate_clients, summaries
 from fedspa_jax.models import flops
 from fedspa_jax.population import CLIENT_AXIS, PlacedData
 from fedspa_jax.round import SimState, check_aggregation, check_mesh, make_round
@@ -34,13 +35,15 @@ class Algorithm:
     init: (key, data) -> SimState.
     round: jitted (state, data) -> (state, metrics); one compiled program per round. The state is donated: use
       the returned one (the argument's buffers are reused).
-    evaluate: (state, data, clients=None) -> per-client test metrics of those clients (default all K, in id order)
-      and their summaries; jitted, memory-bounded for any K.
+    evaluate: (state, data, clients=None, finetune_epochs=None) -> per-client test metrics of those clients
+      (default all K, in id order) and their summaries; jitted, memory-bounded for any K. `finetune_epochs` E:
+      each client first trains E local epochs from the model it is scored with (`fedspa_jax.evaluation`); None:
+      the method's own protocol (0 but for FedAvg-FT).
     round_fn: the pure, un-jitted round (for tests, tracing counters and custom jit/sharding).
     client_states: (state, data, clients=None) -> the decoded persistent state of those clients (default all),
       leaves [C, ...]: FedSpa's bool masks, Ditto's personal models, ...
-    evaluate_fn: the pure, un-jitted evaluation (state, data, clients=None) behind `evaluate`, without its host-side
-      check of `clients` (for vmapping over seeds, as `fedspa_jax.sweep` does).
+    evaluate_fn: the pure, un-jitted evaluation (state, data, clients=None, finetune_epochs=None) behind
+      `evaluate`, without its host-side checks (for vmapping over seeds, as `fedspa_jax.sweep` does).
     place: data -> the data as `round` and `evaluate` take it: `jax.device_put(data)`, or with a mesh the
       population laid out over it (`fedspa_jax.population.place`; each process places only its own devices).
   """
@@ -54,6 +57,7 @@ class Algorithm:
   client_states: Callable[..., Any]
   evaluate_fn: Callable[..., Any] | None = None
   place: Callable[..., Any] = jax.device_put
+  protocol: str = "own"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +70,10 @@ class Common:
     local_steps: a fixed number of local steps instead.
     batch_size: local batch size.
     lr, momentum, weight_decay: the clients' SGD (ignored when `optimizer` is given).
+    lr_decay: the clients' lr at round t is lr * lr_decay^t, in (0, 1] (1: constant; with `optimizer`, its updates
+      are scaled by lr_decay^t).
+    clip_norm: each local step's (masked) gradient is clipped to this global norm before the optimizer (None: no
+      clipping).
     optimizer: an optax transformation for local training.
     rounds: planned rounds T (schedules use it).
     weighting: "samples" (aggregate weighted by client sample counts) or "uniform" (1 per client). Every algorithm
@@ -94,6 +102,8 @@ class Common:
   lr: float = 0.01
   momentum: float = 0.0
   weight_decay: float = 0.0
+  lr_decay: float = 1.0
+  clip_norm: float | None = None
   optimizer: optax.GradientTransformation | None = None
   rounds: int = 100
   weighting: str | None = None
@@ -120,16 +130,21 @@ class Common:
     if not (isinstance(self.server_lr, (int, float)) and self.server_lr > 0):
       raise ValueError(f"server_lr must be > 0, got {self.server_lr!r}")
     make_optimizer(self.optimizer, self.lr, self.momentum, self.weight_decay)  # validates lr and momentum
+    check_lr_decay(self.lr_decay)
+    check_clip_norm(self.clip_norm)
 
   @classmethod
   def with_defaults(cls, common: dict[str, Any], **defaults: Any) -> "Common":
     """`Common(**common)` with an algorithm's own defaults (e.g. `weighting`) for the keys `common` leaves out."""
     return cls(**{**defaults, **common})
 
-  def train_kwargs(self) -> dict[str, Any]:
-    """Keywords for `client.local_train`: optimizer, batch size, epochs or steps."""
+  def train_kwargs(self, round: jax.Array | int | None = None) -> dict[str, Any]:
+    """Keywords for `client.local_train` in round `round`: optimizer (lr decayed to that round), batch size, epochs
+    or steps. `round` may be traced; None: the undecayed lr."""
+    scale = None if round is None or self.lr_decay == 1.0 else jnp.float32(self.lr_decay) ** round
     return dict(
-        optimizer=make_optimizer(self.optimizer, self.lr, self.momentum, self.weight_decay),
+        optimizer=make_optimizer(self.optimizer, self.lr, self.momentum, self.weight_decay, clip_norm=self.clip_norm,
+                                 lr_scale=scale),
         batch_size=self.batch_size,
         local_epochs=self.local_epochs,
         local_steps=self.local_steps,
@@ -152,17 +167,35 @@ def make_apply_fn(model: nn.Module) -> Callable[[Any, jax.Array], jax.Array]:
 
 
 def make_optimizer(
-    optimizer: optax.GradientTransformation | None, lr: float, momentum: float, weight_decay: float
+    optimizer: optax.GradientTransformation | None, lr: float, momentum: float, weight_decay: float, *,
+    clip_norm: float | None = None, lr_scale: jax.Array | None = None,
 ) -> optax.GradientTransformation:
-  """The clients' optimizer: the given optax transformation, or SGD(lr, momentum) with optional weight decay."""
+  """The clients' optimizer: the given optax transformation (its updates scaled by `lr_scale`), or
+  SGD(lr * lr_scale, momentum) with optional weight decay; the gradient clipped to `clip_norm` first."""
   if optimizer is not None:
-    return optimizer
-  if not isinstance(lr, jax.core.Tracer) and not lr > 0:  # a traced lr: a sweep over lrs (checked before)
-    raise ValueError(f"lr must be > 0, got {lr!r}")
-  if not 0.0 <= momentum < 1.0:
-    raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
-  sgd = optax.sgd(lr, momentum=momentum or None)
-  return optax.chain(optax.add_decayed_weights(weight_decay), sgd) if weight_decay else sgd
+    parts = [optimizer] if lr_scale is None else [optimizer, optax.scale(lr_scale)]
+  else:
+    if not isinstance(lr, jax.core.Tracer) and not lr > 0:  # a traced lr: a sweep over lrs (checked before)
+      raise ValueError(f"lr must be > 0, got {lr!r}")
+    if not 0.0 <= momentum < 1.0:
+      raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+    sgd = optax.sgd(lr if lr_scale is None else lr * lr_scale, momentum=momentum or None)
+    parts = [optax.add_decayed_weights(weight_decay), sgd] if weight_decay else [sgd]
+  if clip_norm is not None:
+    parts.insert(0, optax.clip_by_global_norm(clip_norm))
+  return parts[0] if len(parts) == 1 else optax.chain(*parts)
+
+
+def check_lr_decay(lr_decay: Any) -> None:
+  if isinstance(lr_decay, bool) or not isinstance(lr_decay, (int, float)) or not 0.0 < lr_decay <= 1.0:
+    raise ValueError(f"lr_decay must be a number in (0, 1] (the lr at round t is lr * lr_decay^t), got {lr_decay!r}")
+
+
+def check_clip_norm(clip_norm: Any) -> None:
+  if clip_norm is None:
+    return
+  if isinstance(clip_norm, bool) or not isinstance(clip_norm, (int, float)) or not clip_norm > 0:
+    raise ValueError(f"clip_norm must be a number > 0 (or null: no clipping), got {clip_norm!r}")
 
 
 def check_local_work(batch_size: int, local_epochs: int | None, local_steps: int | None) -> None:
@@ -261,6 +294,8 @@ def assemble(
     make_personalize: Callable[[Callable], Any],
     account: Account,
     aggregation: str = "mean",
+    protocol: str = "own",
+    finetune_epochs: int = 0,
 ) -> Algorithm:
   """Builds an `Algorithm` from the parts that differ between methods.
 
@@ -270,11 +305,16 @@ def assemble(
     common: the hyperparameters every algorithm shares.
     init_clients: the initial (decoded) state of a chunk of clients; the store encodes it (bool leaves as bits).
     make_client_fn: preprocess -> one client's update (w, client_state, data, key, round) -> ClientOutput.
-    make_personalize: preprocess -> (w, client_state, train_data, key) -> the params client k is evaluated with.
+    make_personalize: preprocess -> (w, client_state, train_data, key) -> {name: `evaluation.Personal`}, the
+      model(s) client k is scored with, `protocol` first.
     account: extra per-round metrics from the params and the cohort's metrics (bytes, FLOPs).
     aggregation: "mean" or "masked_mean".
+    protocol: the name of the method's own evaluation protocol (the first model `make_personalize` returns).
+    finetune_epochs: the fine-tuning epochs of the method's own protocol (FedAvg-FT's; `evaluate`'s default).
   """
   check_aggregation(aggregation, common.weighting)
+  check_finetune_epochs(finetune_epochs)
+  own_finetune_epochs = finetune_epochs
   clients_per_round = common.clients_per_round
   mesh = common.mesh
   server_optimizer = optax.sgd(common.server_lr)
@@ -377,27 +417,55 @@ def assemble(
     metrics.update(account(state.server.params, metrics, real, state.round, data.sample_shape))
     return new_state, metrics
 
-  def evaluate_fn(state, data: FederatedData, clients=None):
+  def evaluate_options(state, data, preprocess, epochs):
+    """The keywords of `make_evaluate(_clients)`: personalize, fine-tuning (E epochs at round t's lr), FLOPs."""
+    personalize = make_personalize(preprocess)
+
+    def scored(w, state_k, train_k, key):
+      models = personalize(w, state_k, train_k, key)
+      if next(iter(models)) != protocol:
+        raise AssertionError(f"{name}: personalize returned {list(models)}, but its protocol is {protocol!r}")
+      return models
+
+    finetune = None
+    if epochs:
+      kwargs = {**common.train_kwargs(state.round), "local_epochs": epochs, "local_steps": None}
+
+      def finetune(personal: Personal, train_k, key):
+        result = local_train(personal.params, personal.mask, train_k, key, apply_fn=apply_fn, preprocess=preprocess,
+                             **kwargs)
+        return result.params, result.samples
+
+    with jax.ensure_compile_time_eval():  # host-side arithmetic on shapes
+      forward = flops.forward_flops(model, data.sample_shape)
+
+    def forward_flops(personal: Personal):
+      if personal.mask is None:
+        return jnp.float32(sum(forward.values()))
+      return accounting.mask_training_flops(forward, personal.mask) / 3.0
+
+    return dict(clients_per_batch=common.eval_clients_per_batch, finetune=finetune, forward_flops=forward_flops,
+                personalize=scored, apply_fn=apply_fn)
+
+  def evaluate_fn(state, data: FederatedData, clients=None, finetune_epochs=None):
     layout = check(state, data)
+    epochs = own_finetune_epochs if finetune_epochs is None else finetune_epochs
     preprocess = make_preprocess(data.mean, data.std)
     key = jax.random.fold_in(jax.random.fold_in(state.key, state.round), 2)  # 0: cohort, 1: clients
+    options = evaluate_options(state, data, preprocess, epochs)
     if mesh is not None:
-      return evaluate_sharded(state, data, clients, layout, preprocess, key)
-    evaluate_clients = make_evaluate(
-        make_personalize(preprocess), apply_fn, clients_per_batch=common.eval_clients_per_batch
-    )
+      return evaluate_sharded(state, data, clients, layout, preprocess, key, options)
+    evaluate_clients = make_evaluate(**options)
     ids = jnp.arange(data.num_clients, dtype=jnp.int32) if clients is None else jnp.asarray(clients, jnp.int32)
     return evaluate_clients(
         state.server.params, lambda i: layout.gather(state.clients, i), ids, state.participation, data.train,
         data.test, key, preprocess,
     )
 
-  def evaluate_sharded(state, data, clients, layout, preprocess, key):
+  def evaluate_sharded(state, data, clients, layout, preprocess, key, options):
     # Each device evaluates the clients it holds; the per-client results are gathered, replicated.
     placement = placement_of(data)
-    evaluate_clients = make_evaluate_clients(
-        make_personalize(preprocess), apply_fn, clients_per_batch=common.eval_clients_per_batch
-    )
+    evaluate_clients = make_evaluate_clients(**options)
     every = clients is None
 
     def body(params, store, participation, train, test, key, ids):
@@ -413,7 +481,7 @@ def assemble(
       out = evaluate_clients(params, gather, rows, ids, held, train, test, key, preprocess)
       out = {**out, "participation": jnp.where(held, jnp.take(participation, rows), 0)}
       # Exactly one device holds each client: the others add zeros (NaN stays NaN).
-      return jax.lax.psum(jax.tree.map(lambda a: jnp.where(held, a, jnp.zeros((), a.dtype)), out), CLIENT_AXIS)
+      return jax.tree.map(lambda a: psum_held(a, held), out)
 
     ids = jnp.zeros((1,), jnp.int32) if every else jnp.asarray(clients, jnp.int32)
     out_spec = P(CLIENT_AXIS) if every else P()
@@ -428,11 +496,14 @@ def assemble(
     participated = out.pop("participation") > 0
     return summaries(ids, out, participated)
 
-  jitted_evaluate = jax.jit(evaluate_fn)
+  jitted_evaluate = jax.jit(evaluate_fn, static_argnames="finetune_epochs")
 
-  def evaluate(state, data: FederatedData, clients=None):
+  def evaluate(state, data: FederatedData, clients=None, finetune_epochs=None):
     check_eval_clients(clients, data.num_clients)
-    return jitted_evaluate(state, data, None if clients is None else np.asarray(clients, np.int32))
+    if finetune_epochs is not None:
+      check_finetune_epochs(finetune_epochs)
+    ids = None if clients is None else np.asarray(clients, np.int32)
+    return jitted_evaluate(state, data, ids, finetune_epochs=finetune_epochs)
 
   def client_states(state, data: FederatedData, clients=None):
     """The decoded state of `clients` (default: all), leaves [C, ...] (FedSpa: bool masks)."""
@@ -453,7 +524,21 @@ def assemble(
       client_states=client_states,
       evaluate_fn=evaluate_fn,
       place=place,
+      protocol=protocol,
   )
+
+
+def psum_held(a: jax.Array, held: jax.Array) -> jax.Array:
+  """Sum over the client axis of the entries of `a` [C] where `held` [C], zeros elsewhere (bools: any)."""
+  kept = jnp.where(held, a, jnp.zeros((), a.dtype))
+  if a.dtype == jnp.bool_:
+    return jax.lax.psum(kept.astype(jnp.int32), CLIENT_AXIS) > 0
+  return jax.lax.psum(kept, CLIENT_AXIS)
+
+
+def check_finetune_epochs(epochs: Any) -> None:
+  if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 0:
+    raise ValueError(f"finetune_epochs must be an integer >= 0, got {epochs!r}")
 
 
 def dense_training_flops(

@@ -3,7 +3,8 @@
 - FedAvg: McMahan, Moore, Ramage, Hampson, Aguera y Arcas, "Communication-Efficient Learning of Deep Networks from
   Decentralized Data" (AISTATS 2017). Every client is evaluated with the global model.
 - FedAvg-FT: FedAvg, then each client fine-tunes the global model for `finetune_epochs` on its own data before it is
-  evaluated (the fine-tuned model is not kept).
+  evaluated (the fine-tuned model is not kept): FedAvg scored under the local-adaptation protocol
+  (`evaluate(..., finetune_epochs=E)`), which every method offers.
 - Local: every client trains its own model alone, with no communication (the sampled clients train each round).
 - Ditto: Li, Hu, Beirami, Smith, "Ditto: Fair and Robust Federated Learning Through Personalization" (ICML 2021).
   Clients run FedAvg's local update for the global model and, from the same round's global model w, train a
@@ -21,6 +22,7 @@ import jax.numpy as jnp
 from fedspa_jax import accounting
 from fedspa_jax.algorithms.base import Algorithm, Common, assemble, dense_training_flops, make_apply_fn, stacked
 from fedspa_jax.client import ClientData, local_train
+from fedspa_jax.evaluation import Personal
 from fedspa_jax.round import ClientOutput
 
 
@@ -73,31 +75,22 @@ def fedavg(*, model: nn.Module, finetune_epochs: int = 0, **common: Any) -> Algo
   if not isinstance(finetune_epochs, int) or finetune_epochs < 0:
     raise ValueError(f"finetune_epochs must be an integer >= 0, got {finetune_epochs!r}")
   apply_fn = make_apply_fn(model)
-  train_kwargs = common.train_kwargs()
 
   def make_client_fn(preprocess):
     def client_update(w, state, data: ClientData, key, round):
-      del round
-      result = local_train(w, None, data, key, apply_fn=apply_fn, preprocess=preprocess, **train_kwargs)
+      result = local_train(
+          w, None, data, key, apply_fn=apply_fn, preprocess=preprocess, **common.train_kwargs(round)
+      )
       update = jax.tree.map(jnp.subtract, w, result.params)
       return ClientOutput(update=update, coverage=None, state=state, metrics=train_metrics(result))
 
     return client_update
 
-  def make_personalize(preprocess):
-    if finetune_epochs == 0:
-      return lambda w, state, train_k, key: w
-    finetune = {**train_kwargs, "local_epochs": finetune_epochs, "local_steps": None}
-
-    def personalize(w, state, train_k, key):
-      return local_train(w, None, train_k, key, apply_fn=apply_fn, preprocess=preprocess, **finetune).params
-
-    return personalize
-
   return assemble(
       name="fedavg_ft" if finetune_epochs else "fedavg", hparams={"finetune_epochs": finetune_epochs},
       model=model, common=common, init_clients=no_client_state, make_client_fn=make_client_fn,
-      make_personalize=make_personalize, account=dense_account(model),
+      make_personalize=lambda preprocess: lambda w, state, train_k, key: {"global": Personal(w)},
+      account=dense_account(model), protocol="global", finetune_epochs=finetune_epochs,
   )
 
 
@@ -108,12 +101,11 @@ def local(*, model: nn.Module, **common: Any) -> Algorithm:
   """
   common = Common.with_defaults(common, weighting="uniform")  # nothing is aggregated: the choice is moot
   apply_fn = make_apply_fn(model)
-  train_kwargs = common.train_kwargs()
 
   def make_client_fn(preprocess):
     def client_update(w, params_k, data: ClientData, key, round):
-      del round
-      result = local_train(params_k, None, data, key, apply_fn=apply_fn, preprocess=preprocess, **train_kwargs)
+      result = local_train(params_k, None, data, key, apply_fn=apply_fn, preprocess=preprocess,
+                           **common.train_kwargs(round))
       update = jax.tree.map(jnp.zeros_like, w)
       return ClientOutput(update=update, coverage=None, state=result.params, metrics=train_metrics(result))
 
@@ -122,7 +114,8 @@ def local(*, model: nn.Module, **common: Any) -> Algorithm:
   return assemble(
       name="local", hparams={}, model=model, common=common,
       init_clients=lambda key, params, ids: stacked(params, ids),
-      make_client_fn=make_client_fn, make_personalize=lambda preprocess: lambda w, params_k, train_k, key: params_k,
+      make_client_fn=make_client_fn,
+      make_personalize=lambda preprocess: lambda w, params_k, train_k, key: {"own": Personal(params_k)},
       account=dense_account(model, communicates=False, keeps_model=True),
   )
 
@@ -144,14 +137,12 @@ def ditto(
   if personal_epochs is not None and (not isinstance(personal_epochs, int) or personal_epochs < 1):
     raise ValueError(f"personal_epochs must be an integer >= 1, got {personal_epochs!r}")
   apply_fn = make_apply_fn(model)
-  train_kwargs = common.train_kwargs()
-  personal_kwargs = dict(train_kwargs)
-  if personal_epochs is not None:
-    personal_kwargs.update(local_epochs=personal_epochs, local_steps=None)
+  personal_work = {} if personal_epochs is None else dict(local_epochs=personal_epochs, local_steps=None)
 
   def make_client_fn(preprocess):
     def client_update(w, v, data: ClientData, key, round):
-      del round
+      train_kwargs = common.train_kwargs(round)
+      personal_kwargs = {**train_kwargs, **personal_work}
       k_global, k_personal = jax.random.split(key)
       result = local_train(w, None, data, k_global, apply_fn=apply_fn, preprocess=preprocess, **train_kwargs)
 
@@ -172,7 +163,7 @@ def ditto(
   return assemble(
       name="ditto", hparams={"ditto_lambda": ditto_lambda, "personal_epochs": personal_epochs}, model=model,
       common=common, init_clients=lambda key, params, ids: stacked(params, ids),
-      make_client_fn=make_client_fn, make_personalize=lambda preprocess: lambda w, v, train_k, key: v,
+      make_client_fn=make_client_fn, make_personalize=lambda preprocess: lambda w, v, train_k, key: {"own": Personal(v)},
       account=dense_account(model, keeps_model=True, sample_keys=("samples", "global_samples")),
   )
 

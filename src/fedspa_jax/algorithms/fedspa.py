@@ -5,11 +5,20 @@ Client k trains m_k ⊙ w sparse-to-sparse (a fixed number of active weights), e
 gradient (RigL) or random (SET) regrowth with a cosine-annealed prune rate, and uploads the sparse update
 U_k = x_0 - x_final with its new mask; the server applies w <- w - lr_s * aggregate(U). Options cover the points where
 reimplementations differ: aggregation rule, regrow rule, shared initial mask, alpha and t_end.
+
+What a client is scored with (`personal_model`) is a protocol choice, named in every result:
+- "masked_global" (default): m_k ⊙ w, the shared model seen through the client's current mask. The client state is
+  the mask alone: 1 bit per weight per client.
+- "local": the sparse model the client ended its last local training with, under the mask it trained with (as the
+  authors' group's DisPFL code scores its clients). The client state then also holds that model's values, the mask
+  it was trained under and whether it was ever trained (a client never trained is scored with m_k ⊙ w and shows
+  in `participating`); every evaluation reports "masked_global" beside it (`accuracy_masked_global`). Training
+  does not change: both protocols come from one run.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -18,11 +27,29 @@ import jax.numpy as jnp
 from fedspa_jax import accounting, masks
 from fedspa_jax.algorithms.base import Algorithm, Common, assemble, check_positive_int
 from fedspa_jax.client import ClientData, batch_gradient, local_train
+from fedspa_jax.evaluation import Personal
 from fedspa_jax.models import flops
 from fedspa_jax.mask_update import REGROW_RULES, check_rate, cosine_prune_rate, prune_and_regrow
 from fedspa_jax.round import ClientOutput
 
 DENSITY_RULES = ("erk", "uniform")
+PERSONAL_MODELS = ("masked_global", "local")
+
+
+class LocalModelState(NamedTuple):
+  """A client's state with personal_model="local" (leaves [K, ...] in the store).
+
+  Attributes:
+    mask: the mask it trains with next (bool, params structure).
+    local_mask: the mask its local model was trained under.
+    local: the sparse model it ended its last local training with (zeros before it first trains).
+    trained: bool []: it has trained at least once.
+  """
+
+  mask: Any
+  local_mask: Any
+  local: Any
+  trained: jax.Array
 # FedSpa's objective is (1/K) sum_k f_k(m_k ⊙ w); with uniform sampling, (1/S) sum_k U_k estimates it unbiasedly.
 DEFAULT_WEIGHTING = "uniform"
 
@@ -35,14 +62,20 @@ def make_densities(params: Any, density: float, rule: str) -> Any:
 
 
 def make_client_update(
-    *, apply_fn, preprocess, train_kwargs: dict, alpha: float, t_end: int, regrow: str, update_masks: bool
+    *, apply_fn, preprocess, train_kwargs: Callable[[jax.Array], dict], alpha: float, t_end: int, regrow: str,
+    update_masks: bool, keep_local: bool = False,
 ):
-  """One FedSpa client: (w, mask, data, key, round) -> ClientOutput(U_k, coverage=mask, state=new mask, metrics)."""
+  """One FedSpa client: (w, mask, data, key, round) -> ClientOutput(U_k, coverage=mask, state=new mask, metrics).
 
-  def client_update(w, mask, data: ClientData, key: jax.Array, round: jax.Array) -> ClientOutput:
+  With `keep_local` the client state is a `LocalModelState` instead of the mask: the trained model is kept.
+  """
+
+  def client_update(w, state, data: ClientData, key: jax.Array, round: jax.Array) -> ClientOutput:
+    mask = state.mask if keep_local else state
     k_train, k_grad, k_mask = jax.random.split(key, 3)
     x0 = masks.apply_mask(w, mask)
-    result = local_train(x0, mask, data, k_train, apply_fn=apply_fn, preprocess=preprocess, **train_kwargs)
+    kwargs = train_kwargs(round)
+    result = local_train(x0, mask, data, k_train, apply_fn=apply_fn, preprocess=preprocess, **kwargs)
     new_mask = mask
     if update_masks:
       rate = cosine_prune_rate(round, alpha, t_end)
@@ -51,7 +84,7 @@ def make_client_update(
         grads = None
         if regrow == "gradient":
           grads = batch_gradient(
-              result.params, data, k_grad, apply_fn=apply_fn, batch_size=train_kwargs["batch_size"],
+              result.params, data, k_grad, apply_fn=apply_fn, batch_size=kwargs["batch_size"],
               preprocess=preprocess,
           )
         return prune_and_regrow(mask, result.params, grads, rate, k_mask, regrow)
@@ -61,7 +94,11 @@ def make_client_update(
       new_mask = jax.lax.cond(rate > 0, next_mask, lambda _: mask, None)
     update = jax.tree.map(jnp.subtract, x0, result.params)
     metrics = {"loss": result.loss, "accuracy": result.accuracy, "steps": result.steps, "samples": result.samples}
-    return ClientOutput(update=update, coverage=mask, state=new_mask, metrics=metrics)
+    if keep_local:
+      new_state = LocalModelState(new_mask, mask, result.params, jnp.ones((), bool))
+    else:
+      new_state = new_mask
+    return ClientOutput(update=update, coverage=mask, state=new_state, metrics=metrics)
 
   return client_update
 
@@ -77,6 +114,7 @@ def fedspa(
     update_masks: bool = True,
     aggregation: str = "mean",
     shared_init_mask: bool = False,
+    personal_model: str = "masked_global",
     **common: Any,
 ) -> Algorithm:
   """Builds FedSpa.
@@ -91,6 +129,8 @@ def fedspa(
     update_masks: False keeps every client's initial mask fixed.
     aggregation: "mean" or "masked_mean".
     shared_init_mask: give every client the same initial mask.
+    personal_model: what a client is scored with: "masked_global" (m_k ⊙ w) or "local" (the model it ended its last
+      local training with; costs the model's values per client); see the module docstring.
     **common: the hyperparameters every algorithm shares (`base.Common`): clients_per_round, local_epochs,
       local_steps, batch_size, lr, momentum, weight_decay, optimizer, rounds, weighting (default "uniform": the
       objective's (1/K) sum_k f_k), server_lr, mesh, ...
@@ -107,20 +147,33 @@ def fedspa(
   check_positive_int("t_end", t_end)
   if regrow not in REGROW_RULES:
     raise ValueError(f"regrow must be one of {REGROW_RULES}, got {regrow!r}")
+  if personal_model not in PERSONAL_MODELS:
+    raise ValueError(f"personal_model must be one of {PERSONAL_MODELS}, got {personal_model!r}")
+  keep_local = personal_model == "local"
   densities_of = lambda params: make_densities(params, density, density_rule)
   apply_fn = lambda params, x: model.apply({"params": params}, x)
 
   def init_clients(key, params, ids):
-    return masks.init_client_masks(key, params, densities_of(params), ids=ids, shared=shared_init_mask)
+    client_masks = masks.init_client_masks(key, params, densities_of(params), ids=ids, shared=shared_init_mask)
+    if not keep_local:
+      return client_masks
+    zeros = jax.tree.map(lambda a: jnp.zeros((ids.shape[0], *a.shape), a.dtype), params)
+    return LocalModelState(client_masks, client_masks, zeros, jnp.zeros(ids.shape, bool))
 
   def make_client_fn(preprocess):
     return make_client_update(
-        apply_fn=apply_fn, preprocess=preprocess, train_kwargs=common.train_kwargs(), alpha=alpha, t_end=t_end,
-        regrow=regrow, update_masks=update_masks,
+        apply_fn=apply_fn, preprocess=preprocess, train_kwargs=common.train_kwargs, alpha=alpha, t_end=t_end,
+        regrow=regrow, update_masks=update_masks, keep_local=keep_local,
     )
 
-  def make_personalize(preprocess):
-    return lambda w, mask, train_k, key: masks.apply_mask(w, mask)
+  def personalize(w, state, train_k, key):
+    mask = state.mask if keep_local else state
+    masked_global = Personal(masks.apply_mask(w, mask), mask)
+    if not keep_local:
+      return {"masked_global": masked_global}
+    trained = Personal(state.local, state.local_mask)
+    local = jax.tree.map(lambda a, b: jnp.where(state.trained, a, b), trained, masked_global)
+    return {"local": local, "masked_global": masked_global}
 
   def account(params, metrics, real, round, sample_shape):
     densities = densities_of(params)
@@ -138,7 +191,9 @@ def fedspa(
     return {
         "values_down": values,
         "values_up": values,
-        "client_state_bytes": accounting.state_bytes(params, mask_bits=sparse_leaves),
+        "client_state_bytes": accounting.state_bytes(
+            params, mask_bits=sparse_leaves, values=jax.tree.map(lambda _: keep_local, params)
+        ),
         "prune_rate": rate,
         **accounting.round_flops(
             cost.per_sample, cost.dense_per_sample, metrics["samples"], metrics["weight"], extra=regrowth
@@ -147,9 +202,10 @@ def fedspa(
 
   hparams = dict(
       density=density, density_rule=density_rule, alpha=alpha, t_end=t_end, regrow=regrow,
-      update_masks=update_masks, shared_init_mask=shared_init_mask,
+      update_masks=update_masks, shared_init_mask=shared_init_mask, personal_model=personal_model,
   )
   return assemble(
       name="fedspa", hparams=hparams, model=model, common=common, init_clients=init_clients,
-      make_client_fn=make_client_fn, make_personalize=make_personalize, account=account, aggregation=aggregation,
+      make_client_fn=make_client_fn, make_personalize=lambda preprocess: personalize, account=account,
+      aggregation=aggregation, protocol=personal_model,
   )

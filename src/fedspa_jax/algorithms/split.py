@@ -24,6 +24,7 @@ from fedspa_jax import accounting
 from fedspa_jax.algorithms.base import Algorithm, Common, assemble, dense_training_flops, make_apply_fn, stacked
 from fedspa_jax.algorithms.dense import train_metrics
 from fedspa_jax.client import ClientData, local_train
+from fedspa_jax.evaluation import Personal
 from fedspa_jax.round import ClientOutput
 
 DEFAULT_HEAD = "head"
@@ -69,7 +70,6 @@ def _split_algorithm(
     name: str, model: nn.Module, head_epochs: int | None, head: Any, common: Common
 ) -> Algorithm:
   apply_fn = make_apply_fn(model)
-  train_kwargs = common.train_kwargs()
   head_names = check_head_names(head)
 
   def head_of(params):
@@ -86,7 +86,7 @@ def _split_algorithm(
 
   def make_client_fn(preprocess):
     def client_update(w, head_k, data: ClientData, key, round):
-      del round
+      train_kwargs = common.train_kwargs(round)
       k_head, k_body = jax.random.split(key)
       params = {**w, **head_k}
       trains_body = body_only(params)
@@ -131,7 +131,8 @@ def _split_algorithm(
   algo = assemble(
       name=name, hparams=hparams, model=model, common=common, init_clients=init_clients,
       make_client_fn=make_client_fn,
-      make_personalize=lambda preprocess: lambda w, head_k, train_k, key: {**w, **head_k}, account=account,
+      make_personalize=lambda preprocess: lambda w, head_k, train_k, key: {"head_body": Personal({**w, **head_k})},
+      account=account, protocol="head_body",
   )
 
   def init(key, data):

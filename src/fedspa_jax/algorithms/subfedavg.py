@@ -43,7 +43,7 @@ import jax.numpy as jnp
 from fedspa_jax import accounting, masks
 from fedspa_jax.algorithms.base import Algorithm, Common, assemble, dense_training_flops, make_apply_fn, stacked
 from fedspa_jax.client import ClientData, local_train
-from fedspa_jax.evaluation import evaluate_client
+from fedspa_jax.evaluation import Personal, evaluate_client
 from fedspa_jax.mask_update import check_rate, prune_smallest
 from fedspa_jax.models import flops
 from fedspa_jax.round import ClientOutput
@@ -199,7 +199,6 @@ def subfedavg(
   if not isinstance(distance_threshold, (int, float)) or not distance_threshold >= 0:
     raise ValueError(f"distance_threshold must be a number >= 0, got {distance_threshold!r}")
   apply_fn = make_apply_fn(model)
-  train_kwargs = common.train_kwargs()
   epochs = common.local_epochs if common.local_steps is None else None
   two_phase = epochs is not None and epochs >= 2
   forward_flops = functools.lru_cache(lambda sample_shape: flops.forward_flops(model, sample_shape))
@@ -210,7 +209,7 @@ def subfedavg(
 
   def make_client_fn(preprocess):
     def client_update(w, state: SubFedAvgState, data: ClientData, key, round):
-      del round
+      train_kwargs = common.train_kwargs(round)
       k_early, k_late = jax.random.split(key)
       x0 = masks.apply_mask(w, state.mask)
       train = functools.partial(local_train, apply_fn=apply_fn, preprocess=preprocess)
@@ -271,7 +270,7 @@ def subfedavg(
   return assemble(
       name="subfedavg", hparams=hparams, model=model, common=common, init_clients=init_clients,
       make_client_fn=make_client_fn,
-      make_personalize=lambda preprocess: lambda w, state, train_k, key: state.params,
+      make_personalize=lambda preprocess: lambda w, state, train_k, key: {"own": Personal(state.params, state.mask)},
       account=account,
       aggregation="masked_mean",
   )
