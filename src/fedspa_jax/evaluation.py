@@ -136,7 +136,7 @@ def make_evaluate_clients(
   `forward_flops` (None: no "flops") costs it.
 
   Returns:
-    {"loss", "accuracy" (NaN without test data or diverged), "count", "diverged" (bool), "flops" (with
+    {"loss", "accuracy" (NaN without test data or diverged), "count", "client_diverged" (bool), "flops" (with
     `forward_flops`), "loss_<name>" and "accuracy_<name>" for every further protocol}, each [C] in the order of
     `rows`.
   """
@@ -170,7 +170,7 @@ def make_evaluate_clients(
         out[f"loss{suffix}"] = jnp.where(diverged, nan, scored["loss"])
         out[f"accuracy{suffix}"] = jnp.where(diverged, nan, scored["accuracy"])
         if i == 0:
-          out.update(count=scored["count"], diverged=diverged)
+          out.update(count=scored["count"], client_diverged=diverged)
         if forward_flops is not None:
           flops += forward_flops(personal) * (test_k.count + 3 * tuned).astype(jnp.float32)
       if forward_flops is not None:
@@ -195,7 +195,7 @@ def protocol_names(out: dict[str, Any]) -> list[str]:
 
 
 def summaries(ids: jax.Array, out: dict[str, jax.Array], participated: jax.Array) -> dict[str, Any]:
-  """The evaluation's result from per-client `out` (loss, accuracy, count, diverged [C], further protocols' loss
+  """The evaluation's result from per-client `out` (loss, accuracy, count, client_diverged [C], further protocols' loss
   and accuracy, flops) and participation [C] (bool)."""
   result = {
       "clients": ids,
@@ -207,7 +207,7 @@ def summaries(ids: jax.Array, out: dict[str, jax.Array], participated: jax.Array
       "loss_summary_participating": summarize(out["loss"], participated),
       "evaluated": jnp.int32(ids.shape[0]),
       "with_test_data": jnp.sum(out["count"] > 0, dtype=jnp.int32),
-      "diverged": jnp.sum(out["diverged"], dtype=jnp.int32),
+      "diverged": jnp.sum(out["client_diverged"], dtype=jnp.int32),
       "participating": jnp.sum(participated, dtype=jnp.int32),
   }
   for name in protocol_names(out):
@@ -233,7 +233,7 @@ def make_evaluate(
 
   Returns:
     A function returning, for the clients `ids` [C] (in that order): "clients" [C], "accuracy" [C], "loss" [C]
-    (NaN without test data or diverged), "count" [C], "diverged" [C] bool, "participated" [C] bool;
+    (NaN without test data or diverged), "count" [C], "client_diverged" [C] bool, "participated" [C] bool;
     "accuracy_summary" / "loss_summary" over the clients with test data that did not diverge;
     "accuracy_summary_participating" / "loss_summary_participating" over those that also took part in a round;
     the numbers "evaluated", "with_test_data", "diverged", "participating"; "flops" (with `forward_flops`); and for

@@ -76,11 +76,17 @@ def human_bytes(n: float) -> str:
 
 
 def format_record(record: dict[str, Any]) -> str:
-  """One terminal line for an evaluated round."""
+  """One terminal line for an evaluated round (with the other protocols' mean accuracies and diverged clients)."""
+  others = [f"{key[len('accuracy_'):-len('_mean')]} {value:.4f}" for key, value in record.items()
+            if key.startswith("accuracy_") and key.endswith("_mean") and key != "accuracy_mean"]
+  others += [f"fine-tuned {record['finetuned_accuracy_mean']:.4f}"] if "finetuned_accuracy_mean" in record else []
+  diverged = record.get("eval_diverged", 0)
   return (
       f"round {record['round']:4d}  acc {record['accuracy_mean']:.4f} ± {record['accuracy_std']:.4f}  "
       f"(p10 {record['accuracy_p10']:.3f}, p90 {record['accuracy_p90']:.3f})  "
-      f"train loss {record['train_loss']:.4f}  "
+      + (f"[{', '.join(others)}]  " if others else "")
+      + (f"DIVERGED: {diverged} clients  " if diverged else "")
+      + f"train loss {record['train_loss']:.4f}  "
       f"comm {human_bytes(record['bytes_up'] + record['bytes_down'])}  {record['wall_time']:.1f}s"
   )
 
