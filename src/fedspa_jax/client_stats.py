@@ -52,6 +52,37 @@ def mask_distances(masks: Any) -> tuple[np.ndarray, np.ndarray]:
   return active[:, None] + active[None, :] - 2 * dot, active
 
 
+def personal_models(clients: Any, params: Any) -> Any | None:
+  """The per-client models [K, ...] a client store holds (FedSpa "local"'s local models, Sub-FedAvg's networks,
+  Local's and Ditto's models), or None (masks only, heads only, no state)."""
+  for name in ("local", "params"):
+    if hasattr(clients, name) and jax.tree.structure(getattr(clients, name)) == jax.tree.structure(params):
+      return getattr(clients, name)
+  if jax.tree.structure(clients) == jax.tree.structure(params):
+    return clients
+  return None
+
+
+def model_distances(models: Any) -> tuple[np.ndarray, np.ndarray]:
+  """Pairwise Euclidean distances between K stacked models (float64 on the host), and each model's norm.
+
+  Args:
+    models: pytree with float leaves [K, ...].
+
+  Returns:
+    (distance [K, K], norm [K]); `distance / norm.mean()` is a scale-free spread of the clients' models.
+  """
+  leaves = [np.asarray(jax.device_get(a), np.float64).reshape(a.shape[0], -1) for a in jax.tree.leaves(models)]
+  k = leaves[0].shape[0]
+  gram = np.zeros((k, k))
+  for leaf in leaves:
+    gram += leaf @ leaf.T
+  squares = np.diag(gram)
+  distance = np.sqrt(np.maximum(squares[:, None] + squares[None, :] - 2 * gram, 0.0))
+  np.fill_diagonal(distance, 0.0)
+  return distance, np.sqrt(squares)
+
+
 def label_order(label_counts: np.ndarray) -> np.ndarray:
   """A client order that groups clients by label distribution: by dominant class, then second class, then share.
 

@@ -511,8 +511,14 @@ def _client_arrays(algo, state: Any, data: data_lib.FederatedData, ev: dict[str,
   }
   if data.num_clients <= MAX_DISTANCE_CLIENTS:
     clients = algo.client_states(state, data)
-    if client_stats.is_mask_store(clients):
-      arrays["hamming"], arrays["active"] = client_stats.mask_distances(clients)
+    client_masks = getattr(clients, "mask", clients)  # FedSpa "local" and Sub-FedAvg hold a mask beside models
+    if client_stats.is_mask_store(client_masks):
+      arrays["hamming"], arrays["active"] = client_stats.mask_distances(client_masks)
+    models = client_stats.personal_models(clients, state.server.params)
+    if models is not None:  # how far apart the clients' own models are, not just their masks
+      arrays["model_distance"], arrays["model_norm"] = client_stats.model_distances(models)
+      if hasattr(clients, "trained"):
+        arrays["trained"] = np.asarray(jax.device_get(clients.trained))
   return arrays
 
 
