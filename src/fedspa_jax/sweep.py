@@ -247,8 +247,10 @@ def format_sweep_record(records: list[dict[str, Any]]) -> str:
 
 
 def lr_text(lr: float) -> str:
-  """An lr as it names folders, summary keys and lines: `f"{lr:g}"`."""
-  return f"{lr:g}"
+  """An lr as its shortest exact text (repr, without a trailing ".0"): distinct lrs get distinct names and folders
+  (`f"{lr:g}"` would give 0.1 and 0.1000001 the same); 0.01 -> "0.01", 1.0 -> "1", 1e-05 -> "1e-05"."""
+  text = repr(float(lr))
+  return text[:-2] if text.endswith(".0") else text
 
 
 def with_lr(config: Config, lr: Any) -> Config:
