@@ -42,14 +42,20 @@ from fedspa_jax import records, runner
 from fedspa_jax.checkpoint import Checkpointer, LayoutMismatch
 from fedspa_jax.config import Config, ConfigError
 from fedspa_jax.logging_utils import MetricsLog, TensorBoardLog
+from fedspa_jax.round import make_client_mesh
 # Re-exported: what scripts and tests use by these names (the loop and its pieces live in `runner` and `records`).
 from fedspa_jax.records import Totals, TrainingDiverged, round_time  # noqa: F401
-from fedspa_jax.runner import algorithm_hparams, build, check_config, eval_ids, load_data, make_multi_round  # noqa: F401
+from fedspa_jax.runner import algorithm_hparams, check_config, eval_ids, load_data, make_multi_round  # noqa: F401
 from fedspa_jax.runner import next_chunk as _next_chunk  # noqa: F401  (tests/test_experiment.py)
 # Re-exported: the run-folder errors are part of what `run` raises.
 from fedspa_jax.run_folder import ConfigMismatchError, RunExistsError, default_workdir, prepare_workdir  # noqa: F401
 
 CHECKPOINT_FORMAT = 2  # 2: flat data, masks stored as uint32 bit words, participation counts
+
+
+def build(config: Config, data: data_lib.FederatedData):
+  """(model, algorithm) for a config and its data; with `shard_clients`, the clients are sharded over every device."""
+  return runner.build(config, data, mesh=make_client_mesh() if config.shard_clients else None)
 
 
 @jax.jit

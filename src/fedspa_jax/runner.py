@@ -31,7 +31,6 @@ from fedspa_jax import data as data_lib
 from fedspa_jax.config import Config, ConfigError
 from fedspa_jax.logging_utils import MetricsLog, TensorBoardLog, format_record, human_bytes, make_progress
 from fedspa_jax.records import Totals, TrainingDiverged, client_arrays, consume, eval_record, run_summary
-from fedspa_jax.round import make_client_mesh
 
 
 def algorithm_hparams(config: Config) -> dict[str, Any]:
@@ -85,12 +84,12 @@ def load_data(config: Config) -> data_lib.FederatedData:
   )
 
 
-def build(config: Config, data: data_lib.FederatedData):
-  """(model, algorithm) for a config and its data."""
+def build(config: Config, data: data_lib.FederatedData, *, mesh: Any = None):
+  """(model, algorithm) for a config and its data; with a `mesh`, the clients are sharded over it."""
   model = models.get(config.model, num_classes=data.num_classes, **config.model_args)
   hparams = algorithm_hparams(config)
-  if config.shard_clients:
-    hparams["mesh"] = make_client_mesh()
+  if mesh is not None:
+    hparams["mesh"] = mesh
   return model, algorithms.get(config.algorithm, model=model, **hparams)
 
 
