@@ -173,7 +173,7 @@ def run(
 
 
 def sweep(config: Config, seeds, workdir=None, **kwargs) -> dict[str, Any]:
-  """Runs `config` once per seed (and per lr with `lrs=`), all runs as one vmapped program; see `fedspa_jax.sweep.sweep`."""
-  from fedspa_jax import sweep as sweep_lib  # the entry point over `runner` (it never imports this module)
+  """Runs `config` once per seed (and per lr with `lrs=`) as one vmapped program; see `fedspa_jax.sweep.sweep`."""
+  from fedspa_jax import sweep as sweep_lib  # one way only: the sweep builds on `runner`, never on this module
 
   return sweep_lib.sweep(config, seeds, workdir, **kwargs)
