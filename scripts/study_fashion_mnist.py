@@ -174,8 +174,8 @@ def check_plan(plan: Plan) -> Plan:
   for lr in lrs:
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
       raise StudyError(f"learning rates must be finite numbers > 0, got {lr!r}")
-  if len(set(lrs)) != len(lrs):
-    raise StudyError(f"the learning-rate grid repeats a value: {', '.join(f'{lr:g}' for lr in lrs)}")
+  if len({f"{lr:g}" for lr in lrs}) != len(lrs):  # an lr unit's folder is named by its lr to 6 significant digits
+    raise StudyError(f"the learning-rate grid repeats a value (to 6 significant digits): {', '.join(map(repr, lrs))}")
   seeds = list(plan.seeds)
   if not seeds:
     raise StudyError("the study needs at least one seed for its final runs")

@@ -14,10 +14,11 @@ from fedspa_jax import experiment
 POISONED = 2  # the client whose personal model is forced to NaN
 
 
-def poison(state):
-  """The state with client POISONED's personal model set to NaN (float leaves of the store)."""
+def poison(state, when=True):
+  """The state with client POISONED's personal model set to NaN (float leaves of the store) `when` (traceable)."""
   clients = jax.tree.map(
-      lambda a: a.at[POISONED].set(jnp.nan) if jnp.issubdtype(a.dtype, jnp.floating) else a, state.clients
+      lambda a: jnp.where(when, a.at[POISONED].set(jnp.nan), a) if jnp.issubdtype(a.dtype, jnp.floating) else a,
+      state.clients,
   )
   return state._replace(clients=clients)
 
@@ -51,11 +52,11 @@ def poisoned_build(at_round):
   def patched(config, data):
     model, algo = build(config, data)
 
-    def round(state, data):
-      state, metrics = algo.round(state, data)
-      return (poison(state) if int(state.round) == at_round else state), metrics
+    def round_fn(state, data):  # the run loop compiles algo.round_fn
+      state, metrics = algo.round_fn(state, data)
+      return poison(state, state.round == at_round), metrics
 
-    return model, dataclasses.replace(algo, round=round)
+    return model, dataclasses.replace(algo, round_fn=round_fn)
 
   return patched
 

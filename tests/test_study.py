@@ -271,3 +271,9 @@ def test_mask_overlap_by_shared_classes(tmp_path):
   assert row.startswith("| FedSpa (d=0.5) | 0.000 | 0.650 | 0.900 | ")
   assert float(row.split("|")[5]) == pytest.approx(report.random_overlap("fedspa"), abs=1e-3)
   assert 0.5 < report.random_overlap("fedspa") < 0.6 and report.random_overlap("fedspa_uniform") == pytest.approx(0.5)
+
+
+def test_lrs_that_would_share_a_unit_folder_are_refused(tmp_path, capsys):
+  assert study.main(["run", "--out", str(tmp_path / "s"), "--lrs", "0.1", "0.1000001"]) == 2  # both lr_0.1
+  assert "repeats a value (to 6 significant digits)" in capsys.readouterr().err
+  assert not (tmp_path / "s").exists()

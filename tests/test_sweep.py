@@ -5,6 +5,8 @@ import contextlib
 import dataclasses
 import io
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -17,7 +19,8 @@ from fedspa_jax.data import split_from_flat
 from fedspa_jax.data.federated import FederatedData
 
 SEEDS = (0, 1, 2)
-EXACT = ("round", "bytes_up", "bytes_down", "samples", "eval_clients", "eval_with_test_data", "eval_participating")
+EXACT = ("round", "bytes_up", "bytes_down", "samples", "eval_clients", "eval_with_test_data", "eval_participating",
+         "eval_diverged")
 
 
 def tiny(**changes) -> config_lib.Config:
@@ -259,3 +262,19 @@ def test_fused_rounds_and_seeded_evaluation_samples_match_the_run(tmp_path):
     for key in a:
       if key != "wall_time":
         np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-5, err_msg=key)
+
+
+def test_lrs_that_agree_to_6_digits_get_their_own_folders(tmp_path):
+  lrs = (0.1, 0.1000001)  # f"{lr:g}" names both "0.1"
+  summary = experiment.sweep(tiny(rounds=1), (0,), tmp_path / "close", lrs=lrs, echo=None, progress=False)
+  assert sorted(p.name for p in (tmp_path / "close").iterdir() if p.is_dir()) == ["lr_0.1", "lr_0.1000001"]
+  for lr in lrs:
+    for folder in (f"lr_{lr!r}", f"lr_{lr!r}/seed_0"):
+      assert json.loads((tmp_path / "close" / folder / "config.json").read_text())["hparams"]["lr"] == lr
+  assert list(summary["by_lr"]) == ["0.1", "0.1000001"]
+  assert [sweep_lib.lr_text(lr) for lr in (1.0, 100.0, 1e-05, 0.03, 1e30)] == ["1", "100", "1e-05", "0.03", "1e+30"]
+
+
+def test_the_sweep_does_not_import_the_experiment_module():
+  code = "import sys, fedspa_jax.sweep; assert 'fedspa_jax.experiment' not in sys.modules"
+  subprocess.run([sys.executable, "-c", code], check=True)

@@ -8,13 +8,14 @@ With `lrs`, each (lr, seed) is a run: the algorithm is built inside the traced r
 through the clients' `optax.sgd`), the lr axis is vmapped outside the seed axis (state [L, S, ...], the seeds' data
 shared by all lrs), and lr_<lr>/ holds what a seeds-only sweep folder holds; docs/cli.md has the layout.
 
-Seed s of a sweep is the run `experiment.run(replace(config, seed=s))`: its own data partition, model init, masks,
-cohorts and batches, with the same records, equal up to float rounding (tests/test_sweep.py). The seeds' datasets
-and states are stacked on a leading axis and each round is one `jit(vmap(round_fn))` over all seeds; the round
-counter stays unbatched (all seeds are at the same round), so a `lax.cond` on the round (FedSpa's prune rate) stays
-a real branch. Datasets whose partitions hold different numbers of samples are padded with unused rows (rows no
-client owns, which the flat layout allows and never reads), so only the number of clients and the sample shape must
-agree, and they do for one config.
+The runs advance as one batch through `runner.loop`, the loop that `experiment.run` drives with a batch of one, so
+their records, NaN checks and files come from the same code as a run's. Seed s of a sweep is the run
+`experiment.run(replace(config, seed=s))`: its own data partition, model init, masks, cohorts and batches, with the
+same records, equal up to float rounding (tests/test_sweep.py). The seeds' datasets and states are stacked on a
+leading axis and each round is one `jit(vmap(round_fn))` over all seeds; the round counter stays unbatched (all seeds
+are at the same round), so a `lax.cond` on the round (FedSpa's prune rate) stays a real branch. Datasets whose
+partitions hold different numbers of samples are padded with unused rows (rows no client owns, which the flat layout
+allows and never reads), so only the number of clients and the sample shape must agree, and they do for one config.
 
 The sweep folder:
 
@@ -51,9 +52,10 @@ import numpy as np
 
 from fedspa_jax import config as config_lib
 from fedspa_jax import data as data_lib
-from fedspa_jax import experiment
+from fedspa_jax import runner
 from fedspa_jax.config import Config, ConfigError
-from fedspa_jax.logging_utils import MetricsLog, human_bytes, make_progress
+from fedspa_jax.logging_utils import MetricsLog, human_bytes
+from fedspa_jax.records import jsonable, round_time
 from fedspa_jax.round import SimState
 from fedspa_jax.run_folder import OUTPUTS, RUN_MARKERS, RunExistsError, default_workdir
 
@@ -110,7 +112,7 @@ def check_lrs(lrs: Any) -> tuple[float, ...]:
   return _check_values(lrs, "lrs", "numbers", (int, float, np.integer, np.floating),
                        "a sweep over lrs needs at least one lr",
                        lambda lr: None if np.isfinite(lr) and lr > 0 else f"lrs must be finite and > 0, got {lr!r}",
-                       float, fmt=lambda lr: f"{lr:g}")
+                       float, fmt=lr_text)
 
 
 def _pad_rows(split: data_lib.ClientSplit, rows: int, max_count: int) -> data_lib.ClientSplit:
@@ -156,21 +158,16 @@ def stack_states(states: Sequence[SimState]) -> SimState:
   return stacked._replace(round=states[0].round)
 
 
-def seed_slice(tree: Any, i: int, axis: int = 0) -> Any:
-  """Seed i's part of a stacked pytree (host numpy or device arrays)."""
-  return jax.tree.map(lambda a: a[(slice(None),) * axis + (i,)], tree)
-
-
 def make_sweep_round(round_fn: Callable) -> Callable:
   """The pure round of all seeds at once: (stacked state, stacked data) -> (state, metrics [seeds, ...])."""
   return jax.vmap(round_fn, in_axes=(STATE_AXES, 0), out_axes=(STATE_AXES, 0))
 
 
-def make_sweep_evaluate(evaluate_fn: Callable, *, with_ids: bool) -> Callable:
-  """jit of the evaluation of all seeds at once (all clients, or per-seed client ids [seeds, C])."""
-  if with_ids:
-    return jax.jit(jax.vmap(evaluate_fn, in_axes=(STATE_AXES, 0, 0)))
-  return jax.jit(jax.vmap(lambda state, data: evaluate_fn(state, data), in_axes=(STATE_AXES, 0)))
+def make_sweep_evaluate(evaluate_fn: Callable, *, over_lrs: bool = False) -> Callable:
+  """jit of the evaluation of all runs: (state [(lrs,) seeds, ...], data [seeds, ...], client ids [seeds, C] or
+  None for all) -> evaluations [(lrs,) seeds, ...]; the seeds' data and client ids are shared by all lrs."""
+  evaluate = jax.vmap(evaluate_fn, in_axes=(STATE_AXES, 0, 0))
+  return jax.jit(jax.vmap(evaluate, in_axes=(STATE_AXES, None, None)) if over_lrs else evaluate)
 
 
 def _prepare_folder(workdir: pathlib.Path, overwrite: bool) -> None:
@@ -206,9 +203,9 @@ def sweep_summary(config: Config, seeds: tuple[int, ...], summaries: list[dict[s
   if bad:
     return {
         "status": "diverged", "algorithm": config.algorithm, "dataset": config.dataset, "seeds": list(seeds),
-        "diverged_seeds": bad, "hparams": experiment._jsonable(config.hparams), "config": config.to_dict(),
+        "diverged_seeds": bad, "hparams": jsonable(config.hparams), "config": config.to_dict(),
         "final_accuracy_mean_per_seed": [s["final_accuracy_mean"] for s in summaries],
-        "final_accuracy_mean": None, "wall_time": experiment.round_time(wall_time), "run_dir": str(workdir),
+        "final_accuracy_mean": None, "wall_time": round_time(wall_time), "run_dir": str(workdir),
         "seed_dirs": [str(workdir / f"seed_{s}") for s in seeds],
     }
   first = summaries[0]
@@ -236,7 +233,7 @@ def sweep_summary(config: Config, seeds: tuple[int, ...], summaries: list[dict[s
       "best_accuracy_mean": over("best_accuracy_mean"),
       **{key: over(key) for key in ("bytes_up", "bytes_down", "bytes_total", "flops", "flops_dense", "eval_flops",
                                     "samples")},
-      "wall_time": experiment.round_time(wall_time),
+      "wall_time": round_time(wall_time),
       "device": first["device"],
       "jax_version": jax.__version__,
       "run_dir": str(workdir),
@@ -256,8 +253,11 @@ def format_sweep_record(records: list[dict[str, Any]]) -> str:
   )
 
 
-def _lr_name(lr: float) -> str:
-  return f"lr_{lr:g}"
+def lr_text(lr: float) -> str:
+  """An lr as its shortest exact text (repr, without a trailing ".0"): distinct lrs get distinct names and folders
+  (`f"{lr:g}"` would give 0.1 and 0.1000001 the same); 0.01 -> "0.01", 1.0 -> "1", 1e-05 -> "1e-05"."""
+  text = repr(float(lr))
+  return text[:-2] if text.endswith(".0") else text
 
 
 def with_lr(config: Config, lr: Any) -> Config:
@@ -273,19 +273,10 @@ def make_lr_sweep_round(config: Config, data: data_lib.FederatedData) -> Callabl
   """
 
   def round_at(lr, state, stacked):
-    _, algo = experiment.build(with_lr(config, lr), data)  # `data` (host, one seed's) sizes the model only
+    _, algo = runner.build(with_lr(config, lr), data)  # `data` (host, one seed's) sizes the model only
     return make_sweep_round(algo.round_fn)(state, stacked)
 
   return jax.vmap(round_at, in_axes=(0, STATE_AXES, None), out_axes=(STATE_AXES, 0))
-
-
-def make_lr_sweep_evaluate(evaluate_fn: Callable, *, with_ids: bool) -> Callable:
-  """jit of the evaluation of all (lr, seed) runs: the seeds' data and client ids are shared by all lrs."""
-  if with_ids:
-    inner = jax.vmap(evaluate_fn, in_axes=(STATE_AXES, 0, 0))
-    return jax.jit(jax.vmap(inner, in_axes=(STATE_AXES, None, None)))
-  inner = jax.vmap(lambda state, data: evaluate_fn(state, data), in_axes=(STATE_AXES, 0))
-  return jax.jit(jax.vmap(inner, in_axes=(STATE_AXES, None)))
 
 
 def sweep(
@@ -320,187 +311,99 @@ def sweep(
     FileNotFoundError: the dataset's files are missing.
     TrainingDiverged: without `lrs`, a seed's loss or parameters became NaN or infinite (the sweep stops).
   """
-  say = echo or (lambda line: None)
+  say = runner.say_for(echo)
   seeds = check_seeds(seeds)
   lr_list = None if lrs is None else check_lrs(lrs)
-  experiment.check_config(config)
+  runner.check_config(config)
   if config.shard_clients:
     raise ConfigError("a sweep does not support shard_clients (run the seeds separately to shard their cohorts)")
   if lr_list is not None and config.hparams.get("optimizer") is not None:
     raise ConfigError("a sweep over lrs needs the default SGD optimizer (hparams.optimizer is set)")
   grid = [None] if lr_list is None else list(lr_list)  # the lr axis; None: the config's lr, no axis
-  runs = [(lr, s) for lr in grid for s in seeds]  # run j = (lr index j // S, seed index j % S)
-  configs = [dataclasses.replace(config if lr is None else with_lr(config, lr), seed=s) for lr, s in runs]
   workdir = pathlib.Path(workdir) if workdir is not None else default_workdir(
       dataclasses.replace(config, algorithm=f"{config.algorithm}-sweep"))
   _prepare_folder(workdir, overwrite)
   try:  # data options, model/data fit: input errors, found before compilation
     try:
-      datas = [experiment.load_data(dataclasses.replace(config, seed=s)) for s in seeds]
+      datas = [runner.load_data(dataclasses.replace(config, seed=s)) for s in seeds]
     except TypeError as e:
       raise ConfigError(f"bad data options {config.data_args}: {e}") from e
-    algos = [experiment.build(config if lr is None else with_lr(config, lr), datas[0])[1] for lr in grid]
-    algo = algos[0]
-    states = [algo.init(jax.random.key(s), d) for s, d in zip(seeds, datas)]
+    algos = [runner.build(config if lr is None else with_lr(config, lr), datas[0])[1] for lr in grid]
+    states = [algos[0].init(jax.random.key(s), d) for s, d in zip(seeds, datas)]
     data = stack_data(datas)
   except ValueError as e:
     raise ConfigError(str(e)) from e
 
-  S = len(seeds)
-  lr_dirs = [workdir] if lr_list is None else [workdir / _lr_name(lr) for lr in grid]
-  run_dirs = [lr_dirs[j // S] / f"seed_{s}" for j, (_, s) in enumerate(runs)]
-  names = [f"seed {s}" if lr is None else f"lr {lr:g} seed {s}" for lr, s in runs]
-  record = {**config.to_dict(), config_lib.RESOLVED_KEY: experiment._jsonable(algo.hparams)}
-  if lr_list is not None:
-    record["lrs"] = list(lr_list)
-  (workdir / "config.json").write_text(json.dumps(record, indent=2) + "\n")
-  logs = []
-  for j, (c, d) in enumerate(zip(configs, run_dirs)):
-    d.mkdir(parents=True)
-    lr_algo = algos[j // S]
-    if lr_list is not None and j % S == 0:
-      lr_record = {**c.to_dict(), "seed": config.seed,
-                   config_lib.RESOLVED_KEY: experiment._jsonable(lr_algo.hparams)}
-      (d.parent / "config.json").write_text(json.dumps(lr_record, indent=2) + "\n")
-    seed_record = {**c.to_dict(), config_lib.RESOLVED_KEY: experiment._jsonable(lr_algo.hparams)}
-    (d / "config.json").write_text(json.dumps(seed_record, indent=2) + "\n")
-    logs.append(MetricsLog(d / "metrics.jsonl"))
-  num_clients = datas[0].num_clients
-  say(f"{algo.name} on {datas[0].name}: {num_clients} clients, {config.rounds} rounds, seeds "
-      f"{', '.join(map(str, seeds))}" + ("" if lr_list is None else f", lrs {', '.join(f'{lr:g}' for lr in grid)}")
+  lr_dirs = [workdir] if lr_list is None else [workdir / f"lr_{lr_text(lr)}" for lr in grid]
+  runs = [  # run j = (lr index j // S, seed index j % S)
+      runner.Run(dataclasses.replace(config if lr is None else with_lr(config, lr), seed=s), lr_dir / f"seed_{s}",
+                 algo, d, name=f"seed {s}" if lr is None else f"lr {lr_text(lr)} seed {s}")
+      for lr, lr_dir, algo in zip(grid, lr_dirs, algos) for s, d in zip(seeds, datas)
+  ]
+  _write_configs(config, lr_list, runs, workdir)
+  say(f"{algos[0].name} on {datas[0].name}: {datas[0].num_clients} clients, {config.rounds} rounds, seeds "
+      f"{', '.join(map(str, seeds))}" + ("" if lr_list is None else f", lrs {', '.join(map(lr_text, grid))}")
       + f" -> {workdir}")
-
-  stacked = stack_states(states)
-  epochs = config.eval_finetune_epochs
-  finetune_fn = functools.partial(algo.evaluate_fn, finetune_epochs=epochs)
+  batch = _make_batch(config, runs, grid if lr_list is not None else None, states, data)
+  start = time.perf_counter()
+  state, ev = runner.loop(batch, end=config.rounds, say=say, progress=progress)
+  summaries = runner.finish(batch, state, ev)
+  wall, S = time.perf_counter() - start, len(seeds)
+  per_lr = [sweep_summary(runs[l * S].config, seeds, summaries[l * S:(l + 1) * S], lr_dirs[l], wall)
+            for l in range(len(grid))]
   if lr_list is None:
-    state = stacked
-    sweep_round = make_sweep_round(algo.round_fn)
-    evaluate_all = make_sweep_evaluate(algo.evaluate_fn, with_ids=False)
-    evaluate_ids = make_sweep_evaluate(algo.evaluate_fn, with_ids=True)
-    evaluate_finetuned = make_sweep_evaluate(finetune_fn, with_ids=False)
-    pick = lambda tree, j, axis=0: seed_slice(tree, j, axis)
-  else:  # [L, S, ...]: the initial state does not depend on the lr
-    state = stack_states([stacked] * len(grid))
-    round_of_lrs = make_lr_sweep_round(config, datas[0])
-    lr_values = jnp.asarray(grid, jnp.float32)
-    sweep_round = lambda state, data: round_of_lrs(lr_values, state, data)
-    evaluate_all = make_lr_sweep_evaluate(algo.evaluate_fn, with_ids=False)
-    evaluate_ids = make_lr_sweep_evaluate(algo.evaluate_fn, with_ids=True)
-    evaluate_finetuned = make_lr_sweep_evaluate(finetune_fn, with_ids=False)
-    pick = lambda tree, j, axis=0: seed_slice(seed_slice(tree, j // S, axis), j % S, axis)
-  device_data = jax.device_put(data)
-  params_like = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), states[0].server.params)
-  steps: dict[int, Callable] = {}
-  no_checkpoints = dataclasses.replace(config, checkpoint_every=0)
-  histories: list[list[dict[str, Any]]] = [[] for _ in runs]
-  totals = [experiment.Totals() for _ in runs]
-  trains: list[dict[str, float]] = [{} for _ in runs]
-  diverged: dict[int, str] = {}  # run -> why (lr sweeps only; without lrs a divergence stops the sweep)
-  bar = make_progress(total=config.rounds, initial=0, desc=f"{algo.name} x{len(runs)}", enable=progress)
-  start, r, pending, ev, finetuned = time.perf_counter(), 0, None, None, None
-
-  def diverge(j: int, why: str) -> None:
-    if lr_list is None:
-      raise experiment.TrainingDiverged(f"{names[j]}: {why}")
-    if j not in diverged:
-      diverged[j] = why
-      with bar.external_write_mode():
-        say(f"{names[j]} diverged: {why} (recorded; the other runs go on)")
-
-  def settle() -> None:
-    """Takes in the pending dispatch's metrics [n, (lrs,) seeds, ...]: totals, NaN check, progress bar."""
-    nonlocal pending
-    if pending is None:
-      return
-    (first, metrics), pending = pending, None
-    host = jax.device_get(metrics)
-    for j in range(len(runs)):
-      if j in diverged:
-        continue
-      try:
-        trains[j] = experiment._consume(pick(host, j, axis=1), first, totals[j], params_like) or trains[j]
-      except experiment.TrainingDiverged as e:
-        diverge(j, str(e))
-      totals[j].wall_time = time.perf_counter() - start
-    bar.update(first + jax.tree.leaves(host)[0].shape[0] - bar.n)
-
-  try:
-    while r < config.rounds:
-      n = experiment._next_chunk(r, config=no_checkpoints, end=config.rounds)
-      if n not in steps:
-        steps[n] = experiment.make_multi_round(sweep_round, n)  # jit, state donated; metrics [n, (lrs,) seeds, ...]
-      new_state, metrics = steps[n](state, device_data)
-      settle()  # the previous dispatch's metrics, fetched while this one runs
-      state, pending, r = new_state, (r, metrics), r + n
-      if not (r % config.eval_every == 0 or r == config.rounds):
-        continue
-      settle()
-      ids = [experiment.eval_ids(c, num_clients, r) for c in configs[:S]]
-
-      def evaluate(epochs):
-        if epochs is not None:
-          return evaluate_finetuned(state, device_data)
-        if r == config.rounds or ids[0] is None:
-          return evaluate_all(state, device_data)
-        return evaluate_ids(state, device_data, np.stack(ids))
-
-      ev, finetuned = experiment.evaluations(evaluate, config, r == config.rounds)
-      lines = []
-      for l in range(len(grid)):
-        records = []
-        for j in range(l * S, (l + 1) * S):
-          if j in diverged:
-            continue
-          ft_j = None if finetuned is None else pick(finetuned, j)
-          experiment.add_eval_flops(totals[j], pick(ev, j), ft_j)
-          rec = experiment._eval_record(r, pick(ev, j), trains[j], totals[j], protocol=algo.protocol,
-                                        finetuned=ft_j, finetune_epochs=epochs)
-          try:
-            experiment.check_diverged(rec)
-          except experiment.TrainingDiverged as e:
-            diverge(j, str(e))
-            continue
-          histories[j].append(rec)
-          logs[j].write(rec)
-          records.append(rec)
-        if records:
-          lines.append(("" if lr_list is None else f"lr {grid[l]:g}  ") + format_sweep_record(records))
-      with bar.external_write_mode():
-        for line in lines:
-          say(line)
-    settle()
-    summaries = []
-    for j, (c, d) in enumerate(zip(configs, run_dirs)):
-      if j in diverged:
-        summary = {"status": "diverged", "error": diverged[j], "seed": c.seed, "lr": c.hparams["lr"],
-                   "final_accuracy_mean": None, "run_dir": str(d)}
-      else:
-        ev_j, ft_j = pick(ev, j), None if finetuned is None else pick(finetuned, j)
-        state_j = pick_state(state, pick, j)
-        summary = experiment._summary(c, algos[j // S], datas[j % S], ev_j, histories[j], totals[j], d,
-                                      finetuned=ft_j, state=state_j)
-        np.savez(d / "clients.npz", **experiment._client_arrays(algos[j // S], state_j, datas[j % S], ev_j, ft_j))
-      (d / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-      summaries.append(summary)
-    wall = time.perf_counter() - start
-    per_lr = [sweep_summary(configs[l * S], seeds, summaries[l * S:(l + 1) * S], lr_dirs[l], wall)
-              for l in range(len(grid))]
-    if lr_list is None:
-      result = per_lr[0]
-    else:
-      for l, summary in enumerate(per_lr):
-        (lr_dirs[l] / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-      result = lr_sweep_summary(config, seeds, grid, per_lr, workdir, wall)
-    (workdir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
-    return result
-  finally:
-    bar.close()
+    result = per_lr[0]
+  else:
+    for lr_dir, summary in zip(lr_dirs, per_lr):
+      (lr_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    result = lr_sweep_summary(config, seeds, grid, per_lr, workdir, wall)
+  (workdir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+  return result
 
 
-def pick_state(state: SimState, pick: Callable, j: int) -> SimState:
-  """Run j's `SimState` from the stacked state (the round counter is shared)."""
-  return pick(state._replace(round=None), j)._replace(round=state.round)
+def _write_configs(config: Config, lrs: tuple[float, ...] | None, runs: list[runner.Run], workdir: pathlib.Path):
+  """config.json of the sweep (with "lrs"), of each lr folder and of each run; each run's (empty) metrics.jsonl."""
+  write = lambda path, record: path.write_text(json.dumps(record, indent=2) + "\n")
+  write(workdir / "config.json", {**config.to_dict(), config_lib.RESOLVED_KEY: jsonable(runs[0].algo.hparams),
+                                  **({} if lrs is None else {"lrs": list(lrs)})})
+  for j, run in enumerate(runs):
+    resolved = jsonable(run.algo.hparams)
+    run.workdir.mkdir(parents=True)
+    if lrs is not None and j % (len(runs) // len(lrs)) == 0:  # the lr's folder, with its first seed
+      write(run.workdir.parent / "config.json", {**run.config.to_dict(), "seed": config.seed,
+                                                  config_lib.RESOLVED_KEY: resolved})
+    write(run.workdir / "config.json", {**run.config.to_dict(), config_lib.RESOLVED_KEY: resolved})
+    run.log = MetricsLog(run.workdir / "metrics.jsonl")
+
+
+def _make_batch(config: Config, runs: list[runner.Run], lrs: list[float] | None, states: list[SimState],
+                data: data_lib.FederatedData) -> runner.Batch:
+  """The runs as one batch: states [(lrs,) seeds, ...], the seeds' data [seeds, ...] shared by all lrs."""
+  seeds_state, algo, S = stack_states(states), runs[0].algo, len(states)
+  if lrs is None:
+    state, round_fn = seeds_state, make_sweep_round(algo.round_fn)
+  else:
+    state = stack_states([seeds_state] * len(lrs))  # the initial state does not depend on the lr
+    lr_round, lr_values = make_lr_sweep_round(config, runs[0].data), jnp.asarray(lrs, jnp.float32)
+    round_fn = lambda state, data: lr_round(lr_values, state, data)
+  evaluate_runs = make_sweep_evaluate(algo.evaluate_fn, over_lrs=lrs is not None)
+  evaluate_finetuned = make_sweep_evaluate(
+      functools.partial(algo.evaluate_fn, finetune_epochs=config.eval_finetune_epochs), over_lrs=lrs is not None)
+
+  def evaluate(state, data, r, finetune_epochs=None):
+    ids = [runner.eval_ids(run.config, run.data.num_clients, r) for run in runs[:S]]  # each seed its own sample
+    if finetune_epochs is not None:  # the local-adaptation protocol: at the final evaluation, of all clients
+      return evaluate_finetuned(state, data, None)
+    return evaluate_runs(state, data, None if ids[0] is None else np.stack(ids))
+
+  def format_lines(records):
+    groups = [[rec for rec in records[l:l + S] if rec is not None] for l in range(0, len(records), S)]
+    return [("" if lrs is None else f"lr {lr_text(lrs[l])}  ") + format_sweep_record(group)
+            for l, group in enumerate(groups) if group]
+
+  return runner.Batch(runs=runs, state=state, data=jax.device_put(data), round_fn=round_fn, evaluate=evaluate,
+                      shape=(S,) if lrs is None else (len(lrs), S), format_lines=format_lines,
+                      keep_going=lrs is not None)
 
 
 def lr_sweep_summary(config: Config, seeds: tuple[int, ...], lrs: list[float], per_lr: list[dict[str, Any]],
@@ -518,9 +421,9 @@ def lr_sweep_summary(config: Config, seeds: tuple[int, ...], lrs: list[float], p
       "lrs": list(lrs),
       "seeds": list(seeds),
       "config": config.to_dict(),
-      "final_accuracy_mean_by_lr": {f"{lr:g}": s["final_accuracy_mean"] for lr, s in zip(lrs, per_lr)},
+      "final_accuracy_mean_by_lr": {lr_text(lr): s["final_accuracy_mean"] for lr, s in zip(lrs, per_lr)},
       "best_lr": None if not ranked else -max(ranked)[1],
-      "by_lr": {f"{lr:g}": s for lr, s in zip(lrs, per_lr)},
-      "wall_time": experiment.round_time(wall_time),
+      "by_lr": {lr_text(lr): s for lr, s in zip(lrs, per_lr)},
+      "wall_time": round_time(wall_time),
       "run_dir": str(workdir),
   }

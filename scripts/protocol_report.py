@@ -1,0 +1,221 @@
+"""The protocol re-run of the Fashion-MNIST study (issue 18): every method under each protocol, from the study folder.
+
+    .venv/bin/python scripts/protocol_report.py                  # prints the section (and writes <out>/report.md)
+    .venv/bin/python scripts/protocol_report.py --update-docs    # also replaces its section of docs/benchmarks.md
+
+Reads what `bash scripts/study_fashion_mnist.sh start --protocols --jobs 2` writes (runs/study_protocols): each
+final unit's summary.json (mean ± std over seeds of every protocol's final accuracy) and its seeds' clients.npz
+(the clients' own models and masks after the last round). Cells not finished yet are marked ·. The verdict is
+written by hand in docs/protocol_verdict.md and included as it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import pathlib
+import sys
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import study_fashion_mnist as study  # noqa: E402
+import study_report  # noqa: E402
+
+BEGIN, END = "<!-- protocols:begin -->", "<!-- protocols:end -->"
+MISSING = "·"
+VERDICT = pathlib.Path(__file__).resolve().parents[1] / "docs" / "protocol_verdict.md"
+# (variant, the protocol's summary key without the fine-tuning, the row's label)
+ROWS = (
+    ("fedspa", "final_accuracy_masked_global", "FedSpa (d=0.5), m_k ⊙ w (`masked_global`, as the old study)"),
+    ("fedspa", "final_accuracy", "FedSpa (d=0.5), its local model (`local`)"),
+    ("fedspa_random", "final_accuracy_masked_global", "FedSpa, random regrowth, m_k ⊙ w"),
+    ("fedspa_random", "final_accuracy", "FedSpa, random regrowth, local model"),
+    ("subfedavg", "final_accuracy", "Sub-FedAvg (d=0.5), own network"),
+    ("fedavg", "final_accuracy", "FedAvg, w (fine-tuned: FedAvg-FT)"),
+    ("local", "final_accuracy", "Local, own model"),
+    ("ditto", "final_accuracy", "Ditto, personal model"),
+    ("fedrep", "final_accuracy", "FedRep, head + body"),
+)
+# The old study's numbers (docs/benchmarks.md, seeded study, 2026-11-30), scored as each method scores itself.
+OLD = {
+    "pathological": {"fedspa": 0.9403, "fedspa_random": 0.9540, "subfedavg": 0.9657, "fedavg": 0.8256,
+                     "fedavg_ft": 0.9628, "local": 0.9641, "ditto": 0.9702, "fedrep": 0.9717},
+    "dirichlet": {"fedspa": 0.8968, "fedspa_random": 0.8992, "subfedavg": 0.9075, "fedavg": 0.8720,
+                  "fedavg_ft": 0.9195, "local": 0.8668, "ditto": 0.9182, "fedrep": 0.9276},
+}
+
+
+def read_json(path: pathlib.Path) -> Any:
+  return json.loads(path.read_text()) if path.is_file() else None
+
+
+def unit_dir(out: pathlib.Path, partition: str, variant: str) -> pathlib.Path:
+  return out / study.Unit("final", partition, variant).path
+
+
+def mean_std(stats: dict[str, Any] | None, stat: str = "mean") -> str:
+  if not stats or stats.get(stat) is None:
+    return MISSING
+  return f"{stats[stat]['mean']:.4f} ± {stats[stat]['std']:.4f}"
+
+
+def accuracy_table(out: pathlib.Path, partition: str) -> str:
+  """One row per (method, protocol): as scored, and after 1 epoch of local fine-tuning; cost columns."""
+  lines = ["| method, scored with | lr | as scored | after 1 fine-tuning epoch | worst 10%, as scored / fine-tuned "
+           "| old study (as scored) | MiB up / round | train TFLOPs | eval TFLOPs (all evaluations, fine-tuning included) |",
+           "| :--- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+  for variant, key, label in ROWS:
+    summary = read_json(unit_dir(out, partition, variant) / "summary.json")
+    unit = read_json(unit_dir(out, partition, variant) / "unit.json")
+    if summary is None or summary.get("status") != "complete":
+      status = "diverged" if summary else MISSING
+      lines.append(f"| {label} | {MISSING} | {status} | {MISSING} | {MISSING} | {MISSING} | {MISSING} | {MISSING} "
+                   f"| {MISSING} |")
+      continue
+    tuned_key = "final_accuracy_finetuned" + key[len("final_accuracy"):]
+    scored, tuned = summary.get(key), summary.get(tuned_key)
+    worst = f"{scored['worst10']['mean']:.3f} / {tuned['worst10']['mean']:.3f}" if scored and tuned else MISSING
+    old = OLD[partition].get(variant) if key == "final_accuracy_masked_global" or not variant.startswith(
+        "fedspa") else None
+    rounds = summary["rounds"]
+    lines.append(
+        f"| {label} | {unit['lr']:g} | {mean_std(scored)} | {mean_std(tuned)} | {worst} | "
+        f"{'' if old is None else f'{old:.4f}'} | {summary['bytes_up']['mean'] / rounds / 2**20:.2f} | "
+        f"{summary['flops']['mean'] / 1e12:.3f} | {summary['eval_flops']['mean'] / 1e12:.3f} |")
+  return "\n".join(lines)
+
+
+def model_spread(out: pathlib.Path, partition: str) -> str:
+  """How far apart the clients' own models are after the last round: pairwise Euclidean distance over the mean model
+  norm, for pairs of trained clients, all pairs and (pathological) by classes shared; FedSpa's masks beside."""
+  groups = (0, 1, 2) if partition == "pathological" else ()
+  head = "| method | all pairs | " + " | ".join(f"sharing {k} classes" for k in groups) + (
+      " | masks: share of active weights in common |" if True else "")
+  lines = [head, "| :--- | ---: | " + " | ".join("---:" for _ in groups) + " | ---: |"]
+  for variant, label in (("fedspa", "FedSpa local models"), ("fedspa_random", "FedSpa (random regrowth) local models"),
+                         ("subfedavg", "Sub-FedAvg networks"), ("local", "Local models"), ("ditto", "Ditto models")):
+    unit = read_json(unit_dir(out, partition, variant) / "unit.json")
+    if unit is None or unit.get("status") != "complete":
+      continue
+    spread: dict[Any, list[float]] = {"all": [], **{k: [] for k in groups}}
+    overlap: list[float] = []
+    for s in unit["seeds"]:
+      path = unit_dir(out, partition, variant) / f"seed_{s}" / "clients.npz"
+      if not path.is_file():
+        continue
+      z = np.load(path)
+      if "model_distance" not in z.files:
+        continue
+      trained = z["trained"] if "trained" in z.files else z["participation"] > 0
+      relative = z["model_distance"] / z["model_norm"][trained].mean()
+      ids = np.flatnonzero(trained)
+      iu = np.triu_indices(len(ids), 1)
+      pairs = relative[np.ix_(ids, ids)][iu]
+      spread["all"].append(float(pairs.mean()))
+      has = (z["label_counts"][ids] > 0).astype(int)
+      shared = (has @ has.T)[iu]
+      for k in groups:
+        if (shared == k).any():
+          spread[k].append(float(pairs[shared == k].mean()))
+      if "hamming" in z.files and variant.startswith("fedspa"):
+        active = z["active"].astype(float)
+        common = 1 - z["hamming"] / (active[:, None] + active[None, :])
+        overlap.append(float(common[np.ix_(ids, ids)][iu].mean()))
+    if not spread["all"]:
+      continue
+    cells = [f"{np.mean(v):.3f}" if v else MISSING for v in spread.values()]
+    lines.append(f"| {label} | " + " | ".join(cells) + f" | {f'{np.mean(overlap):.3f}' if overlap else ''} |")
+  return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def report(out: pathlib.Path) -> str:
+  plan = read_json(out / "plan.json") or {}
+  units = [read_json(p) for p in sorted(out.glob("final/*/*/unit.json"))]
+  done = [u for u in units if u]
+  last = max((u["finished_at"] for u in done), default="not yet")
+  cells = len(study.TIERS["protocols"])
+  parts = [
+      "## The protocol re-run: every method scored the same ways (issue 18)",
+      "",
+      "```bash",
+      "bash scripts/study_fashion_mnist.sh start --protocols --jobs 2   # background, resumable; runs/study_protocols",
+      ".venv/bin/python scripts/protocol_report.py --update-docs        # this section",
+      "```",
+      "",
+      f"Machine: {study_report.machine()}, shared with other work; JAX {jax_version(done)}. "
+      f"{len(done)} of {cells} cells finished (last {last}).",
+      "",
+      "Setting: as the seeded study below (real Fashion-MNIST, 100 clients, 10 per round, LeNet-5, 100 rounds of 2 "
+      f"local epochs at batch 32, SGD without momentum, seeds {', '.join(map(str, plan.get('seeds', [1, 2, 3])))}), "
+      "each method at the learning rate that study selected for it on that partition (the lr search is not redone: "
+      "training is exactly the old study's, only what is scored is added, so the selection carries over; FedAvg-FT's "
+      "lr is no longer used, its column is FedAvg's fine-tuned one). Every run is scored at the end in three ways: "
+      "as the method scores itself (`as scored`), after 1 local epoch of fine-tuning from that model on the "
+      "client's own training data with its own optimizer, mask fixed for sparse models (`after 1 fine-tuning "
+      "epoch`, the same local adaptation for every method), and for FedSpa also with its local model "
+      "(`personal_model=\"local\"`: the sparse model each client ended its last local training with). Accuracy: "
+      "mean over all 100 clients, then mean ± std over the 3 seeds. FedAvg's fine-tuned column is FedAvg-FT. Bytes per "
+      "round summed over the 10 sampled clients; training FLOPs of the whole run; evaluation FLOPs of all its "
+      "evaluations (every 10 rounds; test forward passes of every protocol, plus the final fine-tuning).",
+  ]
+  for partition in study.PARTITIONS:
+    parts += ["", f"### {study_report.PARTITION_TITLES[partition]}", "", accuracy_table(out, partition)]
+  spreads = [(p, model_spread(out, p)) for p in study.PARTITIONS]
+  if any(table for _, table in spreads):
+    parts += ["", "### How far apart are the clients' own models?", "",
+              "After the last round, pairs of clients that trained at least once: the Euclidean distance between "
+              "their own models over the mean norm of those models (0: the same model), mean over pairs, then over "
+              "seeds; on the pathological split also by how many of their 2 classes the two clients share. FedSpa's "
+              "last column is the share of active weights their current masks hold in common (random masks of "
+              "the same densities: 0.53)."]
+    for partition, table in spreads:
+      if table:
+        parts += ["", f"{study_report.PARTITION_TITLES[partition]}:", "", table]
+  if VERDICT.is_file():
+    parts += ["", VERDICT.read_text().strip()]
+  return "\n".join(parts) + "\n"
+
+
+def jax_version(units: list[dict[str, Any]]) -> str:
+  try:
+    import jax
+
+    return jax.__version__
+  except ImportError:
+    return "?"
+
+
+def update_docs(docs: pathlib.Path, section: str) -> None:
+  text = docs.read_text()
+  block = f"{BEGIN}\n{section}{END}"
+  if BEGIN in text:
+    head, rest = text.split(BEGIN, 1)
+    text = head + block + rest.split(END, 1)[1]
+  else:  # before the old study's section, which it re-judges
+    marker = study_report.BEGIN
+    head, rest = text.split(marker, 1)
+    text = head + block + "\n\n" + marker + rest
+  docs.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--out", default=study.PROTOCOLS_OUT)
+  parser.add_argument("--update-docs", action="store_true")
+  args = parser.parse_args(argv)
+  out = pathlib.Path(args.out)
+  section = report(out)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "report.md").write_text(section)
+  print(section)
+  if args.update_docs:
+    update_docs(pathlib.Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md", section)
+  print(f"[{datetime.datetime.now():%H:%M:%S}] report of {out}", file=sys.stderr)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
