@@ -6,6 +6,7 @@ import json
 import jax
 import numpy as np
 import pytest
+from scipy import stats
 
 import fedspa_jax as fj
 from fedspa_jax import config as config_lib
@@ -141,17 +142,51 @@ def test_sharded_run_equals_one_device(sampling, eight_uniform, tmp_path):
 
 
 def test_stratified_sampling_draws_evenly_from_each_stratum():
-  placement = population.Placement(num_clients=30, shards=1, strata=4)  # strata of 8, the last holds 6
+  placement = population.Placement(num_clients=32, shards=1, strata=4)  # 4 strata of 8
   cohorts = jax.vmap(lambda k: population.sample_stratified(k, placement, 8))(
       jax.random.split(jax.random.key(0), 400))
   cohorts = np.asarray(cohorts)
-  assert cohorts.max() < 30
+  assert cohorts.max() < 32
   for row in cohorts:
     assert len(set(row.tolist())) == 8
     np.testing.assert_array_equal(np.bincount(row // 8, minlength=4), [2, 2, 2, 2])
-  freq = np.bincount(cohorts.ravel(), minlength=30) / 400
-  np.testing.assert_allclose(freq[:24], 2 / 8, atol=0.08)
-  np.testing.assert_allclose(freq[24:], 2 / 6, atol=0.08)
+  freq = np.bincount(cohorts.ravel(), minlength=32) / 400
+  np.testing.assert_allclose(freq, 8 / 32, atol=0.08)  # every client: S / K, as under uniform sampling
+
+
+STRATA, COHORT, ROUNDS = 8, 8, 4000
+
+
+def inclusion_counts(sample, num_clients: int) -> np.ndarray:
+  """[K] how often each client is in a cohort over ROUNDS draws of `sample(key) -> [S] ids`."""
+  cohorts = np.asarray(jax.jit(jax.vmap(sample))(jax.random.split(jax.random.key(0), ROUNDS)))
+  return np.bincount(cohorts.ravel(), minlength=num_clients)
+
+
+def assert_inclusion_is_s_over_k(counts: np.ndarray, num_clients: int) -> None:
+  """Every client in a cohort with probability S / K: chi-square of the counts against ROUNDS * S / K, p > 1e-6."""
+  expected = ROUNDS * COHORT / num_clients
+  statistic = float(np.sum((counts - expected) ** 2 / expected))
+  worst = int(np.argmax(np.abs(counts - expected)))
+  assert stats.chi2.sf(statistic, num_clients - 1) > 1e-6, (
+      f"client {worst} sampled {counts[worst]} times, expected {expected:.0f}")
+
+
+@pytest.mark.parametrize("num_clients", [96, 100, 104])
+def test_stratified_inclusion_matches_uniform_sampling(num_clients):
+  # S = 8 from T = 8 strata. Uniform sampling puts every client in a cohort with probability S / K; stratified
+  # sampling gives each stratum S / T clients, which matches only for equal strata. K = 100 (7 strata of 13 and one
+  # of 9, whose clients would be sampled 44% more often) must be refused, never sampled with the bias.
+  uniform = inclusion_counts(lambda k: population.sample_cohort(k, num_clients, COHORT), num_clients)
+  assert_inclusion_is_s_over_k(uniform, num_clients)
+  placement = population.Placement(num_clients, shards=1, strata=STRATA)
+  try:
+    stratified = inclusion_counts(lambda k: population.sample_stratified(k, placement, COHORT), num_clients)
+  except ValueError as refused:
+    assert num_clients % STRATA, f"equal strata must be sampled, got: {refused}"
+    assert "equal" in str(refused)
+    return
+  assert_inclusion_is_s_over_k(stratified, num_clients)
 
 
 def test_deal_order_balances_a_sorted_cohort():
@@ -174,6 +209,11 @@ def test_bad_populations_fail_before_compiling(model, mesh, tmp_path):
   with pytest.raises(ValueError, match="multiple of the 8 devices"):
     fj.algorithms.get("fedspa", model=model, mesh=mesh, cohort_sampling="stratified", cohort_strata=4,
                       **HPARAMS).init(jax.random.key(0), sixteen)
+  # K = 100 in the 8 strata of 8 devices: 7 of 13 clients and one of 9, whose clients would be sampled more often.
+  hundred = fj.data.synthetic(1.0, 1.0, num_clients=100, max_samples_per_client=20, seed=0)
+  with pytest.raises(ValueError, match="strata of equal size.*100 clients in 8 strata would leave 9"):
+    fj.algorithms.get("fedspa", model=model, mesh=mesh, cohort_sampling="stratified", **HPARAMS).init(
+        jax.random.key(0), hundred)
   with pytest.raises(ValueError, match="cohort_sampling"):
     fj.algorithms.get("fedspa", model=model, cohort_sampling="per_client", **HPARAMS)
   with pytest.raises(experiment.ConfigError, match="cannot be sharded"):

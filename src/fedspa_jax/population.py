@@ -13,14 +13,18 @@ Two ways to sample a round's cohort (`cohort_sampling`):
                 state rows and samples are moved to the devices that train them (an all-to-all of the padded
                 [S, max_count] samples and the [S] stored rows, an all-gather of the [S] new rows back to their
                 owners), the cohort dealt out by size so each device gets a similar share of the work.
-  "stratified"  the population is cut into T strata of ceil(K / T) consecutive ids (T = `cohort_strata`, default
-                D, a multiple of D) and each stratum samples S / T of its clients. With T a multiple of D, each
-                device samples and trains only its own clients: no sample or state row ever moves; the only
-                cross-device traffic is the aggregation's all-reduce. Every client is still sampled with probability
-                about S / K, but the cohort always has S / T clients from each stratum, so two clients of the same
-                stratum are less likely, and two of different strata more likely, to share a round than under
-                uniform sampling. With a random (or iid) assignment of data to ids this changes little; with ids
-                ordered by something that matters (e.g. by class), it is a different sampling design.
+  "stratified"  the population is cut into T equal strata of K / T consecutive ids (T = `cohort_strata`, default
+                D; a multiple of D that divides K and S) and each stratum samples S / T of its clients. With T a
+                multiple of D, each device samples and trains only its own clients: no sample or state row ever
+                moves; the only cross-device traffic is the aggregation's all-reduce. Every client is in a cohort
+                with probability exactly S / K, as under uniform sampling, so the cohort mean (1/S) sum_k U_k is
+                still an unbiased estimate of the population mean. Strata of unequal size cannot give that (the
+                clients of a smaller stratum would be sampled more often, with no weight to correct for it), so a K
+                that T does not divide is refused (`check_population`). What differs from uniform sampling is
+                which clients share a round: the cohort always has S / T clients from each stratum, so two clients
+                of the same stratum are less likely, and two of different strata more likely, to be sampled
+                together. With a random (or iid) assignment of data to ids this changes little; with ids ordered
+                by something that matters (e.g. by class), it is a different sampling design.
 
 Results do not depend on D: client k's keys come from k, the cohort from the round key (and, stratified, from the
 stratum index), so a run equals the 1-device run of the same sampling mode up to the order of the float sums in the
@@ -60,12 +64,13 @@ class Placement:
 
   @property
   def stratum_size(self) -> int:
-    return -(-self.num_clients // self.strata)
+    """K / T clients per stratum (stratified sampling needs T to divide K: `check_strata`)."""
+    return self.num_clients // self.strata
 
   @property
   def padded(self) -> int:
-    """K_pad: a multiple of both D and T; clients K..K_pad-1 are padding (no data, never sampled)."""
-    return self.strata * self.stratum_size if self.strata > 1 else -(-self.num_clients // self.shards) * self.shards
+    """K_pad = D * ceil(K / D); clients K..K_pad-1 are padding (no data, never sampled)."""
+    return -(-self.num_clients // self.shards) * self.shards
 
   @property
   def block(self) -> int:
@@ -77,6 +82,28 @@ def make_placement(num_clients: int, mesh: Mesh | None, strata: int | None = Non
   """The placement of K clients on `mesh` (1 shard without one), with `strata` (default: the number of shards)."""
   shards = 1 if mesh is None else mesh.shape[CLIENT_AXIS]
   return Placement(num_clients, shards, shards if strata is None else strata)
+
+
+def check_strata(placement: Placement, cohort_size: int | None = None) -> None:
+  """Stratified sampling needs T equal strata: raises ValueError, naming what would work, when T does not divide K.
+
+  With strata of unequal size, the S / T clients each stratum gives per round would make the clients of a smaller
+  stratum more likely to be sampled than the others, and the cohort mean a biased estimate.
+  """
+  k, d, t = placement.num_clients, placement.shards, placement.strata
+  if k % t == 0:
+    return
+  size = -(-k // t)
+  fits = [c for c in range(d, k + 1, d) if k % c == 0 and (cohort_size is None or cohort_size % c == 0)]
+  options = [f"a number of clients that is a multiple of {t}", 'cohort_sampling="uniform"']
+  if fits:
+    options.append(f"cohort_strata={fits[0]}" if len(fits) == 1 else f"cohort_strata in {fits[:6]}")
+  raise ValueError(
+      f'cohort_sampling="stratified" needs strata of equal size, so that every client is sampled with probability '
+      f"S / K as under uniform sampling: {k} clients in {t} strata would leave {k - (t - 1) * size} in the last "
+      f"stratum against {size} in the others, and its clients would be sampled more often. Use "
+      f"{', '.join(options[:-1])} or {options[-1]}"
+  )
 
 
 def check_population(
@@ -98,12 +125,7 @@ def check_population(
         f'cohort_sampling="stratified" draws the same number of clients from each of the {t} strata, so '
         f"clients_per_round must be a multiple of {t}, got {cohort_size} (or set cohort_strata to a divisor)"
     )
-  last = k - (t - 1) * placement.stratum_size
-  if last < cohort_size // t:
-    raise ValueError(
-        f"{k} clients in {t} strata of {placement.stratum_size} leave {max(last, 0)} in the last stratum, fewer "
-        f"than the {cohort_size // t} it must give per round; use fewer strata or more clients"
-    )
+  check_strata(placement, cohort_size)
 
 
 def sample_cohort(key: jax.Array, num_clients: int, cohort_size: int) -> jax.Array:
@@ -123,13 +145,17 @@ def sample_cohort(key: jax.Array, num_clients: int, cohort_size: int) -> jax.Arr
 
 
 def sample_strata(key: jax.Array, placement: Placement, cohort_size: int, strata: jax.Array) -> jax.Array:
-  """The cohort's clients in the given strata [n]: [n, S / T] distinct global ids, stratum s from fold_in(key, s)."""
+  """The cohort's clients in the given strata [n]: [n, S / T] distinct global ids, stratum s from fold_in(key, s).
+
+  Every stratum holds K / T clients, so each client is drawn with probability S / K (`check_strata` refuses a
+  placement of unequal strata).
+  """
+  check_strata(placement)
   per = cohort_size // placement.strata
   size = placement.stratum_size
 
   def one(s):
-    real = jnp.clip(placement.num_clients - s * size, 0, size)
-    return s * size + sample_cohort(jax.random.fold_in(key, s), real, per)
+    return s * size + sample_cohort(jax.random.fold_in(key, s), size, per)
 
   return jax.vmap(one)(strata)
 

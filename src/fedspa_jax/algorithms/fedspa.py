@@ -23,7 +23,9 @@ from fedspa_jax.mask_update import REGROW_RULES, check_rate, cosine_prune_rate, 
 from fedspa_jax.round import ClientOutput
 
 DENSITY_RULES = ("erk", "uniform")
-# FedSpa's objective is (1/K) sum_k f_k(m_k ⊙ w); with uniform sampling, (1/S) sum_k U_k estimates it unbiasedly.
+# FedSpa's objective is (1/K) sum_k f_k(m_k ⊙ w). Uniform sampling, and stratified sampling (equal strata only,
+# `population.check_strata`), put every client in a cohort with probability S / K, so (1/S) sum_k U_k estimates its
+# update unbiasedly.
 DEFAULT_WEIGHTING = "uniform"
 
 
