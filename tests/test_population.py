@@ -4,14 +4,18 @@ import dataclasses
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from scipy import stats
 
 import fedspa_jax as fj
 from fedspa_jax import config as config_lib
 from fedspa_jax import experiment, population
-from fedspa_jax.round import make_client_mesh
+from fedspa_jax.data.federated import FederatedData, split_from_flat
+from fedspa_jax.round import ClientOutput, SimState, make_client_mesh, make_round
+from fedspa_jax.server import init_server
 
 VOLATILE = {"wall_time", "run_dir", "device", "hparams"}
 HPARAMS = dict(density=0.4, clients_per_round=8, local_epochs=1, batch_size=8, lr=0.05, rounds=10)
@@ -187,6 +191,89 @@ def test_stratified_inclusion_matches_uniform_sampling(num_clients):
     assert "equal" in str(refused)
     return
   assert_inclusion_is_s_over_k(stratified, num_clients)
+
+
+def owner_labelled(num_clients: int) -> FederatedData:
+  """K clients of 1 to 5 samples whose one feature is their owner's id (the same data as train and test)."""
+  counts = 1 + np.arange(num_clients) % 5
+  x = np.repeat(np.arange(num_clients, dtype=np.float32), counts)[:, None]
+  split = split_from_flat(x, np.zeros(len(x), np.int32), counts)
+  return FederatedData(train=split, test=split, num_classes=10)
+
+
+DENSE_HPARAMS = dict(clients_per_round=16, local_steps=1, local_epochs=None, batch_size=4, rounds=4)
+
+
+def test_data_placed_for_another_placement_is_refused(model, mesh):
+  # K = 200 on 8 devices, placed for a uniform-sampling method (8 blocks of 25, strata 8), then given to a
+  # stratified one with 16 strata; and placed on 4 devices (blocks of 50), then given to the 8-device method,
+  # whose blocks of 25 would read the wrong rows through those offsets.
+  data = owner_labelled(200)
+  uniform = fj.algorithms.get("fedavg", model=model, mesh=mesh, **DENSE_HPARAMS)
+  placed = uniform.place(data)
+  devices = tuple(device.id for device in mesh.devices.flat)
+  assert placed.placement == population.Placement(200, shards=8, strata=8, devices=devices)
+  assert (placed.placement.block, placed.placement.padded) == (25, 200)
+  assert uniform.place(placed) is placed
+  stratified = fj.algorithms.get("fedavg", model=model, mesh=mesh, cohort_sampling="stratified", cohort_strata=16,
+                                 **DENSE_HPARAMS)
+  both = r"placed for 200 clients on 8 devices .* 8 strata, but this algorithm's placement is 200 clients .* 16 strata"
+  with pytest.raises(ValueError, match=both):
+    stratified.init(jax.random.key(0), placed)
+  with pytest.raises(ValueError, match=both):
+    stratified.place(placed)
+  # Placed for it, 200 clients still do not split into 16 equal strata: refused too, before compiling.
+  with pytest.raises(ValueError, match="strata of equal size"):
+    stratified.init(jax.random.key(0), stratified.place(data))
+  on_four = fj.algorithms.get("fedavg", model=model, mesh=make_client_mesh(jax.devices()[:4]),
+                              **DENSE_HPARAMS).place(data)
+  assert on_four.placement.block == 50
+  state = uniform.init(jax.random.key(0), placed)
+  for call in (uniform.round, uniform.evaluate):
+    with pytest.raises(ValueError, match=r"placed for 200 clients on 4 devices .* placement is 200 clients on 8 "):
+      call(state, on_four)
+  single = fj.algorithms.get("fedavg", model=model, **DENSE_HPARAMS)
+  with pytest.raises(ValueError, match="placed for 200 clients on 8 devices"):
+    single.init(jax.random.key(0), placed)
+
+
+MAX_ROWS = 5  # owner_labelled's largest client
+
+
+def read_rows(params, state, data, key, round):
+  """A client that trains nothing and reports the smallest and largest owner id among the rows it reads."""
+  del key, round
+  within = jnp.arange(MAX_ROWS, dtype=jnp.int32)
+  seen = jnp.take(data.x[:, 0], data.offset + within, mode="clip")
+  own = within < data.count
+  metrics = {"lo": jnp.min(jnp.where(own, seen, jnp.inf)), "hi": jnp.max(jnp.where(own, seen, -jnp.inf)),
+             "rows": data.count}
+  return ClientOutput(update=jax.tree.map(jnp.zeros_like, params), coverage=None, state=state, metrics=metrics)
+
+
+@pytest.mark.parametrize("sampling, num_clients, strata", [("uniform", 200, None), ("stratified", 208, 16)])
+def test_each_client_reads_only_its_own_rows(sampling, num_clients, strata, mesh):
+  data = owner_labelled(num_clients)
+  placed = population.place(data, mesh, strata)
+  placement = placed.placement
+  optimizer = optax.sgd(1.0)
+  params = {"w": jnp.zeros((2,), jnp.float32)}
+  run = jax.jit(make_round(read_rows, num_clients=num_clients, cohort_size=16, weighting="uniform",
+                           server_optimizer=optimizer, mesh=mesh, sampling=sampling, strata=strata))
+  state = SimState(server=init_server(params, optimizer), clients=jnp.zeros((placement.padded,), jnp.int32),
+                   round=jnp.zeros((), jnp.int32), key=jax.random.key(1),
+                   participation=jnp.zeros((placement.padded,), jnp.int32))
+  seen = set()
+  for _ in range(4):
+    state, metrics = run(state, placed.train)
+    metrics = jax.device_get(metrics)
+    real = metrics["cohort"] < num_clients
+    ids = metrics["cohort"][real]
+    np.testing.assert_array_equal(metrics["lo"][real], ids)
+    np.testing.assert_array_equal(metrics["hi"][real], ids)
+    np.testing.assert_array_equal(metrics["rows"][real], np.asarray(data.train.count)[ids])
+    seen.update(ids.tolist())
+  assert len(seen) > 16  # several cohorts, spread over the devices
 
 
 def test_deal_order_balances_a_sorted_cohort():

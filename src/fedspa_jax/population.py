@@ -6,7 +6,9 @@ sampled). Device d holds rows [d * B, (d + 1) * B) of the client store and exact
 samples: the flat splits are re-laid block by block, each block padded to the largest block's sample count, with
 offsets local to the block. A pod's memory is the sum of its devices': per-device store and data are ~1/D of the
 total, and under `jax.distributed` each process places only its own devices' blocks
-(`jax.make_array_from_callback`), so no process ever holds another's device arrays.
+(`jax.make_array_from_callback`), so no process ever holds another's device arrays. The placed data record their
+`Placement` (K, the devices, the strata), and data placed for another placement are refused (`check_placed`): their
+offsets would point into another layout's rows.
 
 Two ways to sample a round's cohort (`cohort_sampling`):
   "uniform"     S of the K clients uniformly without replacement, exactly as on one device. The sampled clients'
@@ -50,17 +52,19 @@ SAMPLINGS = ("uniform", "stratified")
 
 @dataclasses.dataclass(frozen=True)
 class Placement:
-  """How K clients are laid out over the `shards` devices of a mesh's client axis.
+  """How K clients are laid out over the `shards` devices of a mesh's client axis and cut into sampling strata.
 
   Attributes:
     num_clients: K, the real clients.
     shards: D, devices on the client axis (1 without a mesh).
     strata: T, sampling strata of the "stratified" mode (a multiple of D); D when unused.
+    devices: ids of the mesh's devices (empty without a mesh).
   """
 
   num_clients: int
   shards: int = 1
   strata: int = 1
+  devices: tuple[int, ...] = ()
 
   @property
   def stratum_size(self) -> int:
@@ -77,11 +81,21 @@ class Placement:
     """B = K_pad / D: clients per device."""
     return self.padded // self.shards
 
+  def describe(self) -> str:
+    """One line for error messages: K, the devices, the blocks and the strata."""
+    devices = ""
+    if self.devices:
+      consecutive = self.devices == tuple(range(self.devices[0], self.devices[0] + len(self.devices)))
+      devices = f" ({self.devices[0]}..{self.devices[-1]})" if consecutive else f" {list(self.devices)}"
+    return (f"{self.num_clients} clients on {self.shards} device{'s' if self.shards > 1 else ''}{devices} in blocks "
+            f"of {self.block} (K_pad {self.padded}), {self.strata} strata")
+
 
 def make_placement(num_clients: int, mesh: Mesh | None, strata: int | None = None) -> Placement:
   """The placement of K clients on `mesh` (1 shard without one), with `strata` (default: the number of shards)."""
   shards = 1 if mesh is None else mesh.shape[CLIENT_AXIS]
-  return Placement(num_clients, shards, shards if strata is None else strata)
+  devices = () if mesh is None else tuple(int(device.id) for device in mesh.devices.flat)
+  return Placement(num_clients, shards, shards if strata is None else strata, devices)
 
 
 def check_strata(placement: Placement, cohort_size: int | None = None) -> None:
@@ -175,19 +189,28 @@ class PlacedData:
   Attributes:
     train, test: flat splits of K_pad clients whose rows are stored block by block ([D * R, ...], each block padded
       to R rows) with offsets local to their block; arrays sharded over the "clients" axis.
-    num_clients: K, the real clients.
-    shards: D.
+    placement: what they were laid out for: K, the D devices (blocks of B, K_pad), the strata. An algorithm takes
+      only data placed for its own placement (`check_placed`).
     num_classes, name, mean, std: as in `FederatedData`.
   """
 
   train: ClientSplit
   test: ClientSplit
-  num_clients: int
-  shards: int
+  placement: Placement
   num_classes: int
   name: str = "arrays"
   mean: tuple[float, ...] | None = None
   std: tuple[float, ...] | None = None
+
+  @property
+  def num_clients(self) -> int:
+    """K, the real clients."""
+    return self.placement.num_clients
+
+  @property
+  def shards(self) -> int:
+    """D, the devices the population is laid out over."""
+    return self.placement.shards
 
   @property
   def sample_shape(self) -> tuple[int, ...]:
@@ -195,8 +218,21 @@ class PlacedData:
 
 
 jax.tree_util.register_dataclass(
-    PlacedData, data_fields=["train", "test"], meta_fields=["num_clients", "shards", "num_classes", "name", "mean", "std"]
+    PlacedData, data_fields=["train", "test"], meta_fields=["placement", "num_classes", "name", "mean", "std"]
 )
+
+
+def check_placed(data: PlacedData, placement: Placement) -> None:
+  """Raises ValueError, naming both, unless `data` was placed for exactly `placement`.
+
+  The offsets of placed data are local to the blocks of the placement they were made for: under another one (other
+  devices, another K) a client's offset would point at another client's rows.
+  """
+  if data.placement != placement:
+    raise ValueError(
+        f"this data was placed for {data.placement.describe()}, but this algorithm's placement is "
+        f"{placement.describe()}; place the host-side data with this algorithm: algo.place(data)"
+    )
 
 
 def block_rows(split: ClientSplit, placement: Placement) -> tuple[list[np.ndarray], np.ndarray, np.ndarray, int]:
@@ -248,18 +284,22 @@ def place_split(split: ClientSplit, placement: Placement, mesh: Mesh) -> ClientS
                      count=small(count), max_count=split.max_count)
 
 
-def place(data: FederatedData, mesh: Mesh, strata: int | None = None) -> PlacedData:
-  """`data` laid out over `mesh`'s client axis (K padded to the placement's K_pad)."""
-  if isinstance(data, PlacedData):
-    return data
-  if not isinstance(data, FederatedData):
+def place(data: FederatedData | PlacedData, mesh: Mesh, strata: int | None = None) -> PlacedData:
+  """`data` laid out over `mesh`'s client axis (K padded to the placement's K_pad).
+
+  Data already placed are returned as they are if they were placed for this placement, and refused otherwise (they
+  hold no host copy to re-lay).
+  """
+  if not isinstance(data, (FederatedData, PlacedData)):
     raise TypeError(f"data must be a fedspa_jax.data.FederatedData, got {type(data).__name__}")
   placement = make_placement(data.num_clients, mesh, strata)
+  if isinstance(data, PlacedData):
+    check_placed(data, placement)
+    return data
   check_population(placement, 1, "uniform", mesh)
   return PlacedData(
       train=place_split(data.train, placement, mesh), test=place_split(data.test, placement, mesh),
-      num_clients=data.num_clients, shards=placement.shards, num_classes=data.num_classes, name=data.name,
-      mean=data.mean, std=data.std,
+      placement=placement, num_classes=data.num_classes, name=data.name, mean=data.mean, std=data.std,
   )
 
 

@@ -283,6 +283,8 @@ def assemble(
   placement_of = lambda data: population.make_placement(data.num_clients, mesh, common.cohort_strata)
 
   def check_population(data):
+    if isinstance(data, PlacedData):  # its offsets are local to the blocks it was placed for
+      population.check_placed(data, placement_of(data))
     population.check_population(placement_of(data), clients_per_round, common.cohort_sampling, mesh)
 
   def init(key: jax.Array, data: FederatedData | PlacedData):
