@@ -136,11 +136,11 @@ def fedspa(
       cost = flops.training_flops(model, sample_shape, densities, regrow_batch=regrow_batch)
     rate = cosine_prune_rate(round, alpha, t_end) if update_masks else jnp.zeros((), jnp.float32)
     regrowth = jnp.where(rate > 0, real.astype(jnp.float32) * cost.regrow, 0.0)  # no mask update after t_end
-    sparse_leaves = jax.tree.map(lambda d: d < 1.0, densities)
+    every_leaf = jax.tree.map(lambda _: True, params)  # the store keeps the whole mask, dense leaves included
     return {
         "values_down": values,
         "values_up": values,
-        "client_state_bytes": accounting.state_bytes(params, mask_bits=sparse_leaves),
+        "client_state_bytes": accounting.state_bytes(params, mask_bits=every_leaf),
         "prune_rate": rate,
         **accounting.round_flops(
             cost.per_sample, cost.dense_per_sample, metrics["samples"], metrics["weight"], extra=regrowth
