@@ -81,10 +81,10 @@ class Common:
       sizes cost up to 2x (docs/benchmarks.md), None on accelerators, which need the lanes to fill the device.
       With `mesh`, per device.
     cohort_sampling: "uniform" (S of the K clients without replacement) or "stratified" (S / T from each of T
-      strata of consecutive ids; with a mesh, each device samples its own clients and no sample moves); see
+      equal strata of consecutive ids; with a mesh, each device samples its own clients and no sample moves); see
       `fedspa_jax.population`.
     cohort_strata: T for "stratified" (default: the devices on the mesh's client axis, 1 without a mesh); a
-      multiple of them.
+      multiple of them that divides K and `clients_per_round`.
   """
 
   clients_per_round: int = 10
