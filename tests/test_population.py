@@ -298,13 +298,15 @@ def test_bad_populations_fail_before_compiling(model, mesh, tmp_path):
                       **HPARAMS).init(jax.random.key(0), sixteen)
   # K = 100 in the 8 strata of 8 devices: 7 of 13 clients and one of 9, whose clients would be sampled more often.
   hundred = fj.data.synthetic(1.0, 1.0, num_clients=100, max_samples_per_client=20, seed=0)
-  with pytest.raises(ValueError, match="strata of equal size.*100 clients in 8 strata would leave 9"):
+  with pytest.raises(ValueError, match=r"equal size.*100 clients do not split into 8 equal strata \(100 / 8 = 12.5"):
     fj.algorithms.get("fedspa", model=model, mesh=mesh, cohort_sampling="stratified", **HPARAMS).init(
         jax.random.key(0), hundred)
   with pytest.raises(ValueError, match="cohort_sampling"):
     fj.algorithms.get("fedspa", model=model, cohort_sampling="per_client", **HPARAMS)
   with pytest.raises(experiment.ConfigError, match="cannot be sharded"):
     quiet_run(tiny(num_clients=6, shard_clients=True, **{"hparams.clients_per_round": 3}), tmp_path / "k6")
+  with pytest.raises(experiment.ConfigError, match="20 clients do not split into 8 equal strata"):
+    quiet_run(tiny(num_clients=20, shard_clients=True, **{"hparams.cohort_sampling": "stratified"}), tmp_path / "k20")
 
 
 def test_checkpoint_of_another_device_count(eight_uniform, tmp_path, monkeypatch):

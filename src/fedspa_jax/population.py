@@ -107,15 +107,14 @@ def check_strata(placement: Placement, cohort_size: int | None = None) -> None:
   k, d, t = placement.num_clients, placement.shards, placement.strata
   if k % t == 0:
     return
-  size = -(-k // t)
   fits = [c for c in range(d, k + 1, d) if k % c == 0 and (cohort_size is None or cohort_size % c == 0)]
   options = [f"a number of clients that is a multiple of {t}", 'cohort_sampling="uniform"']
   if fits:
     options.append(f"cohort_strata={fits[0]}" if len(fits) == 1 else f"cohort_strata in {fits[:6]}")
   raise ValueError(
       f'cohort_sampling="stratified" needs strata of equal size, so that every client is sampled with probability '
-      f"S / K as under uniform sampling: {k} clients in {t} strata would leave {k - (t - 1) * size} in the last "
-      f"stratum against {size} in the others, and its clients would be sampled more often. Use "
+      f"S / K as under uniform sampling, but {k} clients do not split into {t} equal strata ({k} / {t} = "
+      f"{k / t:.4g}; the clients of a smaller stratum would be sampled more often). Use "
       f"{', '.join(options[:-1])} or {options[-1]}"
   )
 
