@@ -15,8 +15,8 @@ Two constructions, chosen by the size n (which may be traced):
 Why both: a Feistel network on a small domain is far from uniform. With the 4 rounds used before, the most common
 ordering of 5 items came 3x as often as it should (6x for 6), and even at n = 100 or 1000 consecutive positions
 went to neighbouring values up to 27% more often than chance. 8 rounds bring positions and neighbours within
-sampling error above DIRECT_MAX, but not on the 16-point domain of n = 5..16 (1 or 2 bits per half), which the
-direct shuffle covers. Every Feistel network on 4^h points (h >= 2) is an even permutation; the keyed swap makes
+sampling error from n = 17 on (measured up to 1000), but not on the 4- and 16-point domains of n <= 16 (1 and 2
+bits per half), which the direct shuffle covers, with a margin. Every Feistel network on 4^h points (h >= 2) is an even permutation; the keyed swap makes
 even and odd orderings equally likely. Above DIRECT_MAX the permutation is pseudo-random, not exactly uniform:
 tests/test_permute.py checks positions, neighbours and parity; and, as with any keyed shuffle, for large n the keys
 reach only a small part of the n! orderings.
