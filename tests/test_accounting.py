@@ -5,7 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import fedspa_jax as fj
 from fedspa_jax import accounting, masks
+from fedspa_jax.data.federated import FederatedData, split_from_flat
 
 
 def shapes(**leaves):
@@ -72,14 +74,49 @@ def test_real_clients_are_the_slots_of_smallest_id(cohort, real, expected):
 def test_state_bytes_per_leaf():
   params = {"k": jnp.zeros((10, 10)), "b": jnp.zeros((10,))}
   kernels = jax.tree_util.tree_map_with_path(masks.is_maskable, params)
-  # Leaves in jax.tree.leaves order: b, k.
-  np.testing.assert_array_equal(accounting.state_bytes(params, mask_bits=kernels), [0, 13])
-  np.testing.assert_array_equal(
-      accounting.state_bytes(params, values=jax.tree.map(lambda _: True, params), mask_bits=kernels), [40, 413]
-  )
+  # Leaves in jax.tree.leaves order: b, k. A mask is stored in uint32 words: 100 entries take 4 words, 10 take 1.
+  np.testing.assert_array_equal(accounting.state_bytes(params, mask_bits=kernels), [0, 16])
+  every_leaf = jax.tree.map(lambda _: True, params)
+  np.testing.assert_array_equal(accounting.state_bytes(params, mask_bits=every_leaf), [4, 16])
+  np.testing.assert_array_equal(accounting.state_bytes(params, values=every_leaf, mask_bits=kernels), [40, 416])
 
 
 def test_round_bytes_reads_a_rounds_metrics():
   params = {"w": jnp.zeros((4, 4)), "b": jnp.zeros((4,))}
   metrics = {"values_down": np.array([[4, 16], [4, 16]]), "values_up": np.array([[4, 8], [0, 0]])}
   assert accounting.round_bytes(params, metrics) == {"bytes_down": 2 * 80, "bytes_up": 16 + 32 + 2}
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+  return fj.data.synthetic(1.0, 1.0, num_clients=4, max_samples_per_client=12, seed=0)
+
+
+@pytest.mark.parametrize("name", ["fedspa", "fedspa_local", "subfedavg", "ditto", "fedrep", "fedavg"])
+def test_client_state_bytes_equal_the_store_bytes_per_client(name, tiny_data):
+  # The store packs every bool leaf (a whole mask, dense leaves included) into uint32 words and keeps the rest as
+  # is; the metric must count exactly what it holds. Leaf sizes 10*16, 16, 16*10, 10 cover partial words.
+  model = fj.models.get("mlp", num_classes=tiny_data.num_classes, hidden=(16,))
+  local = {"personal_model": "local"} if name == "fedspa_local" else {}
+  algo = fj.algorithms.get(name.removesuffix("_local"), model=model, clients_per_round=2, local_steps=1,
+                           local_epochs=None, batch_size=4, rounds=2, **local)
+  state = algo.init(jax.random.key(0), tiny_data)
+  leaves = [(leaf.shape, leaf.dtype) for leaf in jax.tree.leaves(state.clients)]
+  stored = sum(leaf.nbytes for leaf in jax.tree.leaves(state.clients)) // tiny_data.num_clients
+  if name == "fedavg":  # no state: the store holds only an int32 placeholder per client, which keeps the [K] axis
+    assert leaves == [((tiny_data.num_clients,), jnp.int32)]
+    stored = 0
+  _, metrics = algo.round(state, tiny_data)
+  assert int(np.sum(metrics["client_state_bytes"])) == stored
+
+
+def test_lenet5_fedspa_state_is_7728_bytes_per_client():
+  # README and docs/scaling.md: FedSpa's LeNet-5 state is 7.5 KiB per client (61,706 weights in uint32 words).
+  images = split_from_flat(np.zeros((4, 28, 28, 1), np.uint8), np.zeros(4, np.int32), [2, 2])
+  data = FederatedData(train=images, test=images, num_classes=10)
+  algo = fj.algorithms.get("fedspa", model=fj.models.get("lenet5", num_classes=10), clients_per_round=1, rounds=1)
+  state = algo.init(jax.random.key(0), data)
+  assert sum(leaf.nbytes for leaf in jax.tree.leaves(state.clients)) == 2 * 7728
+  every_leaf = jax.tree.map(lambda _: True, state.server.params)
+  assert int(np.sum(accounting.state_bytes(state.server.params, mask_bits=every_leaf))) == 7728
+  assert round(7728 / 1024, 1) == 7.5

@@ -56,6 +56,33 @@ def test_save_restore_is_exact_and_keeps_the_newest(state, tmp_path):
   assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["2", "3"]  # no temporary folders left
 
 
+def changed_everywhere(tree):
+  """`tree` with every element of every leaf changed (keys folded, bit words inverted, numbers plus one)."""
+
+  def change(leaf):
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      return jax.random.fold_in(leaf, 1)
+    return ~leaf if leaf.dtype == jnp.uint32 else leaf + 1
+
+  return jax.tree.map(change, tree)
+
+
+def test_round_trip_of_states_that_differ_in_every_leaf(state, tmp_path):
+  # A restore that mixed up or skipped any leaf (server params, optimizer state, mask words, round, key,
+  # participation) would return a leaf of the other state.
+  other = changed_everywhere(state)
+  for a, b in zip(jax.tree.leaves(to_storable(state)), jax.tree.leaves(to_storable(other))):
+    assert a.shape == b.shape and a.dtype == b.dtype and np.all(np.asarray(a) != np.asarray(b))
+  ckpt = Checkpointer(tmp_path / "ckpt", keep=2)
+  ckpt.save(1, state, {"round": 1})
+  ckpt.save(2, other, {"round": 2})
+  for r, saved in ((1, state), (2, other)):
+    restored, meta = ckpt.restore(state, round=r)
+    assert meta["round"] == r
+    assert_trees_equal(to_storable(restored), to_storable(saved))
+  ckpt.close()
+
+
 def test_restore_from_an_empty_folder(state, tmp_path):
   with pytest.raises(FileNotFoundError, match="no checkpoint"):
     Checkpointer(tmp_path / "none").restore(state)

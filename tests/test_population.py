@@ -4,13 +4,18 @@ import dataclasses
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from scipy import stats
 
 import fedspa_jax as fj
 from fedspa_jax import config as config_lib
 from fedspa_jax import experiment, population
-from fedspa_jax.round import make_client_mesh
+from fedspa_jax.data.federated import FederatedData, split_from_flat
+from fedspa_jax.round import ClientOutput, SimState, make_client_mesh, make_round
+from fedspa_jax.server import init_server
 
 VOLATILE = {"wall_time", "run_dir", "device", "hparams"}
 HPARAMS = dict(density=0.4, clients_per_round=8, local_epochs=1, batch_size=8, lr=0.05, rounds=10)
@@ -141,17 +146,134 @@ def test_sharded_run_equals_one_device(sampling, eight_uniform, tmp_path):
 
 
 def test_stratified_sampling_draws_evenly_from_each_stratum():
-  placement = population.Placement(num_clients=30, shards=1, strata=4)  # strata of 8, the last holds 6
+  placement = population.Placement(num_clients=32, shards=1, strata=4)  # 4 strata of 8
   cohorts = jax.vmap(lambda k: population.sample_stratified(k, placement, 8))(
       jax.random.split(jax.random.key(0), 400))
   cohorts = np.asarray(cohorts)
-  assert cohorts.max() < 30
+  assert cohorts.max() < 32
   for row in cohorts:
     assert len(set(row.tolist())) == 8
     np.testing.assert_array_equal(np.bincount(row // 8, minlength=4), [2, 2, 2, 2])
-  freq = np.bincount(cohorts.ravel(), minlength=30) / 400
-  np.testing.assert_allclose(freq[:24], 2 / 8, atol=0.08)
-  np.testing.assert_allclose(freq[24:], 2 / 6, atol=0.08)
+  freq = np.bincount(cohorts.ravel(), minlength=32) / 400
+  np.testing.assert_allclose(freq, 8 / 32, atol=0.08)  # every client: S / K, as under uniform sampling
+
+
+STRATA, COHORT, ROUNDS = 8, 8, 4000
+
+
+def inclusion_counts(sample, num_clients: int) -> np.ndarray:
+  """[K] how often each client is in a cohort over ROUNDS draws of `sample(key) -> [S] ids`."""
+  cohorts = np.asarray(jax.jit(jax.vmap(sample))(jax.random.split(jax.random.key(0), ROUNDS)))
+  return np.bincount(cohorts.ravel(), minlength=num_clients)
+
+
+def assert_inclusion_is_s_over_k(counts: np.ndarray, num_clients: int) -> None:
+  """Every client in a cohort with probability S / K: chi-square of the counts against ROUNDS * S / K, p > 1e-6."""
+  expected = ROUNDS * COHORT / num_clients
+  statistic = float(np.sum((counts - expected) ** 2 / expected))
+  worst = int(np.argmax(np.abs(counts - expected)))
+  assert stats.chi2.sf(statistic, num_clients - 1) > 1e-6, (
+      f"client {worst} sampled {counts[worst]} times, expected {expected:.0f}")
+
+
+@pytest.mark.parametrize("num_clients", [96, 100, 104])
+def test_stratified_inclusion_matches_uniform_sampling(num_clients):
+  # S = 8 from T = 8 strata. Uniform sampling puts every client in a cohort with probability S / K; stratified
+  # sampling gives each stratum S / T clients, which matches only for equal strata. K = 100 (7 strata of 13 and one
+  # of 9, whose clients would be sampled 44% more often) must be refused, never sampled with the bias.
+  uniform = inclusion_counts(lambda k: population.sample_cohort(k, num_clients, COHORT), num_clients)
+  assert_inclusion_is_s_over_k(uniform, num_clients)
+  placement = population.Placement(num_clients, shards=1, strata=STRATA)
+  try:
+    stratified = inclusion_counts(lambda k: population.sample_stratified(k, placement, COHORT), num_clients)
+  except ValueError as refused:
+    assert num_clients % STRATA, f"equal strata must be sampled, got: {refused}"
+    assert "equal" in str(refused)
+    return
+  assert_inclusion_is_s_over_k(stratified, num_clients)
+
+
+def owner_labelled(num_clients: int) -> FederatedData:
+  """K clients of 1 to 5 samples whose one feature is their owner's id (the same data as train and test)."""
+  counts = 1 + np.arange(num_clients) % 5
+  x = np.repeat(np.arange(num_clients, dtype=np.float32), counts)[:, None]
+  split = split_from_flat(x, np.zeros(len(x), np.int32), counts)
+  return FederatedData(train=split, test=split, num_classes=10)
+
+
+DENSE_HPARAMS = dict(clients_per_round=16, local_steps=1, local_epochs=None, batch_size=4, rounds=4)
+
+
+def test_data_placed_for_another_placement_is_refused(model, mesh):
+  # K = 200 on 8 devices, placed for a uniform-sampling method (8 blocks of 25, strata 8), then given to a
+  # stratified one with 16 strata; and placed on 4 devices (blocks of 50), then given to the 8-device method,
+  # whose blocks of 25 would read the wrong rows through those offsets.
+  data = owner_labelled(200)
+  uniform = fj.algorithms.get("fedavg", model=model, mesh=mesh, **DENSE_HPARAMS)
+  placed = uniform.place(data)
+  devices = tuple(device.id for device in mesh.devices.flat)
+  assert placed.placement == population.Placement(200, shards=8, strata=8, devices=devices)
+  assert (placed.placement.block, placed.placement.padded) == (25, 200)
+  assert uniform.place(placed) is placed
+  stratified = fj.algorithms.get("fedavg", model=model, mesh=mesh, cohort_sampling="stratified", cohort_strata=16,
+                                 **DENSE_HPARAMS)
+  both = r"placed for 200 clients on 8 devices .* 8 strata, but this algorithm's placement is 200 clients .* 16 strata"
+  with pytest.raises(ValueError, match=both):
+    stratified.init(jax.random.key(0), placed)
+  with pytest.raises(ValueError, match=both):
+    stratified.place(placed)
+  # Placed for it, 200 clients still do not split into 16 equal strata: refused too, before compiling.
+  with pytest.raises(ValueError, match="strata of equal size"):
+    stratified.init(jax.random.key(0), stratified.place(data))
+  on_four = fj.algorithms.get("fedavg", model=model, mesh=make_client_mesh(jax.devices()[:4]),
+                              **DENSE_HPARAMS).place(data)
+  assert on_four.placement.block == 50
+  state = uniform.init(jax.random.key(0), placed)
+  for call in (uniform.round, uniform.evaluate):
+    with pytest.raises(ValueError, match=r"placed for 200 clients on 4 devices .* placement is 200 clients on 8 "):
+      call(state, on_four)
+  single = fj.algorithms.get("fedavg", model=model, **DENSE_HPARAMS)
+  with pytest.raises(ValueError, match="placed for 200 clients on 8 devices"):
+    single.init(jax.random.key(0), placed)
+
+
+MAX_ROWS = 5  # owner_labelled's largest client
+
+
+def read_rows(params, state, data, key, round):
+  """A client that trains nothing and reports the smallest and largest owner id among the rows it reads."""
+  del key, round
+  within = jnp.arange(MAX_ROWS, dtype=jnp.int32)
+  seen = jnp.take(data.x[:, 0], data.offset + within, mode="clip")
+  own = within < data.count
+  metrics = {"lo": jnp.min(jnp.where(own, seen, jnp.inf)), "hi": jnp.max(jnp.where(own, seen, -jnp.inf)),
+             "rows": data.count}
+  return ClientOutput(update=jax.tree.map(jnp.zeros_like, params), coverage=None, state=state, metrics=metrics)
+
+
+@pytest.mark.parametrize("sampling, num_clients, strata", [("uniform", 200, None), ("stratified", 208, 16)])
+def test_each_client_reads_only_its_own_rows(sampling, num_clients, strata, mesh):
+  data = owner_labelled(num_clients)
+  placed = population.place(data, mesh, strata)
+  placement = placed.placement
+  optimizer = optax.sgd(1.0)
+  params = {"w": jnp.zeros((2,), jnp.float32)}
+  run = jax.jit(make_round(read_rows, num_clients=num_clients, cohort_size=16, weighting="uniform",
+                           server_optimizer=optimizer, mesh=mesh, sampling=sampling, strata=strata))
+  state = SimState(server=init_server(params, optimizer), clients=jnp.zeros((placement.padded,), jnp.int32),
+                   round=jnp.zeros((), jnp.int32), key=jax.random.key(1),
+                   participation=jnp.zeros((placement.padded,), jnp.int32))
+  seen = set()
+  for _ in range(4):
+    state, metrics = run(state, placed.train)
+    metrics = jax.device_get(metrics)
+    real = metrics["cohort"] < num_clients
+    ids = metrics["cohort"][real]
+    np.testing.assert_array_equal(metrics["lo"][real], ids)
+    np.testing.assert_array_equal(metrics["hi"][real], ids)
+    np.testing.assert_array_equal(metrics["rows"][real], np.asarray(data.train.count)[ids])
+    seen.update(ids.tolist())
+  assert len(seen) > 16  # several cohorts, spread over the devices
 
 
 def test_deal_order_balances_a_sorted_cohort():
@@ -174,10 +296,17 @@ def test_bad_populations_fail_before_compiling(model, mesh, tmp_path):
   with pytest.raises(ValueError, match="multiple of the 8 devices"):
     fj.algorithms.get("fedspa", model=model, mesh=mesh, cohort_sampling="stratified", cohort_strata=4,
                       **HPARAMS).init(jax.random.key(0), sixteen)
+  # K = 100 in the 8 strata of 8 devices: 7 of 13 clients and one of 9, whose clients would be sampled more often.
+  hundred = fj.data.synthetic(1.0, 1.0, num_clients=100, max_samples_per_client=20, seed=0)
+  with pytest.raises(ValueError, match=r"equal size.*100 clients do not split into 8 equal strata \(100 / 8 = 12.5"):
+    fj.algorithms.get("fedspa", model=model, mesh=mesh, cohort_sampling="stratified", **HPARAMS).init(
+        jax.random.key(0), hundred)
   with pytest.raises(ValueError, match="cohort_sampling"):
     fj.algorithms.get("fedspa", model=model, cohort_sampling="per_client", **HPARAMS)
   with pytest.raises(experiment.ConfigError, match="cannot be sharded"):
     quiet_run(tiny(num_clients=6, shard_clients=True, **{"hparams.clients_per_round": 3}), tmp_path / "k6")
+  with pytest.raises(experiment.ConfigError, match="20 clients do not split into 8 equal strata"):
+    quiet_run(tiny(num_clients=20, shard_clients=True, **{"hparams.cohort_sampling": "stratified"}), tmp_path / "k20")
 
 
 def test_checkpoint_of_another_device_count(eight_uniform, tmp_path, monkeypatch):

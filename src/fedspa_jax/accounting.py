@@ -120,12 +120,14 @@ def round_bytes(params: Any, metrics: dict[str, Any]) -> dict[str, int]:
 
 
 def state_bytes(params: Any, *, values: Any = None, mask_bits: Any = None) -> jax.Array:
-  """int32 [L]: bytes per leaf of one client's persistent state (sum them on the host).
+  """int32 [L]: bytes per leaf of one client's persistent state as the client store holds it (sum on the host).
 
   Args:
     params: the params pytree (shapes and dtypes).
     values: bool pytree like params (or None): leaves whose values the client keeps.
-    mask_bits: bool pytree like params (or None): leaves whose mask the client keeps, packed at 1 bit per entry.
+    mask_bits: bool pytree like params (or None): leaves whose mask the client keeps. The store packs a mask leaf of
+      n entries into ceil(n / 32) uint32 words (`store.StoreLayout`), so it costs 4 * ceil(n / 32) bytes; a mask
+      over the whole params (dense leaves all True) costs its words for every leaf.
   """
   leaves, treedef = jax.tree_util.tree_flatten(params)
   keep_values = treedef.flatten_up_to(values) if values is not None else [False] * len(leaves)
@@ -133,7 +135,7 @@ def state_bytes(params: Any, *, values: Any = None, mask_bits: Any = None) -> ja
   out = []
   for leaf, v, b in zip(leaves, keep_values, keep_bits):
     size = int(np.size(leaf))
-    n = (size * np.dtype(leaf.dtype).itemsize if v else 0) + (-(-size // 8) if b else 0)
+    n = (size * np.dtype(leaf.dtype).itemsize if v else 0) + (4 * -(-size // 32) if b else 0)
     if n > _INT32_MAX:
       raise ValueError(f"one client's state of a leaf of {size} entries exceeds 2**31 bytes")
     out.append(n)

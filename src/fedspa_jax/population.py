@@ -6,21 +6,27 @@ sampled). Device d holds rows [d * B, (d + 1) * B) of the client store and exact
 samples: the flat splits are re-laid block by block, each block padded to the largest block's sample count, with
 offsets local to the block. A pod's memory is the sum of its devices': per-device store and data are ~1/D of the
 total, and under `jax.distributed` each process places only its own devices' blocks
-(`jax.make_array_from_callback`), so no process ever holds another's device arrays.
+(`jax.make_array_from_callback`), so no process ever holds another's device arrays. The placed data record their
+`Placement` (K, the devices, the strata), and data placed for another placement are refused (`check_placed`): their
+offsets would point into another layout's rows.
 
 Two ways to sample a round's cohort (`cohort_sampling`):
   "uniform"     S of the K clients uniformly without replacement, exactly as on one device. The sampled clients'
                 state rows and samples are moved to the devices that train them (an all-to-all of the padded
                 [S, max_count] samples and the [S] stored rows, an all-gather of the [S] new rows back to their
                 owners), the cohort dealt out by size so each device gets a similar share of the work.
-  "stratified"  the population is cut into T strata of ceil(K / T) consecutive ids (T = `cohort_strata`, default
-                D, a multiple of D) and each stratum samples S / T of its clients. With T a multiple of D, each
-                device samples and trains only its own clients: no sample or state row ever moves; the only
-                cross-device traffic is the aggregation's all-reduce. Every client is still sampled with probability
-                about S / K, but the cohort always has S / T clients from each stratum, so two clients of the same
-                stratum are less likely, and two of different strata more likely, to share a round than under
-                uniform sampling. With a random (or iid) assignment of data to ids this changes little; with ids
-                ordered by something that matters (e.g. by class), it is a different sampling design.
+  "stratified"  the population is cut into T equal strata of K / T consecutive ids (T = `cohort_strata`, default
+                D; a multiple of D that divides K and S) and each stratum samples S / T of its clients. With T a
+                multiple of D, each device samples and trains only its own clients: no sample or state row ever
+                moves; the only cross-device traffic is the aggregation's all-reduce. Every client is in a cohort
+                with probability exactly S / K, as under uniform sampling, so the cohort mean (1/S) sum_k U_k is
+                still an unbiased estimate of the population mean. Strata of unequal size cannot give that (the
+                clients of a smaller stratum would be sampled more often, with no weight to correct for it), so a K
+                that T does not divide is refused (`check_population`). What differs from uniform sampling is
+                which clients share a round: the cohort always has S / T clients from each stratum, so two clients
+                of the same stratum are less likely, and two of different strata more likely, to be sampled
+                together. With a random (or iid) assignment of data to ids this changes little; with ids ordered
+                by something that matters (e.g. by class), it is a different sampling design.
 
 Results do not depend on D: client k's keys come from k, the cohort from the round key (and, stratified, from the
 stratum index), so a run equals the 1-device run of the same sampling mode up to the order of the float sums in the
@@ -46,37 +52,71 @@ SAMPLINGS = ("uniform", "stratified")
 
 @dataclasses.dataclass(frozen=True)
 class Placement:
-  """How K clients are laid out over the `shards` devices of a mesh's client axis.
+  """How K clients are laid out over the `shards` devices of a mesh's client axis and cut into sampling strata.
 
   Attributes:
     num_clients: K, the real clients.
     shards: D, devices on the client axis (1 without a mesh).
     strata: T, sampling strata of the "stratified" mode (a multiple of D); D when unused.
+    devices: ids of the mesh's devices (empty without a mesh).
   """
 
   num_clients: int
   shards: int = 1
   strata: int = 1
+  devices: tuple[int, ...] = ()
 
   @property
   def stratum_size(self) -> int:
-    return -(-self.num_clients // self.strata)
+    """K / T clients per stratum (stratified sampling needs T to divide K: `check_strata`)."""
+    return self.num_clients // self.strata
 
   @property
   def padded(self) -> int:
-    """K_pad: a multiple of both D and T; clients K..K_pad-1 are padding (no data, never sampled)."""
-    return self.strata * self.stratum_size if self.strata > 1 else -(-self.num_clients // self.shards) * self.shards
+    """K_pad = D * ceil(K / D); clients K..K_pad-1 are padding (no data, never sampled)."""
+    return -(-self.num_clients // self.shards) * self.shards
 
   @property
   def block(self) -> int:
     """B = K_pad / D: clients per device."""
     return self.padded // self.shards
 
+  def describe(self) -> str:
+    """One line for error messages: K, the devices, the blocks and the strata."""
+    devices = ""
+    if self.devices:
+      consecutive = self.devices == tuple(range(self.devices[0], self.devices[0] + len(self.devices)))
+      devices = f" ({self.devices[0]}..{self.devices[-1]})" if consecutive else f" {list(self.devices)}"
+    return (f"{self.num_clients} clients on {self.shards} device{'s' if self.shards > 1 else ''}{devices} in blocks "
+            f"of {self.block} (K_pad {self.padded}), {self.strata} strata")
+
 
 def make_placement(num_clients: int, mesh: Mesh | None, strata: int | None = None) -> Placement:
   """The placement of K clients on `mesh` (1 shard without one), with `strata` (default: the number of shards)."""
   shards = 1 if mesh is None else mesh.shape[CLIENT_AXIS]
-  return Placement(num_clients, shards, shards if strata is None else strata)
+  devices = () if mesh is None else tuple(int(device.id) for device in mesh.devices.flat)
+  return Placement(num_clients, shards, shards if strata is None else strata, devices)
+
+
+def check_strata(placement: Placement, cohort_size: int | None = None) -> None:
+  """Stratified sampling needs T equal strata: raises ValueError, naming what would work, when T does not divide K.
+
+  With strata of unequal size, the S / T clients each stratum gives per round would make the clients of a smaller
+  stratum more likely to be sampled than the others, and the cohort mean a biased estimate.
+  """
+  k, d, t = placement.num_clients, placement.shards, placement.strata
+  if k % t == 0:
+    return
+  fits = [c for c in range(d, k + 1, d) if k % c == 0 and (cohort_size is None or cohort_size % c == 0)]
+  options = [f"a number of clients that is a multiple of {t}", 'cohort_sampling="uniform"']
+  if fits:
+    options.append(f"cohort_strata={fits[0]}" if len(fits) == 1 else f"cohort_strata in {fits[:6]}")
+  raise ValueError(
+      f'cohort_sampling="stratified" needs strata of equal size, so that every client is sampled with probability '
+      f"S / K as under uniform sampling, but {k} clients do not split into {t} equal strata ({k} / {t} = "
+      f"{k / t:.4g}; the clients of a smaller stratum would be sampled more often). Use "
+      f"{', '.join(options[:-1])} or {options[-1]}"
+  )
 
 
 def check_population(
@@ -98,12 +138,7 @@ def check_population(
         f'cohort_sampling="stratified" draws the same number of clients from each of the {t} strata, so '
         f"clients_per_round must be a multiple of {t}, got {cohort_size} (or set cohort_strata to a divisor)"
     )
-  last = k - (t - 1) * placement.stratum_size
-  if last < cohort_size // t:
-    raise ValueError(
-        f"{k} clients in {t} strata of {placement.stratum_size} leave {max(last, 0)} in the last stratum, fewer "
-        f"than the {cohort_size // t} it must give per round; use fewer strata or more clients"
-    )
+  check_strata(placement, cohort_size)
 
 
 def sample_cohort(key: jax.Array, num_clients: int, cohort_size: int) -> jax.Array:
@@ -123,13 +158,17 @@ def sample_cohort(key: jax.Array, num_clients: int, cohort_size: int) -> jax.Arr
 
 
 def sample_strata(key: jax.Array, placement: Placement, cohort_size: int, strata: jax.Array) -> jax.Array:
-  """The cohort's clients in the given strata [n]: [n, S / T] distinct global ids, stratum s from fold_in(key, s)."""
+  """The cohort's clients in the given strata [n]: [n, S / T] distinct global ids, stratum s from fold_in(key, s).
+
+  Every stratum holds K / T clients, so each client is drawn with probability S / K (`check_strata` refuses a
+  placement of unequal strata).
+  """
+  check_strata(placement)
   per = cohort_size // placement.strata
   size = placement.stratum_size
 
   def one(s):
-    real = jnp.clip(placement.num_clients - s * size, 0, size)
-    return s * size + sample_cohort(jax.random.fold_in(key, s), real, per)
+    return s * size + sample_cohort(jax.random.fold_in(key, s), size, per)
 
   return jax.vmap(one)(strata)
 
@@ -149,19 +188,28 @@ class PlacedData:
   Attributes:
     train, test: flat splits of K_pad clients whose rows are stored block by block ([D * R, ...], each block padded
       to R rows) with offsets local to their block; arrays sharded over the "clients" axis.
-    num_clients: K, the real clients.
-    shards: D.
+    placement: what they were laid out for: K, the D devices (blocks of B, K_pad), the strata. An algorithm takes
+      only data placed for its own placement (`check_placed`).
     num_classes, name, mean, std: as in `FederatedData`.
   """
 
   train: ClientSplit
   test: ClientSplit
-  num_clients: int
-  shards: int
+  placement: Placement
   num_classes: int
   name: str = "arrays"
   mean: tuple[float, ...] | None = None
   std: tuple[float, ...] | None = None
+
+  @property
+  def num_clients(self) -> int:
+    """K, the real clients."""
+    return self.placement.num_clients
+
+  @property
+  def shards(self) -> int:
+    """D, the devices the population is laid out over."""
+    return self.placement.shards
 
   @property
   def sample_shape(self) -> tuple[int, ...]:
@@ -169,8 +217,21 @@ class PlacedData:
 
 
 jax.tree_util.register_dataclass(
-    PlacedData, data_fields=["train", "test"], meta_fields=["num_clients", "shards", "num_classes", "name", "mean", "std"]
+    PlacedData, data_fields=["train", "test"], meta_fields=["placement", "num_classes", "name", "mean", "std"]
 )
+
+
+def check_placed(data: PlacedData, placement: Placement) -> None:
+  """Raises ValueError, naming both, unless `data` was placed for exactly `placement`.
+
+  The offsets of placed data are local to the blocks of the placement they were made for: under another one (other
+  devices, another K) a client's offset would point at another client's rows.
+  """
+  if data.placement != placement:
+    raise ValueError(
+        f"this data was placed for {data.placement.describe()}, but this algorithm's placement is "
+        f"{placement.describe()}; place the host-side data with this algorithm: algo.place(data)"
+    )
 
 
 def block_rows(split: ClientSplit, placement: Placement) -> tuple[list[np.ndarray], np.ndarray, np.ndarray, int]:
@@ -222,18 +283,22 @@ def place_split(split: ClientSplit, placement: Placement, mesh: Mesh) -> ClientS
                      count=small(count), max_count=split.max_count)
 
 
-def place(data: FederatedData, mesh: Mesh, strata: int | None = None) -> PlacedData:
-  """`data` laid out over `mesh`'s client axis (K padded to the placement's K_pad)."""
-  if isinstance(data, PlacedData):
-    return data
-  if not isinstance(data, FederatedData):
+def place(data: FederatedData | PlacedData, mesh: Mesh, strata: int | None = None) -> PlacedData:
+  """`data` laid out over `mesh`'s client axis (K padded to the placement's K_pad).
+
+  Data already placed are returned as they are if they were placed for this placement, and refused otherwise (they
+  hold no host copy to re-lay).
+  """
+  if not isinstance(data, (FederatedData, PlacedData)):
     raise TypeError(f"data must be a fedspa_jax.data.FederatedData, got {type(data).__name__}")
   placement = make_placement(data.num_clients, mesh, strata)
+  if isinstance(data, PlacedData):
+    check_placed(data, placement)
+    return data
   check_population(placement, 1, "uniform", mesh)
   return PlacedData(
       train=place_split(data.train, placement, mesh), test=place_split(data.test, placement, mesh),
-      num_clients=data.num_clients, shards=placement.shards, num_classes=data.num_classes, name=data.name,
-      mean=data.mean, std=data.std,
+      placement=placement, num_classes=data.num_classes, name=data.name, mean=data.mean, std=data.std,
   )
 
 

@@ -89,10 +89,10 @@ class Common:
       sizes cost up to 2x (docs/benchmarks.md), None on accelerators, which need the lanes to fill the device.
       With `mesh`, per device.
     cohort_sampling: "uniform" (S of the K clients without replacement) or "stratified" (S / T from each of T
-      strata of consecutive ids; with a mesh, each device samples its own clients and no sample moves); see
+      equal strata of consecutive ids; with a mesh, each device samples its own clients and no sample moves); see
       `fedspa_jax.population`.
     cohort_strata: T for "stratified" (default: the devices on the mesh's client axis, 1 without a mesh); a
-      multiple of them.
+      multiple of them that divides K and `clients_per_round`.
   """
 
   clients_per_round: int = 10
@@ -323,6 +323,8 @@ def assemble(
   placement_of = lambda data: population.make_placement(data.num_clients, mesh, common.cohort_strata)
 
   def check_population(data):
+    if isinstance(data, PlacedData):  # its offsets are local to the blocks it was placed for
+      population.check_placed(data, placement_of(data))
     population.check_population(placement_of(data), clients_per_round, common.cohort_sampling, mesh)
 
   def init(key: jax.Array, data: FederatedData | PlacedData):

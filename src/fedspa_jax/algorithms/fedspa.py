@@ -50,7 +50,11 @@ class LocalModelState(NamedTuple):
   local_mask: Any
   local: Any
   trained: jax.Array
-# FedSpa's objective is (1/K) sum_k f_k(m_k ⊙ w); with uniform sampling, (1/S) sum_k U_k estimates it unbiasedly.
+
+
+# FedSpa's objective is (1/K) sum_k f_k(m_k ⊙ w). Uniform sampling, and stratified sampling (equal strata only,
+# `population.check_strata`), put every client in a cohort with probability S / K, so (1/S) sum_k U_k estimates its
+# update unbiasedly.
 DEFAULT_WEIGHTING = "uniform"
 
 
@@ -175,6 +179,15 @@ def fedspa(
     local = jax.tree.map(lambda a, b: jnp.where(state.trained, a, b), trained, masked_global)
     return {"local": local, "masked_global": masked_global}
 
+  def client_state_bytes(params):
+    """Bytes per leaf of one client's stored state: its mask (the store keeps the whole mask, dense leaves
+    included); with "local" a second mask, the local model's values, and the `trained` flag's word (on leaf 0)."""
+    every_leaf = jax.tree.map(lambda _: True, params)
+    mask = accounting.state_bytes(params, mask_bits=every_leaf)
+    if not keep_local:
+      return mask
+    return (2 * mask + accounting.state_bytes(params, values=every_leaf)).at[0].add(4)
+
   def account(params, metrics, real, round, sample_shape):
     densities = densities_of(params)
     # Every layer's active count is exact, so both messages (m_k ⊙ w down, U_k and the new mask up) carry the
@@ -187,13 +200,10 @@ def fedspa(
       cost = flops.training_flops(model, sample_shape, densities, regrow_batch=regrow_batch)
     rate = cosine_prune_rate(round, alpha, t_end) if update_masks else jnp.zeros((), jnp.float32)
     regrowth = jnp.where(rate > 0, real.astype(jnp.float32) * cost.regrow, 0.0)  # no mask update after t_end
-    sparse_leaves = jax.tree.map(lambda d: d < 1.0, densities)
     return {
         "values_down": values,
         "values_up": values,
-        "client_state_bytes": accounting.state_bytes(
-            params, mask_bits=sparse_leaves, values=jax.tree.map(lambda _: keep_local, params)
-        ),
+        "client_state_bytes": client_state_bytes(params),
         "prune_rate": rate,
         **accounting.round_flops(
             cost.per_sample, cost.dense_per_sample, metrics["samples"], metrics["weight"], extra=regrowth
