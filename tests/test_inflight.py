@@ -53,9 +53,9 @@ def test_the_pacer_keeps_at_most_its_limit_in_flight():
   x = jnp.zeros((4,))
   for i in range(10):
     x, total = pacer.call(step, x)
-    assert len(pacer._pending) <= 3
+    assert pacer.tracked <= 3
   pacer.drain()
-  assert not pacer._pending and float(total) == 4 * 9  # donated outputs are skipped, not waited on
+  assert pacer.tracked == 0 and float(total) == 4 * 9  # donated outputs are skipped, not waited on
   with pytest.raises(ValueError, match="limit"):
     inflight.Pacer(limit=0)
 

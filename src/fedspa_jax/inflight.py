@@ -7,8 +7,9 @@ rendezvous". XLA:CPU runs each device's part of a program on one shared pool of 
 part holds its thread while it waits in a collective for the other D - 1. Each launch first takes one of the
 device's 32 in-flight slots, and it waits for a free slot on a pool thread. Once a loop has more than 32 programs in
 flight on a device, launches that wait for slots hold pool threads, too few are left to seat all D parts of the
-oldest program's collective, and the rendezvous times out after 40 s. The same happens with a bare
-`jit(shard_map(psum))` loop, with 33 programs in flight and not with 32, on 2 and on 8 forced devices.
+oldest program's collective, and the rendezvous times out after 40 s. A bare `jit(shard_map(psum))` loop does the
+same: on 2 forced devices it runs with 32 programs in flight and aborts with 33 (8 devices abort too), and it runs
+through unbounded when the pool is given more threads (`NPROC=4` for 2 devices, 32 for 8).
 
 The remedy here: the algorithms' entry points send their sharded programs through one `Pacer` per process. Before
 a dispatch, it waits for the oldest of its earlier dispatches until fewer than `MAX_IN_FLIGHT` remain, so at most
@@ -45,10 +46,13 @@ class Pacer:
   def wait(self, room: int = 1) -> None:
     """Blocks until at most `limit - room` dispatches are in flight (oldest first)."""
     while self._pending and len(self._pending) > self.limit - room:
-      for leaf in self._pending.popleft():
-        # A donated output was consumed by a later program: that one's outputs stand for it.
-        if not leaf.is_deleted():
-          leaf.block_until_ready()
+      # A donated output was consumed by a later program: that one's outputs stand for it.
+      jax.block_until_ready([leaf for leaf in self._pending.popleft() if not leaf.is_deleted()])
+
+  @property
+  def tracked(self) -> int:
+    """Dispatches not waited for yet (some may have finished): at most `limit`."""
+    return len(self._pending)
 
   def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """`fn(*args, **kwargs)` dispatched once there is room for it; its outputs are tracked until they are ready."""
