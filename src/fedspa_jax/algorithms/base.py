@@ -13,7 +13,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fedspa_jax import accounting, population
+from fedspa_jax import accounting, inflight, population
 from fedspa_jax import store as store_lib
 from fedspa_jax.client import make_preprocess
 from fedspa_jax.data.federated import FederatedData
@@ -34,7 +34,8 @@ class Algorithm:
     hparams: the hyperparameters it was built with (for logs and configs).
     init: (key, data) -> SimState.
     round: jitted (state, data) -> (state, metrics); one compiled program per round. The state is donated: use
-      the returned one (the argument's buffers are reused).
+      the returned one (the argument's buffers are reused). On a mesh of several CPU devices, `round`, `evaluate`
+      and `client_states` keep at most `inflight.MAX_IN_FLIGHT` programs in flight, however they are looped.
     evaluate: (state, data, clients=None, finetune_epochs=None) -> per-client test metrics of those clients
       (default all K, in id order) and their summaries; jitted, memory-bounded for any K. `finetune_epochs` E:
       each client first trains E local epochs from the model it is scored with (`fedspa_jax.evaluation`); None:
@@ -373,7 +374,7 @@ def assemble(
 
     shardings = SimState(server=replicated, clients=by_client, round=replicated, key=replicated,
                          participation=by_client)
-    return jax.jit(build, out_shardings=shardings)(np.asarray(jax.random.key_data(key)))
+    return inflight.paced(jax.jit(build, out_shardings=shardings), mesh)(np.asarray(jax.random.key_data(key)))
 
   replicated = None if mesh is None else NamedSharding(mesh, P())
   by_client = None if mesh is None else NamedSharding(mesh, P(CLIENT_AXIS))
@@ -498,7 +499,8 @@ def assemble(
     participated = out.pop("participation") > 0
     return summaries(ids, out, participated)
 
-  jitted_evaluate = jax.jit(evaluate_fn, static_argnames="finetune_epochs")
+  # A CPU mesh: a bound on programs in flight.
+  jitted_evaluate = inflight.paced(jax.jit(evaluate_fn, static_argnames="finetune_epochs"), mesh)
 
   def evaluate(state, data: FederatedData, clients=None, finetune_epochs=None):
     check_eval_clients(clients, data.num_clients)
@@ -514,13 +516,14 @@ def assemble(
     gather = layout_of(state.server.params).gather
     if mesh is None:
       return gather(state.clients, jnp.asarray(ids, jnp.int32))
-    return jax.jit(gather, out_shardings=replicated)(state.clients, np.asarray(ids, np.int32))
+    gather_all = inflight.paced(jax.jit(gather, out_shardings=replicated), mesh, wait=True)  # [C, ...]: waited for
+    return gather_all(state.clients, np.asarray(ids, np.int32))
 
   return Algorithm(
       name=name,
       hparams={**common.as_dict(), **hparams, "aggregation": aggregation},
       init=init,
-      round=jax.jit(round_fn, donate_argnums=0),
+      round=inflight.paced(jax.jit(round_fn, donate_argnums=0), mesh),
       evaluate=evaluate,
       round_fn=round_fn,
       client_states=client_states,
