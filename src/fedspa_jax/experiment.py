@@ -37,16 +37,16 @@ import numpy as np
 
 from fedspa_jax import accounting, algorithms, client_stats, distributed, models, plots
 from fedspa_jax import config as config_lib
+from fedspa_jax import resume as resume_lib
 from fedspa_jax import data as data_lib
 from fedspa_jax.checkpoint import Checkpointer, LayoutMismatch
 from fedspa_jax.config import Config, ConfigError
 from fedspa_jax.evaluation import protocol_names
 from fedspa_jax.logging_utils import MetricsLog, TensorBoardLog, format_record, human_bytes, make_progress
+from fedspa_jax.resume import CHECKPOINT_FORMAT  # noqa: F401  (re-exported: the format checkpoints are written in)
 from fedspa_jax.round import make_client_mesh
 # Re-exported: the run-folder errors are part of what `run` raises.
 from fedspa_jax.run_folder import ConfigMismatchError, RunExistsError, default_workdir, prepare_workdir  # noqa: F401
-
-CHECKPOINT_FORMAT = 2  # 2: flat data, masks stored as uint32 bit words, participation counts
 
 
 class TrainingDiverged(FloatingPointError):
@@ -323,7 +323,9 @@ def run(
 
   ckpt = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
   history, totals = [], Totals()
+  expected = resume_lib.record(config, algo.hparams)  # format, sampling, resolved hparams: every checkpoint's meta
   if resume and (latest := ckpt.latest_round()) is not None:
+    resume_lib.check(ckpt.read_meta(latest), expected, config, ckpt.path(latest))  # before anything is written
     try:
       state, meta = ckpt.restore(state)
     except LayoutMismatch as e:
@@ -402,7 +404,7 @@ def run(
       if save:
         if not bool(_all_finite((state.server.params, state.clients))):
           raise TrainingDiverged(f"training diverged by round {r}: the model or a client's state holds NaN or inf")
-        meta = {"format": CHECKPOINT_FORMAT, "round": r, "config": config.to_dict(), "history": history,
+        meta = {**expected, "round": r, "config": config.to_dict(), "history": history,
                 "totals": dataclasses.asdict(totals)}
         ckpt.save(r, state, meta)
     settle()
