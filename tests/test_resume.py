@@ -89,7 +89,7 @@ def test_flipping_shard_clients_under_stratified_sampling_is_refused(stopped):
   before = snapshot(stopped)
   code, _, stderr = call("run", "--out", stopped, "--resume", "--set", "shard_clients=true", "--no-plots", "--quiet")
   assert_refused_in_one_line(code, stderr, "shard_clients: false -> true",
-                             "stratified sampling over 1 strata -> stratified sampling over 8 strata")
+                             "stratified sampling over 1 stratum -> stratified sampling over 8 strata")
   assert snapshot(stopped) == before
 
 

@@ -55,7 +55,8 @@ def record(config: Config, hparams: dict[str, Any]) -> dict[str, Any]:
 
 def _describe(s: dict[str, Any]) -> str:
   if s.get("cohort_sampling") == "stratified":
-    return f"stratified sampling over {s.get('cohort_strata')} strata"
+    t = s.get("cohort_strata")
+    return f"stratified sampling over {t} {'stratum' if t == 1 else 'strata'}"
   return f"{s.get('cohort_sampling')} sampling"
 
 
