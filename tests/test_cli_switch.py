@@ -131,7 +131,7 @@ def test_the_issues_cases_resolve_and_pass_their_checks():
 
 def cli_process(*argv, cwd):
   """`python -m fedspa_jax *argv` in a new process, on this checkout's sources."""
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")]),
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")])),
          "FEDSPA_JAX_CACHE": str(cwd / "cache")}
   return subprocess.run([sys.executable, "-m", "fedspa_jax", *map(str, argv)], capture_output=True, text=True,
                         env=env, cwd=cwd, timeout=300)
