@@ -138,8 +138,28 @@ def resolve_config(args: argparse.Namespace, *, algorithm_names: tuple[str, ...]
       config.smoke = smoke
   else:
     config = config_lib.load(args.config or "default", smoke=bool(smoke))
-  flags = [(field, getattr(args, field)) for _, field, _ in _FLAGS if getattr(args, field) is not None]
-  return config_lib.apply_overrides(config, flags + overrides), per_algorithm
+  changes = [(field, getattr(args, field)) for _, field, _ in _FLAGS if getattr(args, field) is not None] + overrides
+  if not algorithm_names:  # compare gives each of its algorithms the hyperparameters it takes itself
+    config = switch_algorithm(config, changes, quiet=getattr(args, "quiet", False))
+  return config_lib.apply_overrides(config, changes), per_algorithm
+
+
+def switch_algorithm(config, changes: list[tuple[str, Any]], *, quiet: bool = False):
+  """`config` for the algorithm the `(key, value)` changes name last (`--algorithm`, `--set algorithm=`), if another.
+
+  The config's hyperparameters that the new algorithm does not take are dropped, as `compare` does, with one line
+  that names them (a config file's FedSpa `density` means nothing to FedAvg). The changes themselves are applied
+  after this, so a hyperparameter given with `--set` that the algorithm does not take is still an error.
+  """
+  from fedspa_jax import compare, distributed
+
+  name = next((value for key, value in reversed(changes) if key == "algorithm"), config.algorithm)
+  if name == config.algorithm:
+    return config
+  config, skipped = compare.for_algorithm(config, name)
+  if skipped and not quiet and distributed.is_primary():
+    print(compare.skipped_note(name, skipped))
+  return config
 
 
 def _run(args) -> int:

@@ -43,6 +43,11 @@ def for_algorithm(config: Config, name: str, own: dict[str, Any] | None = None) 
   return dataclasses.replace(config, algorithm=name, hparams=hparams), skipped
 
 
+def skipped_note(name: str, skipped: list[str]) -> str:
+  """The line that says which hyperparameters `for_algorithm` dropped for algorithm `name`."""
+  return f"{name}: not its hyperparameters, skipped: {', '.join(skipped)}"
+
+
 def row(summary: dict[str, Any]) -> dict[str, Any]:
   """One table row from a run summary."""
   acc = summary["final_accuracy"]
@@ -121,7 +126,7 @@ def run(
     cfg, skipped = for_algorithm(config, name, per_algorithm.get(name))
     experiment.check_config(cfg)
     if skipped:
-      say(f"{name}: not its hyperparameters, skipped: {', '.join(skipped)}")
+      say(skipped_note(name, skipped))
     configs.append(cfg)
   out = pathlib.Path(out)
   try:

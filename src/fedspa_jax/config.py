@@ -191,7 +191,13 @@ def _load_module(spec: str):
       raise ConfigError(f"config file {spec} does not exist")
     module_spec = importlib.util.spec_from_file_location(f"_fedspa_config_{path.stem}", path)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    try:
+      module_spec.loader.exec_module(module)
+    except SyntaxError as e:  # the user's file, not our code: one line, no traceback
+      where = f"line {e.lineno}"
+      if e.filename and pathlib.Path(e.filename).resolve() != path.resolve():  # in a file it imports
+        where = f"{e.filename}, {where}"
+      raise ConfigError(f"config file {spec} has a syntax error ({where}): {e.msg}") from None
     return module
   if spec not in shipped_names():
     raise ConfigError(f"unknown config {spec!r}; shipped configs: {', '.join(shipped_names())} (or a path to a .py file)")

@@ -39,9 +39,11 @@ from fedspa_jax import distributed, plots
 from fedspa_jax import config as config_lib
 from fedspa_jax import data as data_lib
 from fedspa_jax import records, runner
+from fedspa_jax import resume as resume_lib
 from fedspa_jax.checkpoint import Checkpointer, LayoutMismatch
 from fedspa_jax.config import Config, ConfigError
 from fedspa_jax.logging_utils import MetricsLog, TensorBoardLog
+from fedspa_jax.resume import CHECKPOINT_FORMAT  # noqa: F401  (re-exported: the format checkpoints are written in)
 from fedspa_jax.round import make_client_mesh
 # Re-exported: what scripts and tests use by these names (the loop and its pieces live in `runner` and `records`).
 from fedspa_jax.records import Totals, TrainingDiverged, round_time  # noqa: F401
@@ -50,7 +52,6 @@ from fedspa_jax.runner import next_chunk as _next_chunk  # noqa: F401  (tests/te
 # Re-exported: the run-folder errors are part of what `run` raises.
 from fedspa_jax.run_folder import ConfigMismatchError, RunExistsError, default_workdir, prepare_workdir  # noqa: F401
 
-CHECKPOINT_FORMAT = 2  # 2: flat data, masks stored as uint32 bit words, participation counts
 
 
 def build(config: Config, data: data_lib.FederatedData):
@@ -117,7 +118,9 @@ def run(
 
   ckpt = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
   one = runner.Run(config, workdir, algo, data)
+  expected = resume_lib.record(config, algo.hparams)  # format, sampling, resolved hparams: every checkpoint's meta
   if resume and (latest := ckpt.latest_round()) is not None:
+    resume_lib.check(ckpt.read_meta(latest), expected, config, ckpt.path(latest))  # before anything is written
     try:
       state, meta = ckpt.restore(state)
     except LayoutMismatch as e:
@@ -145,7 +148,7 @@ def run(
   def save(r: int, state: Any) -> None:
     if not bool(_all_finite((state.server.params, state.clients))):
       raise TrainingDiverged(f"training diverged by round {r}: the model or a client's state holds NaN or inf")
-    meta = {"format": CHECKPOINT_FORMAT, "round": r, "config": config.to_dict(), "history": one.history,
+    meta = {**expected, "round": r, "config": config.to_dict(), "history": one.history,
             "totals": dataclasses.asdict(one.totals)}
     ckpt.save(r, state, meta)
 

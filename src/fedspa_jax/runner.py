@@ -60,6 +60,7 @@ def _check_config(config: Config) -> None:
   config_lib.check_fields(config)
   if config.algorithm not in algorithms.names():
     raise ConfigError(f"unknown algorithm {config.algorithm!r}; known algorithms: {', '.join(algorithms.names())}")
+  algorithms.check_hparam_types(config.algorithm, config.hparams)  # `--set lr=fast`: names the key and its type
   data_lib.loader.canonical_name(config.dataset)  # raises, listing the known datasets
   if config.model not in models.names():
     raise ConfigError(f"unknown model {config.model!r}; known models: {', '.join(models.names())}")

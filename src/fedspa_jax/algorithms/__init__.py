@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import numbers
+import types
+import typing
 from typing import Any, Callable
 
 from fedspa_jax.algorithms.base import Algorithm, Common
@@ -59,6 +62,44 @@ def known_hparams(name: str) -> list[str]:
   return own
 
 
+# The annotations `check_hparam_types` checks, and how its messages name them.
+_SIMPLE_TYPES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+
+
+def _simple_types(hint: Any) -> tuple[type, ...] | None:
+  """The types a union of simple types allows (`int | None` -> (int, NoneType)); None for any other annotation."""
+  allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+  return allowed if all(t in _SIMPLE_TYPES for t in allowed) else None
+
+
+def _fits(value: Any, allowed: tuple[type, ...]) -> bool:
+  if value is None or isinstance(value, (bool, str)):
+    return type(value) in allowed
+  if isinstance(value, numbers.Integral):
+    return int in allowed or float in allowed
+  if isinstance(value, numbers.Real):
+    return float in allowed
+  return False
+
+
+def check_hparam_types(name: str, hparams: dict[str, Any]) -> None:
+  """Checks plain values (numbers, strings, booleans, None: what a config holds) against `get(name, ...)`'s
+  annotations, where those are simple types or unions of them; other annotations are left to the factory.
+
+  Raises:
+    TypeError: naming the first hyperparameter whose value does not fit, and the type it wants.
+  """
+  factory = _ALGORITHMS[name][0]
+  hints = {**typing.get_type_hints(Common), **typing.get_type_hints(factory)}
+  for key in known_hparams(name):
+    allowed = _simple_types(hints.get(key, Any))
+    if key not in hparams or allowed is None or _fits(hparams[key], allowed):
+      continue
+    spelled = " | ".join("None" if t is type(None) else t.__name__ for t in allowed)
+    raise TypeError(f"hyperparameter {key} must be {' or '.join(_SIMPLE_TYPES[t] for t in allowed)} ({spelled}), "
+                    f"got {hparams[key]!r}")
+
+
 def get(name: str, *, model, **hparams) -> Algorithm:
   """Builds the algorithm registered as `name` for `model`; unknown names and hyperparameters raise ValueError."""
   if name not in _ALGORITHMS:
@@ -75,6 +116,7 @@ def get(name: str, *, model, **hparams) -> Algorithm:
 __all__ = [
     "Algorithm",
     "Common",
+    "check_hparam_types",
     "describe",
     "ditto",
     "fedavg",
