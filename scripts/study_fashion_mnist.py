@@ -29,6 +29,11 @@ own lock, so no unit runs twice; `start` refuses while drivers already run on th
 Edge check (`python scripts/study_fashion_mnist.py edge`): for every cell whose selected lr sits at the grid's edge,
 one more lr unit one step past it (x3 above the top, /3 below the bottom); the report shows it beside the grid, and
 the selection does not change.
+Protocol re-run (`--protocols`, issue 18; default folder runs/study_protocols): the cells of `TIERS["protocols"]`
+(FedSpa, FedAvg, Ditto, FedRep, Local, Sub-FedAvg, FedSpa with random regrowth, both partitions interleaved), final
+units only, each at the lr the study above selected (`SELECTED_LRS`); every run also scores every client after 1
+epoch of local fine-tuning (`eval_finetune_epochs`), and FedSpa keeps its local models (`personal_model="local"`),
+so one run gives every protocol's column. `scripts/protocol_report.py` reports it.
 Bad options (a non-positive or repeated lr, no or repeated seeds, the search seed among the final seeds, fewer than
 100 rounds or 2 epochs without --smoke) are one error line and exit status 2, before JAX is imported.
 """

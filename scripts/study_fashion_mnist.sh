@@ -5,6 +5,7 @@
 #   bash scripts/study_fashion_mnist.sh run [options]      # foreground
 #   bash scripts/study_fashion_mnist.sh status [--out DIR] # units done / left, the running unit, time left
 #   bash scripts/study_fashion_mnist.sh plan [options]     # the units and their single-core estimates
+#   bash scripts/study_fashion_mnist.sh start --protocols --jobs 2   # the protocol re-run (runs/study_protocols)
 # Resumable: after a kill, `start` again with the same options; finished units are skipped. `start` refuses while
 # drivers run on the folder; the drivers of one `start --jobs N` share the units (a lock each). Report: .venv/bin/python scripts/study_report.py [--update-docs]
 set -euo pipefail

@@ -277,3 +277,50 @@ def test_lrs_that_would_share_a_unit_folder_are_refused(tmp_path, capsys):
   assert study.main(["run", "--out", str(tmp_path / "s"), "--lrs", "0.1", "0.1000001"]) == 2  # both lr_0.1
   assert "repeats a value (to 6 significant digits)" in capsys.readouterr().err
   assert not (tmp_path / "s").exists()
+
+
+def test_the_protocol_rerun_uses_the_selected_lrs_and_scores_every_protocol(tmp_path):
+  command, plan, out, _ = study.parse_plan(["run", "--protocols"])
+  assert out == pathlib.Path(study.PROTOCOLS_OUT) and plan.cells == study.TIERS["protocols"]
+  units = study.plan_units(plan)
+  assert all(u.kind == "final" for u in units) and len(units) == 14  # no lr search: the old selection
+  for partition, variant in plan.cells:
+    lr, _ = study.select_lr(plan, tmp_path, partition, variant)
+    assert lr == study.SELECTED_LRS[f"{partition}/{study.lr_source(variant)}"]
+    config = study.make_config(plan, study.Unit("final", partition, variant), lr)
+    assert config.eval_finetune_epochs == 1 and config.hparams["lr"] == lr
+    assert config.hparams.get("personal_model") == ("local" if variant.startswith("fedspa") else None)
+  assert study.unit_state(plan, tmp_path, units[0]) == "todo"  # nothing waits on a search
+
+
+def test_protocol_report_reads_every_protocol(tmp_path):
+  protocol_report = _load("protocol_report")
+  out = tmp_path / "study"
+  stats = lambda m: {k: {"mean": m, "std": 0.01} for k in ("mean", "worst10")}
+  for variant in ("fedspa", "ditto"):
+    unit = out / "final" / "pathological" / variant
+    unit.mkdir(parents=True)
+    summary = {"status": "complete", "rounds": 100, "final_accuracy": stats(0.9 if variant == "fedspa" else 0.95),
+               "final_accuracy_finetuned": stats(0.96), "bytes_up": {"mean": 100 * 2**20}, "flops": {"mean": 2e12},
+               "eval_flops": {"mean": 3e11}}
+    if variant == "fedspa":
+      summary.update(final_accuracy_masked_global=stats(0.8), final_accuracy_finetuned_masked_global=stats(0.85))
+    (unit / "summary.json").write_text(json.dumps(summary))
+    (unit / "unit.json").write_text(json.dumps({"lr": 0.1, "status": "complete", "seeds": [1],
+                                                "finished_at": "2026-12-02T04:00:00"}))
+    seed = unit / "seed_1"
+    seed.mkdir()
+    labels = np.array([[5, 5, 0], [5, 0, 5], [0, 5, 5]])  # pairs share 1 class each
+    models = np.array([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0]])
+    distance = np.linalg.norm(models[:, None] - models[None], axis=-1)
+    np.savez(seed / "clients.npz", model_distance=distance, model_norm=np.linalg.norm(models, axis=1),
+             label_counts=labels, participation=np.ones(3, int))
+  section = protocol_report.report(out)
+  fedspa_global = next(l for l in section.splitlines() if l.startswith("| FedSpa (d=0.5), m_k"))
+  assert "| 0.1 | 0.8000 ± 0.0100 | 0.8500 ± 0.0100 | 0.800 / 0.850 | 0.9403 | 1.00 | 2.000 | 0.300 |" in fedspa_global
+  fedspa_local = next(l for l in section.splitlines() if l.startswith("| FedSpa (d=0.5), its local"))
+  assert "| 0.9000 ± 0.0100 | 0.9600 ± 0.0100 |" in fedspa_local
+  assert next(l for l in section.splitlines() if l.startswith("| Local, own")).count(protocol_report.MISSING) >= 8
+  ditto = next(l for l in section.splitlines() if l.startswith("| Ditto models"))
+  spread = (np.sqrt(2) + 2 * np.sqrt(5)) / 3 / np.mean([1.0, 1.0, np.sqrt(8)])  # mean pair distance / mean norm
+  assert f"| {spread:.3f} | · | {spread:.3f} | · |" in ditto
