@@ -92,9 +92,8 @@ def model_spread(out: pathlib.Path, partition: str) -> str:
   """How far apart the clients' own models are after the last round: pairwise Euclidean distance over the mean model
   norm, for pairs of trained clients, all pairs and (pathological) by classes shared; FedSpa's masks beside."""
   groups = (0, 1, 2) if partition == "pathological" else ()
-  head = "| method | all pairs | " + " | ".join(f"sharing {k} classes" for k in groups) + (
-      " | masks: share of active weights in common |" if True else "")
-  lines = [head, "| :--- | ---: | " + " | ".join("---:" for _ in groups) + " | ---: |"]
+  columns = ["method", "all pairs", *(f"sharing {k} classes" for k in groups), "masks: share of active weights in common"]
+  lines = ["| " + " | ".join(columns) + " |", "| :--- |" + " ---: |" * (len(columns) - 1)]
   for variant, label in (("fedspa", "FedSpa local models"), ("fedspa_random", "FedSpa (random regrowth) local models"),
                          ("subfedavg", "Sub-FedAvg networks"), ("local", "Local models"), ("ditto", "Ditto models")):
     unit = read_json(unit_dir(out, partition, variant) / "unit.json")
