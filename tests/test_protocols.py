@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -15,9 +16,11 @@ from fedspa_jax import experiment, masks
 from fedspa_jax.algorithms.base import Common, make_apply_fn
 from fedspa_jax.client import ClientData, local_train, make_preprocess
 from fedspa_jax.config import ConfigError
+from fedspa_jax.data import idx_sources
 from fedspa_jax.evaluation import evaluate_client
 
 SIZES = [(13, 5), (7, 4), (20, 6), (9, 0), (11, 3), (16, 5)]  # (train, test) samples per client
+FASHION_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")
 COMMON = dict(clients_per_round=2, local_steps=None, local_epochs=1, batch_size=4, lr=0.1, rounds=6,
               eval_clients_per_batch=4)
 
@@ -245,14 +248,9 @@ def test_resume_equals_an_uninterrupted_run_with_the_new_options(tmp_path):
   assert whole["client_store_bytes_per_client"] > values  # the local model's values are kept per client
 
 
+@pytest.mark.skipif(not all((FASHION_DIR / f).is_file() for f in idx_sources.FILES),
+                    reason="Fashion-MNIST IDX files absent: run scripts/install_datasets.sh")
 def test_the_reference_recipe_config_runs_end_to_end(tmp_path):
-  import pathlib
-
-  from fedspa_jax.data import idx_sources
-
-  fashion = pathlib.Path("/usr/share/datasets/fashion-mnist")
-  if not all((fashion / f).is_file() for f in idx_sources.FILES):
-    pytest.skip("Fashion-MNIST IDX files absent: run scripts/install_datasets.sh")
   full = config_lib.load("fashion_mnist_reference")
   assert {k: full.hparams[k] for k in ("local_epochs", "batch_size", "weight_decay", "lr_decay", "clip_norm",
                                        "density", "alpha", "momentum", "lr")} == {
@@ -261,7 +259,7 @@ def test_the_reference_recipe_config_runs_end_to_end(tmp_path):
   assert (full.num_clients, full.hparams["clients_per_round"]) == (100, 10)
   config = config_lib.load("fashion_mnist_reference", smoke=True)
   config.data_args["download"] = False
-  config = dataclasses.replace(config, data_dir=str(fashion))
+  config = dataclasses.replace(config, data_dir=str(FASHION_DIR))
   summary = experiment.run(config, tmp_path / "ref", echo=None, write_plots=False)
   assert summary["protocol"] == "local" and summary["finetune_epochs"] == 1
   assert summary["hparams"]["lr_decay"] == 0.998 and summary["hparams"]["clip_norm"] == 10.0

@@ -15,9 +15,8 @@ from jax.sharding import PartitionSpec as P
 
 from fedspa_jax import accounting, inflight, population
 from fedspa_jax import store as store_lib
-from fedspa_jax.client import make_preprocess
+from fedspa_jax.client import local_train, make_preprocess
 from fedspa_jax.data.federated import FederatedData
-from fedspa_jax.client import local_train
 from fedspa_jax.evaluation import Personal, make_evaluate, make_evaluate_clients, summaries
 from fedspa_jax.models import flops
 from fedspa_jax.population import CLIENT_AXIS, PlacedData
