@@ -145,7 +145,9 @@ def report(out: pathlib.Path) -> str:
       "```",
       "",
       f"Machine: {study_report.machine()}, shared with other work; JAX {jax_version(done)}. "
-      f"{len(done)} of {cells} cells finished (last {last}).",
+      f"{len(done)} of {cells} cells finished (last {last}). The runs of 2026-12-02 used the code of commit b5b5c33, "
+      "from before the uniform shuffles of issue 17 (which change batch orders and initial masks): today's code gives "
+      "the same numbers statistically, not bit for bit, and a resumed study should restart the unfinished cells only.",
       "",
       "Setting: as the seeded study below (real Fashion-MNIST, 100 clients, 10 per round, LeNet-5, 100 rounds of 2 "
       f"local epochs at batch 32, SGD without momentum, seeds {', '.join(map(str, plan.get('seeds', [1, 2, 3])))}), "
