@@ -66,7 +66,7 @@ def make_densities(params: Any, density: float, rule: str) -> Any:
 
 
 def make_client_update(
-    *, apply_fn, preprocess, train_kwargs: Callable[[jax.Array], dict], alpha: float, t_end: int, regrow: str,
+    *, apply_fn, preprocess, train_kwargs: dict | Callable[[jax.Array], dict], alpha: float, t_end: int, regrow: str,
     update_masks: bool, keep_local: bool = False,
 ):
   """One FedSpa client: (w, mask, data, key, round) -> ClientOutput(U_k, coverage=mask, state=new mask, metrics).
@@ -78,7 +78,7 @@ def make_client_update(
     mask = state.mask if keep_local else state
     k_train, k_grad, k_mask = jax.random.split(key, 3)
     x0 = masks.apply_mask(w, mask)
-    kwargs = train_kwargs(round)
+    kwargs = train_kwargs(round) if callable(train_kwargs) else train_kwargs  # per round (lr decay), or fixed
     result = local_train(x0, mask, data, k_train, apply_fn=apply_fn, preprocess=preprocess, **kwargs)
     new_mask = mask
     if update_masks:
