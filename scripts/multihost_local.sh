@@ -6,8 +6,10 @@
 #   bash scripts/multihost_local.sh 2 -- run --config default --set smoke=true --out runs/two_processes
 #   DEVICES_PER_PROCESS=2 bash scripts/multihost_local.sh 4 -- run --config default --out runs/four
 #
-# The processes are stopped when any of them fails, when this script is interrupted, and after TIMEOUT seconds
-# (default 1800); the exit status is the first failing process's (124 on timeout).
+# The processes are stopped when any of them fails and after TIMEOUT seconds (default 1800); the exit status is the
+# first failing process's (124 on timeout). SIGTERM or SIGINT to this script is passed on to every process as
+# SIGTERM, so that they stop together at the next round boundary with a checkpoint (exit status 75, as one process
+# would; docs/scaling.md "Batch jobs"); any still running GRACE seconds later (default 60) are killed.
 set -euo pipefail
 if [ $# -lt 2 ] || ! [[ "$1" =~ ^[1-9][0-9]*$ ]]; then
   echo "usage: $0 N -- <fedspa-jax arguments, e.g. run --config default --out runs/x>" >&2
@@ -33,7 +35,15 @@ stop_all() {
   for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
 }
 trap stop_all EXIT
-trap 'stop_all; exit 130' INT TERM
+GRACE="${GRACE:-60}"
+grace_deadline=""
+pass_on() {  # a preemption notice: every process stops cleanly at the same round
+  echo "[multihost] $1: asking every process to stop with a checkpoint (killed after ${GRACE} s)" >&2
+  for pid in "${pids[@]}"; do [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null || true; done
+  [ -z "$grace_deadline" ] && grace_deadline=$((SECONDS + GRACE))
+}
+trap 'pass_on SIGTERM' TERM
+trap 'pass_on SIGINT' INT
 
 for ((i = 0; i < N; i++)); do
   if [ "$i" -eq 0 ]; then out=/dev/stdout; else out="$LOG_DIR/process-$i.log"; fi
@@ -55,7 +65,9 @@ while :; do
     else
       wait "$pid" && rc=0 || rc=$?
       pids[$idx]=""
-      if [ "$rc" -ne 0 ] && [ "$status" -eq 0 ]; then
+      if [ "$rc" -eq 75 ]; then
+        [ "$status" -eq 0 ] && status=75  # stopped with a checkpoint: the others stop at the same round themselves
+      elif [ "$rc" -ne 0 ] && { [ "$status" -eq 0 ] || [ "$status" -eq 75 ]; }; then
         status=$rc
         echo "[multihost] process $idx exited with status $rc; stopping the others (logs: $LOG_DIR)" >&2
         [ "$idx" -ne 0 ] && tail -n 20 "$LOG_DIR/process-$idx.log" >&2
@@ -64,7 +76,11 @@ while :; do
     fi
   done
   [ "$running" -eq 0 ] && break
-  if [ "$SECONDS" -ge "$deadline" ]; then
+  if [ -n "$grace_deadline" ] && [ "$SECONDS" -ge "$grace_deadline" ]; then
+    echo "[multihost] processes still running ${GRACE} s after the stop request; killing them" >&2
+    status=124
+    stop_all
+  elif [ "$SECONDS" -ge "$deadline" ]; then
     echo "[multihost] timed out after $TIMEOUT s; stopping every process (logs: $LOG_DIR)" >&2
     status=124
     stop_all

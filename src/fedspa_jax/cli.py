@@ -35,7 +35,9 @@ _FLAGS = (
     ("--data-dir", "data_dir", str),
 )
 
-EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
+# Exit statuses (docs/cli.md): 0 done, 1 a bug (with its traceback), 2 bad input, 3 diverged, 75 stopped cleanly with
+# a checkpoint (SIGTERM, SIGINT or --deadline; run again with --resume), 130 interrupted without a new checkpoint.
+EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_STOPPED, EXIT_INTERRUPTED = 2, 3, 75, 130
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -62,6 +64,7 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
                       help="progress bar (default: only on a terminal)")
   parser.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True, help="write PNG figures")
   parser.add_argument("--quiet", action="store_true", help="no per-round lines")
+  _add_deadline_arg(parser)
   multi = parser.add_argument_group(
       "several processes (hosts): every process runs the same command; docs/scaling.md")
   multi.add_argument("--distributed", action="store_true",
@@ -72,6 +75,13 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
   multi.add_argument("--process-id", type=int, metavar="I", help="default: JAX_PROCESS_ID or detected")
   multi.add_argument("--distributed-timeout", type=float, default=300.0, metavar="SECONDS",
                      help="how long to wait for the coordinator and the other processes (default 300)")
+
+
+def _add_deadline_arg(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument(
+      "--deadline", type=float, metavar="MINUTES",
+      help="stop cleanly with a checkpoint before this many minutes from the start have passed (exit status 75; "
+           "continue with --resume); SIGTERM and SIGINT stop the same way at any time")
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -95,7 +105,7 @@ def make_parser() -> argparse.ArgumentParser:
                          description="Run one config once per seed (and per learning rate with --lrs), all runs as "
                                      "one compiled program (the seed and lr axes vmapped over whole simulations); "
                                      "write seed_<s>/ (or lr_<lr>/seed_<s>/) run files and summaries with mean ± std "
-                                     "over seeds. No checkpoints or resume.")
+                                     "over seeds; checkpoints of every run together, --resume continues them.")
   sweep.add_argument("--seeds", nargs="+", required=True, metavar="SEED",
                      help="distinct integer seeds >= 0 (space- or comma-separated)")
   sweep.add_argument("--lrs", nargs="+", metavar="LR",
@@ -103,10 +113,13 @@ def make_parser() -> argparse.ArgumentParser:
                           "config's lr, no lr axis); a run that diverges is recorded and the others go on")
   _add_config_args(sweep)
   sweep.add_argument("--out", help="sweep folder (default: runs/<algorithm>-sweep-<dataset>-<time>)")
-  sweep.add_argument("--overwrite", action="store_true", help="replace the run or sweep in --out")
+  sweep_mode = sweep.add_mutually_exclusive_group()
+  sweep_mode.add_argument("--resume", action="store_true", help="continue the sweep in --out from its newest checkpoint")
+  sweep_mode.add_argument("--overwrite", action="store_true", help="replace the run or sweep in --out")
   sweep.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                      help="progress bar (default: only on a terminal)")
   sweep.add_argument("--quiet", action="store_true", help="no per-round lines")
+  _add_deadline_arg(sweep)
   plot = sub.add_parser("plot", help="figures from run folders", description="Draw figures from run folders: one "
                         "folder gets its own figures, several get comparison figures.")
   plot.add_argument("runs", nargs="+", metavar="RUN_DIR")
@@ -133,7 +146,8 @@ def resolve_config(args: argparse.Namespace, *, algorithm_names: tuple[str, ...]
     raise config_lib.ConfigError(f"smoke must be true or false, got {smoke!r}")
   saved = pathlib.Path(args.out or "") / "config.json"
   if args.config is None and getattr(args, "resume", False) and args.out and saved.is_file():
-    config = config_lib.Config.from_dict(json.loads(saved.read_text()))  # resume: the run's own config
+    record = {k: v for k, v in json.loads(saved.read_text()).items() if k != "lrs"}  # a sweep's record of its lrs
+    config = config_lib.Config.from_dict(record)  # resume: the run's own config
     if smoke is not None:
       config.smoke = smoke
   else:
@@ -162,6 +176,14 @@ def switch_algorithm(config, changes: list[tuple[str, Any]], *, quiet: bool = Fa
   return config
 
 
+def make_stopper(args: argparse.Namespace):
+  """The `preemption.Stopper` of a command: its --deadline (minutes from now), or none."""
+  from fedspa_jax import preemption
+
+  deadline = getattr(args, "deadline", None)
+  return preemption.Stopper(None if deadline is None else deadline * 60)
+
+
 def _run(args) -> int:
   from fedspa_jax import experiment
 
@@ -170,7 +192,7 @@ def _run(args) -> int:
     config = dataclasses.replace(config, shard_clients=True)  # one mesh over every process's devices
   summary = experiment.run(
       config, args.out, resume=args.resume, overwrite=args.overwrite, stop_after=args.stop_after,
-      progress=args.progress, echo=None if args.quiet else print, write_plots=args.plots,
+      progress=args.progress, echo=None if args.quiet else print, write_plots=args.plots, stopper=args.stopper,
   )
   from fedspa_jax import distributed
 
@@ -191,7 +213,7 @@ def _compare(args) -> int:
   compare.run(
       config, list(names), out, per_algorithm=per_algorithm, resume=args.resume, overwrite=args.overwrite,
       stop_after=args.stop_after, progress=args.progress, echo=None if args.quiet else print,
-      write_plots=args.plots,
+      write_plots=args.plots, stopper=args.stopper,
   )
   if args.quiet:
     print((pathlib.Path(out) / "comparison.md").read_text())
@@ -231,8 +253,8 @@ def _sweep(args) -> int:
   seeds = parse_seeds(args.seeds)
   lrs = parse_lrs(args.lrs)
   config, _ = resolve_config(args)
-  summary = experiment.sweep(config, seeds, args.out, lrs=lrs, overwrite=args.overwrite, progress=args.progress,
-                             echo=None if args.quiet else print)
+  summary = experiment.sweep(config, seeds, args.out, lrs=lrs, overwrite=args.overwrite, resume=args.resume,
+                             progress=args.progress, echo=None if args.quiet else print, stopper=args.stopper)
   if lrs is not None:
     for lr, acc in summary["final_accuracy_mean_by_lr"].items():
       print(f"lr {lr}: " + ("diverged" if acc is None else f"final accuracy {acc['mean']:.4f} ± {acc['std']:.4f} "
@@ -278,6 +300,17 @@ def _list(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
   args = make_parser().parse_args(argv)
+  if getattr(args, "deadline", None) is not None and not args.deadline > 0:
+    print(f"fedspa-jax: error: --deadline must be a positive number of minutes, got {args.deadline:g}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+  args.stopper = make_stopper(args)  # the deadline counts from here
+  if args.command not in ("run", "compare", "sweep"):
+    return _main(args)
+  with args.stopper.handle_signals():  # from the start: a notice during start-up stops after the first dispatch
+    return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
   from fedspa_jax import distributed
 
   if getattr(args, "distributed", False):
@@ -287,15 +320,19 @@ def main(argv: list[str] | None = None) -> int:
     except distributed.DistributedError as e:
       print(f"fedspa-jax: error: {e}", file=sys.stderr)
       return EXIT_BAD_INPUT
+    args.stopper.reclaim_signals()
   elif any(getattr(args, name, None) is not None for name in ("coordinator", "num_processes", "process_id")):
     print("fedspa-jax: error: --coordinator, --num-processes and --process-id need --distributed", file=sys.stderr)
     return EXIT_BAD_INPUT
-  from fedspa_jax import experiment
+  from fedspa_jax import experiment, preemption
   from fedspa_jax.data.tfds_sources import MissingDependencyError
 
   command = {"run": _run, "compare": _compare, "sweep": _sweep, "plot": _plot, "list": _list}[args.command]
   try:
     return command(args)
+  except preemption.Stopped as e:
+    print(f"fedspa-jax: {e} (exit status {EXIT_STOPPED})", file=sys.stderr)
+    return EXIT_STOPPED
   except experiment.TrainingDiverged as e:
     print(f"fedspa-jax: error: {e}", file=sys.stderr)
     return EXIT_DIVERGED

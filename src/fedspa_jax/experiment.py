@@ -33,9 +33,8 @@ import pathlib
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 
-from fedspa_jax import distributed, plots
+from fedspa_jax import distributed, plots, preemption
 from fedspa_jax import config as config_lib
 from fedspa_jax import data as data_lib
 from fedspa_jax import records, runner
@@ -59,12 +58,6 @@ def build(config: Config, data: data_lib.FederatedData):
   return runner.build(config, data, mesh=make_client_mesh() if config.shard_clients else None)
 
 
-@jax.jit
-def _all_finite(tree: Any) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(tree) if jnp.issubdtype(a.dtype, jnp.inexact)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
-
-
 def run(
     config: Config,
     workdir: str | pathlib.Path | None = None,
@@ -77,6 +70,7 @@ def run(
     echo: Callable[[str], None] | None = print,
     write_plots: bool = True,
     data: data_lib.FederatedData | None = None,
+    stopper: preemption.Stopper | None = None,
 ) -> dict[str, Any]:
   """Runs `config` in `workdir` and returns its summary: `runner.loop` over a batch of one run.
 
@@ -91,6 +85,8 @@ def run(
     echo: prints one line per evaluated round and a few notes (None: silent).
     write_plots: write the PNG figures at the end.
     data: the dataset, when the caller already loaded it for this config (as `compare` does).
+    stopper: asked at every dispatch boundary whether to stop (a signal or a deadline: `preemption.Stopper`); a
+      stop writes a checkpoint at the round reached and raises `preemption.Stopped`.
 
   Returns:
     The summary (also written to summary.json), or, when stopped early, {"status": "stopped", "round", ...}.
@@ -99,6 +95,8 @@ def run(
     ConfigError (a ValueError): bad config, data options or run folder, before anything is compiled.
     FileNotFoundError: the dataset's files are missing.
     TrainingDiverged: a loss or a parameter became NaN or infinite; the last good checkpoint stays as it is.
+    preemption.Stopped: `stopper` stopped the run; its checkpoint (at the round reached) is written and its
+      metrics.jsonl holds every evaluated round up to it. `resume=True` continues exactly.
   """
   primary = distributed.is_primary()  # under jax.distributed only process 0 writes files and prints
   say = runner.say_for(echo)
@@ -146,14 +144,14 @@ def run(
   )
 
   def save(r: int, state: Any) -> None:
-    if not bool(_all_finite((state.server.params, state.clients))):
+    if not runner.all_finite((state.server.params, state.clients)):
       raise TrainingDiverged(f"training diverged by round {r}: the model or a client's state holds NaN or inf")
     meta = {**expected, "round": r, "config": config.to_dict(), "history": one.history,
             "totals": dataclasses.asdict(one.totals)}
     ckpt.save(r, state, meta)
 
   try:
-    state, ev = runner.loop(batch, end=end, save=save, on_eval=on_eval, say=say, progress=progress)
+    state, ev = runner.loop(batch, end=end, save=save, on_eval=on_eval, say=say, progress=progress, stopper=stopper)
     if end < config.rounds:
       path = ckpt.path(ckpt.latest_round())
       say(f"stopped after round {end}; checkpoint {path}; continue with --resume")
@@ -163,6 +161,10 @@ def run(
       plots.plot_run(workdir)
     distributed.barrier("fedspa_jax.run_done")
     return summary
+  except preemption.Stopped as e:
+    path = ckpt.path(e.round)
+    say(f"{e.reason}: stopped after round {e.round}; checkpoint {path}; continue with --resume")
+    raise preemption.Stopped(e.round, e.reason, str(path)) from None
   except TrainingDiverged as e:
     good = ckpt.latest_round()
     where = f"the last good checkpoint is {ckpt.path(good)} (round {good})" if good is not None else (

@@ -23,9 +23,10 @@ import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from fedspa_jax import algorithms, distributed, models
+from fedspa_jax import algorithms, distributed, models, preemption
 from fedspa_jax import config as config_lib
 from fedspa_jax import data as data_lib
 from fedspa_jax.config import Config, ConfigError
@@ -165,6 +166,17 @@ class Batch:
     return self.pick(state._replace(round=None), j)._replace(round=state.round)
 
 
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(tree) if jnp.issubdtype(a.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def all_finite(tree: Any) -> bool:
+  """Whether every float in `tree` is finite (the guard before a checkpoint overwrites an older, good one)."""
+  return bool(_all_finite(tree))
+
+
 def make_multi_round(round_fn: Callable, rounds: int) -> Callable:
   """jit of `rounds` consecutive rounds in one `lax.scan`; metrics come back stacked [rounds, ...]."""
 
@@ -214,6 +226,7 @@ def loop(
     on_eval: Callable[[dict[str, Any]], None] | None = None,
     say: Callable[[str], None] = lambda line: None,
     progress: bool | None = None,
+    stopper: preemption.Stopper | None = None,
 ) -> tuple[Any, dict[str, Any] | None]:
   """Advances every run of `batch` from its state's round to `end`: dispatches, metrics, evaluations, NaN checks.
 
@@ -224,13 +237,18 @@ def loop(
     on_eval: called with each evaluated record (after it is logged and printed).
     say: prints one line per evaluated round and the divergence notes.
     progress: show a tqdm bar (None: only on a terminal; never on processes other than the first).
+    stopper: asked at every dispatch boundary before `end`; when it says stop, the loop settles, evaluates if the
+      round is due, saves (`save` must be given) and raises `preemption.Stopped`.
 
   Returns:
     (the state after `end`, the last evaluation with the run axes first, or None when no round was evaluated).
 
   Raises:
     TrainingDiverged: a run's loss became NaN or infinite (unless `batch.keep_going`).
+    preemption.Stopped: `stopper` stopped the loop (after the checkpoint at the round reached was written).
   """
+  if stopper is not None and save is None:
+    raise ValueError("a loop that can be stopped needs `save`: a stop writes a checkpoint")
   config, runs = batch.runs[0].config, batch.runs
   chunks = config if save is not None else dataclasses.replace(config, checkpoint_every=0)
   dispatch = make_dispatch(batch.round_fn)
@@ -309,13 +327,16 @@ def loop(
       state, pending, r = new_state, (r, metrics), r + n
       evaluating = r % config.eval_every == 0 or r == config.rounds
       saving = save is not None and ((config.checkpoint_every and r % config.checkpoint_every == 0) or r == end)
-      if not (evaluating or saving):
+      stopping = stopper.should_stop(r) if stopper is not None and r < end else None  # on every process
+      if not (evaluating or saving or stopping):
         continue
       settle()
       if evaluating:
         evaluate()
-      if saving:
+      if saving or stopping:
         save(r, state)
+      if stopping:
+        raise preemption.Stopped(r, stopping)
     settle()
     return state, ev
   finally:

@@ -52,12 +52,15 @@ import numpy as np
 
 from fedspa_jax import config as config_lib
 from fedspa_jax import data as data_lib
-from fedspa_jax import runner
+from fedspa_jax import preemption, runner
+from fedspa_jax import resume as resume_lib
+from fedspa_jax.checkpoint import Checkpointer, LayoutMismatch
 from fedspa_jax.config import Config, ConfigError
 from fedspa_jax.logging_utils import MetricsLog, human_bytes
-from fedspa_jax.records import jsonable, round_time
+from fedspa_jax.records import Totals, jsonable, round_time
 from fedspa_jax.round import SimState
-from fedspa_jax.run_folder import OUTPUTS, RUN_MARKERS, RunExistsError, default_workdir
+from fedspa_jax.run_folder import (OUTPUTS, RUN_MARKERS, ConfigMismatchError, RunExistsError, default_workdir,
+                                   saved_config)
 
 # The stacked state's axes: everything per seed but the round counter, which all seeds share.
 STATE_AXES = SimState(server=0, clients=0, round=None, key=0, participation=0)
@@ -170,13 +173,26 @@ def make_sweep_evaluate(evaluate_fn: Callable, *, over_lrs: bool = False) -> Cal
   return jax.jit(jax.vmap(evaluate, in_axes=(STATE_AXES, None, None)) if over_lrs else evaluate)
 
 
-def _prepare_folder(workdir: pathlib.Path, overwrite: bool) -> None:
+def _prepare_folder(workdir: pathlib.Path, config: Config, overwrite: bool, resume: bool) -> None:
+  """Makes the sweep folder ready: refuses to mix two runs, clears it for `overwrite`, checks `resume`'s config."""
+  if resume and overwrite:
+    raise ConfigError("choose one of resume and overwrite")
   seed_dirs = [p for p in workdir.glob("*_*") if p.is_dir() and (SEED_DIR.fullmatch(p.name) or
                                                                    LR_DIR.fullmatch(p.name))]
   held = [name for name in RUN_MARKERS if (workdir / name).exists()] + [p.name for p in seed_dirs]
+  if held and resume:
+    saved = saved_config(workdir)
+    saved = None if saved is None else {k: v for k, v in saved.items() if k != "lrs"}  # config.json's record of lrs
+    diff = config_lib.trajectory_diff(saved, config.to_dict()) if saved is not None else []
+    if diff:
+      raise ConfigMismatchError(
+          f"the sweep in {workdir} was written by a different config (saved -> now):\n  " + "\n  ".join(diff)
+          + "\nresume with the saved config, or pass --overwrite to start over")
+    return
   if held and not overwrite:
     raise RunExistsError(
-        f"{workdir} already holds a run ({', '.join(held)}); pass --overwrite to replace it, or choose another --out"
+        f"{workdir} already holds a run ({', '.join(held)}); pass --resume to continue it, --overwrite to replace "
+        "it, or choose another --out"
     )
   for target in [workdir / name for name in OUTPUTS] + seed_dirs:
     if target.is_dir():
@@ -288,6 +304,8 @@ def sweep(
     echo: Callable[[str], None] | None = print,
     progress: bool | None = None,
     overwrite: bool = False,
+    resume: bool = False,
+    stopper: preemption.Stopper | None = None,
 ) -> dict[str, Any]:
   """Runs `config` once per seed (and per learning rate), all runs as one vmapped program; returns the summary.
 
@@ -301,6 +319,10 @@ def sweep(
     echo: prints one line per evaluated round (and lr), mean ± std over seeds (None: silent).
     progress: show a tqdm bar (None: only on a terminal).
     overwrite: replace the run or sweep `workdir` holds.
+    resume: continue the sweep in `workdir` from its newest checkpoint (starts fresh when there is none); the
+      seeds and lrs must be the sweep's own.
+    stopper: asked at every dispatch boundary whether to stop (`preemption.Stopper`: a signal or a deadline); a
+      stop writes a checkpoint of every run and raises `preemption.Stopped`.
 
   Returns:
     The summary (also written to summary.json); each seed's own summary is in seed_<s>/summary.json (with `lrs`:
@@ -310,6 +332,7 @@ def sweep(
     ConfigError (a ValueError): bad seeds, lrs, config, data options or folder, before anything is compiled.
     FileNotFoundError: the dataset's files are missing.
     TrainingDiverged: without `lrs`, a seed's loss or parameters became NaN or infinite (the sweep stops).
+    preemption.Stopped: `stopper` stopped the sweep after its checkpoint was written; `resume=True` continues.
   """
   say = runner.say_for(echo)
   seeds = check_seeds(seeds)
@@ -322,7 +345,7 @@ def sweep(
   grid = [None] if lr_list is None else list(lr_list)  # the lr axis; None: the config's lr, no axis
   workdir = pathlib.Path(workdir) if workdir is not None else default_workdir(
       dataclasses.replace(config, algorithm=f"{config.algorithm}-sweep"))
-  _prepare_folder(workdir, overwrite)
+  _prepare_folder(workdir, config, overwrite, resume)
   try:  # data options, model/data fit: input errors, found before compilation
     try:
       datas = [runner.load_data(dataclasses.replace(config, seed=s)) for s in seeds]
@@ -340,15 +363,37 @@ def sweep(
                  algo, d, name=f"seed {s}" if lr is None else f"lr {lr_text(lr)} seed {s}")
       for lr, lr_dir, algo in zip(grid, lr_dirs, algos) for s, d in zip(seeds, datas)
   ]
-  _write_configs(config, lr_list, runs, workdir)
-  say(f"{algos[0].name} on {datas[0].name}: {datas[0].num_clients} clients, {config.rounds} rounds, seeds "
-      f"{', '.join(map(str, seeds))}" + ("" if lr_list is None else f", lrs {', '.join(map(lr_text, grid))}")
-      + f" -> {workdir}")
   batch = _make_batch(config, runs, grid if lr_list is not None else None, states, data)
-  start = time.perf_counter()
-  state, ev = runner.loop(batch, end=config.rounds, say=say, progress=progress)
+  ckpt = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
+  expected = {**resume_lib.record(config, algos[0].hparams), "seeds": list(seeds), "lrs": lr_list and list(lr_list)}
+  try:
+    if resume and (latest := ckpt.latest_round()) is not None:
+      _restore(ckpt, latest, batch, expected, config)
+      say(f"resuming {workdir} from round {latest}")
+    _write_configs(config, lr_list, runs, workdir)
+    say(f"{algos[0].name} on {datas[0].name}: {datas[0].num_clients} clients, rounds {int(batch.state.round) + 1}.."
+        f"{config.rounds}, seeds {', '.join(map(str, seeds))}"
+        + ("" if lr_list is None else f", lrs {', '.join(map(lr_text, grid))}") + f" -> {workdir}")
+
+    def save(r: int, state: Any) -> None:
+      if not batch.keep_going and not runner.all_finite((state.server.params, state.clients)):
+        raise runner.TrainingDiverged(
+            f"training diverged by round {r}: a seed's model or client state holds NaN or inf")
+      runs_meta = [{"history": run.history, "totals": dataclasses.asdict(run.totals), "diverged": run.diverged}
+                   for run in runs]
+      ckpt.save(r, state, {**expected, "round": r, "config": config.to_dict(), "runs": runs_meta})
+
+    start, wall_before = time.perf_counter(), runs[0].totals.wall_time
+    try:
+      state, ev = runner.loop(batch, end=config.rounds, save=save, say=say, progress=progress, stopper=stopper)
+    except preemption.Stopped as e:
+      path = ckpt.path(e.round)
+      say(f"{e.reason}: stopped after round {e.round}; checkpoint {path}; continue with --resume")
+      raise preemption.Stopped(e.round, e.reason, str(path)) from None
+  finally:
+    ckpt.close()
   summaries = runner.finish(batch, state, ev)
-  wall, S = time.perf_counter() - start, len(seeds)
+  wall, S = wall_before + time.perf_counter() - start, len(seeds)
   per_lr = [sweep_summary(runs[l * S].config, seeds, summaries[l * S:(l + 1) * S], lr_dirs[l], wall)
             for l in range(len(grid))]
   if lr_list is None:
@@ -361,19 +406,37 @@ def sweep(
   return result
 
 
+def _restore(ckpt: Checkpointer, latest: int, batch: runner.Batch, expected: dict[str, Any], config: Config) -> None:
+  """`batch` continued from checkpoint `latest`: every run's state, history, totals and divergence."""
+  meta = ckpt.read_meta(latest)
+  resume_lib.check(meta, expected, config, ckpt.path(latest))
+  for key in ("seeds", "lrs"):
+    if meta.get(key) != expected[key]:
+      raise ConfigMismatchError(
+          f"cannot resume from {ckpt.path(latest)}: it is a sweep over {key} {meta.get(key)}, not {expected[key]}; "
+          "resume with the sweep's own, or pass --overwrite to start over")
+  try:
+    batch.state, meta = ckpt.restore(batch.state)
+  except LayoutMismatch as e:
+    raise ConfigError(f"cannot resume: {e}") from e
+  for run, saved in zip(batch.runs, meta["runs"]):
+    run.history, run.totals, run.diverged = saved["history"], Totals(**saved["totals"]), saved["diverged"]
+
+
 def _write_configs(config: Config, lrs: tuple[float, ...] | None, runs: list[runner.Run], workdir: pathlib.Path):
-  """config.json of the sweep (with "lrs"), of each lr folder and of each run; each run's (empty) metrics.jsonl."""
+  """config.json of the sweep (with "lrs"), of each lr folder and of each run; each run's metrics.jsonl (with the
+  history a resumed run has)."""
   write = lambda path, record: path.write_text(json.dumps(record, indent=2) + "\n")
   write(workdir / "config.json", {**config.to_dict(), config_lib.RESOLVED_KEY: jsonable(runs[0].algo.hparams),
                                   **({} if lrs is None else {"lrs": list(lrs)})})
   for j, run in enumerate(runs):
     resolved = jsonable(run.algo.hparams)
-    run.workdir.mkdir(parents=True)
+    run.workdir.mkdir(parents=True, exist_ok=True)
     if lrs is not None and j % (len(runs) // len(lrs)) == 0:  # the lr's folder, with its first seed
       write(run.workdir.parent / "config.json", {**run.config.to_dict(), "seed": config.seed,
                                                   config_lib.RESOLVED_KEY: resolved})
     write(run.workdir / "config.json", {**run.config.to_dict(), config_lib.RESOLVED_KEY: resolved})
-    run.log = MetricsLog(run.workdir / "metrics.jsonl")
+    run.log = MetricsLog(run.workdir / "metrics.jsonl", run.history)
 
 
 def _make_batch(config: Config, runs: list[runner.Run], lrs: list[float] | None, states: list[SimState],
