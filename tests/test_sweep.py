@@ -267,7 +267,8 @@ def test_fused_rounds_and_seeded_evaluation_samples_match_the_run(tmp_path):
 def test_lrs_that_agree_to_6_digits_get_their_own_folders(tmp_path):
   lrs = (0.1, 0.1000001)  # f"{lr:g}" names both "0.1"
   summary = experiment.sweep(tiny(rounds=1), (0,), tmp_path / "close", lrs=lrs, echo=None, progress=False)
-  assert sorted(p.name for p in (tmp_path / "close").iterdir() if p.is_dir()) == ["lr_0.1", "lr_0.1000001"]
+  assert sorted(p.name for p in (tmp_path / "close").iterdir() if p.is_dir()) == ["checkpoints", "lr_0.1",
+                                                                                 "lr_0.1000001"]
   for lr in lrs:
     for folder in (f"lr_{lr!r}", f"lr_{lr!r}/seed_0"):
       assert json.loads((tmp_path / "close" / folder / "config.json").read_text())["hparams"]["lr"] == lr

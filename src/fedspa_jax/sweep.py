@@ -26,9 +26,11 @@ The sweep folder:
     seed_<s>/metrics.jsonl      as `run` writes it (`fedspa-jax plot` reads a seed folder like a run folder)
     seed_<s>/summary.json       as `run` writes it; its wall_time is the whole sweep's
     seed_<s>/clients.npz        as `run` writes it
+    checkpoints/<r>/            every run's state (stacked), history and totals, every `checkpoint_every` rounds
+                                and at a stop (`preemption`); `resume=True` continues the sweep from the newest
 
 `rounds_per_dispatch`, `eval_every` and `eval_clients` work as in `run` (each seed evaluates its own seeded sample of
-clients). What a sweep does not do: checkpoints and resume (rerun it, with `overwrite`), plots (draw them with
+clients). What a sweep does not do: plots (draw them with
 `fedspa-jax plot DIR/seed_0 DIR/seed_1 ...`), `shard_clients`, TensorBoard. Memory is the number of seeds times one
 run's; a client's local loop, vmapped over seeds, runs as long as the longest of the seeds' clients at that cohort
 position (results are unchanged, the extra steps are masked).
