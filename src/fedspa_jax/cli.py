@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import pathlib
 import sys
 from typing import Any, Callable
 
@@ -118,6 +117,7 @@ def make_parser() -> argparse.ArgumentParser:
 def resolve_config(args: argparse.Namespace, *, algorithm_names: tuple[str, ...] = ()):
   """The config the arguments describe, and per-algorithm overrides `{name: {key: value}}` (for compare)."""
   from fedspa_jax import config as config_lib
+  from fedspa_jax import paths
 
   overrides, per_algorithm, smoke = [], {}, None
   for item in args.overrides:
@@ -131,7 +131,9 @@ def resolve_config(args: argparse.Namespace, *, algorithm_names: tuple[str, ...]
       overrides.append((key, value))
   if smoke is not None and not isinstance(smoke, bool):
     raise config_lib.ConfigError(f"smoke must be true or false, got {smoke!r}")
-  saved = pathlib.Path(args.out or "") / "config.json"
+  saved = paths.as_path(args.out or ".") / "config.json"
+  if args.config is None and getattr(args, "resume", False) and args.out:
+    paths.check_writable(args.out)  # a gs:// folder: its endpoint and bucket, before reading from it
   if args.config is None and getattr(args, "resume", False) and args.out and saved.is_file():
     config = config_lib.Config.from_dict(json.loads(saved.read_text()))  # resume: the run's own config
     if smoke is not None:
@@ -183,7 +185,7 @@ def _run(args) -> int:
 
 
 def _compare(args) -> int:
-  from fedspa_jax import compare, experiment
+  from fedspa_jax import compare, experiment, paths
 
   names = tuple(n for item in args.algorithms for n in item.split(",") if n)
   config, per_algorithm = resolve_config(args, algorithm_names=names)
@@ -194,7 +196,7 @@ def _compare(args) -> int:
       write_plots=args.plots,
   )
   if args.quiet:
-    print((pathlib.Path(out) / "comparison.md").read_text())
+    print((paths.as_path(out) / "comparison.md").read_text())
   print(f"table: {out}/comparison.md, {out}/comparison.csv")
   return 0
 
