@@ -218,3 +218,17 @@ def test_local_writes_are_whole_files(tmp_path):
   paths.write_text(target, "one")
   paths.write_text(target, "two")
   assert target.read_text() == "two" and sorted(p.name for p in target.parent.iterdir()) == ["b.json"]
+
+
+def test_a_sweep_writes_its_folders_to_the_bucket(emulator):
+  out = paths.as_path(f"gs://{BUCKET}/sweep")
+  summary = experiment.sweep(dataclasses.replace(config(), rounds=1), [0, 1], os.fspath(out), echo=None,
+                             progress=False)
+  assert json.loads((out / "summary.json").read_text()) == summary
+  assert json.loads((out / "config.json").read_text())["rounds"] == 1
+  for seed, accuracy in zip((0, 1), summary["final_accuracy_mean_per_seed"]):
+    folder = out / f"seed_{seed}"
+    assert json.loads((folder / "config.json").read_text())["seed"] == seed
+    assert [json.loads(line)["round"] for line in (folder / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert json.loads((folder / "summary.json").read_text())["final_accuracy_mean"] == accuracy
+    assert paths.load_npz(folder / "clients.npz")["accuracy"].shape == (6,)
