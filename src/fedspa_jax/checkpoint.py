@@ -4,7 +4,9 @@ A checkpoint holds everything needed to continue a run: the server state, every 
 simulation key (typed PRNG keys are stored as their key data and re-wrapped on restore), and a JSON item with the
 config, the metrics history and the running totals. orbax writes each step into a temporary folder and renames it
 when complete, so a run killed mid-save leaves the previous checkpoint intact (the leftover temporary folder is
-removed the next time the folder is opened).
+removed the next time the folder is opened). The folder may be local or in Cloud Storage (`fedspa_jax.paths`; orbax
+writes gs:// with tensorstore, which `TENSORSTORE_GCS_HTTP_URL` points at an emulator); on gs:// orbax marks a
+complete step with a commit file instead of a rename.
 
     ckpt = Checkpointer("runs/x/checkpoints")
     ckpt.save(10, state, {"config": ..., "history": [...]})
@@ -13,11 +15,12 @@ removed the next time the folder is opened).
 
 from __future__ import annotations
 
-import pathlib
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from fedspa_jax import paths
 
 _STATE, _META = "state", "meta"
 
@@ -62,8 +65,8 @@ class Checkpointer:
     keep: how many of the most recent checkpoints to keep.
   """
 
-  def __init__(self, directory: str | pathlib.Path, *, keep: int = 2):
-    self.directory = pathlib.Path(directory).absolute()
+  def __init__(self, directory: paths.PathLike, *, keep: int = 2):
+    self.directory = paths.absolute(directory)
     self._keep = keep
     self._manager: ocp.CheckpointManager | None = None
 
@@ -87,10 +90,10 @@ class Checkpointer:
       return []
     return list(self.manager.all_steps())
 
-  def path(self, round: int) -> pathlib.Path:
+  def path(self, round: int) -> paths.Path:
     return self.directory / str(round)
 
-  def save(self, round: int, state: Any, meta: dict[str, Any]) -> pathlib.Path:
+  def save(self, round: int, state: Any, meta: dict[str, Any]) -> paths.Path:
     """Writes `state` (any pytree of arrays, typed keys allowed) and JSON-able `meta` as checkpoint `round`.
 
     A checkpoint that already exists for `round` is kept as it is (a round's state is deterministic).

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import pathlib
 import sys
 from typing import Any, Callable
 
@@ -131,6 +130,7 @@ def make_parser() -> argparse.ArgumentParser:
 def resolve_config(args: argparse.Namespace, *, algorithm_names: tuple[str, ...] = ()):
   """The config the arguments describe, and per-algorithm overrides `{name: {key: value}}` (for compare)."""
   from fedspa_jax import config as config_lib
+  from fedspa_jax import paths
 
   overrides, per_algorithm, smoke = [], {}, None
   for item in args.overrides:
@@ -144,7 +144,9 @@ def resolve_config(args: argparse.Namespace, *, algorithm_names: tuple[str, ...]
       overrides.append((key, value))
   if smoke is not None and not isinstance(smoke, bool):
     raise config_lib.ConfigError(f"smoke must be true or false, got {smoke!r}")
-  saved = pathlib.Path(args.out or "") / "config.json"
+  saved = paths.as_path(args.out or ".") / "config.json"
+  if args.config is None and getattr(args, "resume", False) and args.out:
+    paths.check_writable(args.out)  # a gs:// folder: its endpoint and bucket, before reading from it
   if args.config is None and getattr(args, "resume", False) and args.out and saved.is_file():
     record = {k: v for k, v in json.loads(saved.read_text()).items() if k != "lrs"}  # a sweep's record of its lrs
     config = config_lib.Config.from_dict(record)  # resume: the run's own config
@@ -205,7 +207,7 @@ def _run(args) -> int:
 
 
 def _compare(args) -> int:
-  from fedspa_jax import compare, experiment
+  from fedspa_jax import compare, experiment, paths
 
   names = tuple(n for item in args.algorithms for n in item.split(",") if n)
   config, per_algorithm = resolve_config(args, algorithm_names=names)
@@ -216,7 +218,7 @@ def _compare(args) -> int:
       write_plots=args.plots, stopper=args.stopper,
   )
   if args.quiet:
-    print((pathlib.Path(out) / "comparison.md").read_text())
+    print((paths.as_path(out) / "comparison.md").read_text())
   print(f"table: {out}/comparison.md, {out}/comparison.csv")
   return 0
 

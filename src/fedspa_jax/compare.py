@@ -12,10 +12,9 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import pathlib
 from typing import Any, Callable
 
-from fedspa_jax import algorithms, experiment, plots
+from fedspa_jax import algorithms, experiment, paths, plots
 from fedspa_jax.config import Config, ConfigError
 
 COLUMNS = (
@@ -95,7 +94,7 @@ def format_csv(rows: list[dict[str, Any]]) -> str:
 def run(
     config: Config,
     names: list[str],
-    out: str | pathlib.Path,
+    out: paths.PathLike,
     *,
     per_algorithm: dict[str, dict[str, Any]] | None = None,
     echo: Callable[[str], None] | None = print,
@@ -106,7 +105,7 @@ def run(
   Args:
     config: the shared experiment (its `algorithm` is replaced).
     names: algorithms to run, in table order.
-    out: the comparison folder.
+    out: the comparison folder (local or gs://).
     per_algorithm: {name: {hyperparameter: value}} applied to that algorithm only.
     echo: prints progress and the table (None: silent).
     **run_kwargs: passed to `experiment.run` (resume, overwrite, progress, write_plots, ...).
@@ -128,7 +127,7 @@ def run(
     if skipped:
       say(skipped_note(name, skipped))
     configs.append(cfg)
-  out = pathlib.Path(out)
+  out = paths.as_path(out)
   try:
     data = experiment.load_data(config)
   except ValueError as e:
@@ -138,8 +137,8 @@ def run(
   if unfinished:
     return summaries
   rows = [row(s) for s in summaries]
-  (out / "comparison.md").write_text(format_table(rows, markdown=True) + "\n")
-  (out / "comparison.csv").write_text(format_csv(rows))
+  paths.write_text(out / "comparison.md", format_table(rows, markdown=True) + "\n")
+  paths.write_text(out / "comparison.csv", format_csv(rows))
   plots.plot_runs([out / name for name in names], out)
   say("\n" + format_table(rows))
   return summaries

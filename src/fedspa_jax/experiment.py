@@ -29,12 +29,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pathlib
 from typing import Any, Callable
 
 import jax
 
-from fedspa_jax import distributed, plots, preemption
+from fedspa_jax import distributed, paths, plots, preemption
 from fedspa_jax import config as config_lib
 from fedspa_jax import data as data_lib
 from fedspa_jax import records, runner
@@ -60,7 +59,7 @@ def build(config: Config, data: data_lib.FederatedData):
 
 def run(
     config: Config,
-    workdir: str | pathlib.Path | None = None,
+    workdir: paths.PathLike | None = None,
     *,
     resume: bool = False,
     overwrite: bool = False,
@@ -101,7 +100,7 @@ def run(
   primary = distributed.is_primary()  # under jax.distributed only process 0 writes files and prints
   say = runner.say_for(echo)
   check_config(config)
-  workdir = pathlib.Path(workdir) if workdir is not None else default_workdir(config)
+  workdir = paths.as_path(workdir) if workdir is not None else default_workdir(config)
   prepare_workdir(workdir, config, resume=resume, overwrite=overwrite, primary=primary)
   distributed.barrier("fedspa_jax.prepare_workdir")
   try:  # data options, model/data fit: still input errors, found before compilation
@@ -129,7 +128,7 @@ def run(
     # The config as given, plus (for the record, not read back) the algorithm's hyperparameters as resolved,
     # defaults included: weighting, FedRep/FedPer's head, ...
     record = {**config.to_dict(), config_lib.RESOLVED_KEY: records.jsonable(algo.hparams)}
-    (workdir / "config.json").write_text(json.dumps(record, indent=2) + "\n")
+    paths.write_text(workdir / "config.json", json.dumps(record, indent=2) + "\n")
     one.log = MetricsLog(workdir / "metrics.jsonl", one.history)
     one.tensorboard = TensorBoardLog.create(workdir / "tensorboard")
   start = int(state.round)

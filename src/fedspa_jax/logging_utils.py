@@ -1,57 +1,78 @@
 """Where a run's numbers go: metrics.jsonl, TensorBoard event files (when tensorboard is installed), the terminal.
 
-One record per evaluated round, a flat dict of JSON numbers (see `experiment` for its keys). TensorBoard support
-is optional: `TensorBoardLog.create` returns None when the `tensorboard` package is absent; it writes plain event
-files with tensorboard's own writer, so TensorFlow is not needed.
+One record per evaluated round, a flat dict of JSON numbers (see `experiment` for its keys). Both files may be local
+or in Cloud Storage (`fedspa_jax.paths`). Object stores cannot append, so there a file is rewritten whole on every
+record (the files are small: one record per evaluation). TensorBoard support is optional: `TensorBoardLog.create`
+returns None when the `tensorboard` package is absent; it writes plain event files with tensorboard's own record
+format, so TensorFlow is not needed.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import pathlib
+import os
+import socket
+import time
 from typing import Any, Iterable
+
+from fedspa_jax import paths
 
 
 class MetricsLog:
-  """Appends records to a JSON-lines file; on open it rewrites the file with `history` (so a resumed run's file
-  holds exactly the rounds its checkpoint knows, and no rounds from after it)."""
+  """A JSON-lines file of records; on open it rewrites the file with `history` (so a resumed run's file holds
+  exactly the rounds its checkpoint knows, and no rounds from after it). Each record is appended on a local disk,
+  and rewrites the whole file in an object store."""
 
-  def __init__(self, path: str | pathlib.Path, history: Iterable[dict[str, Any]] = ()):
-    self.path = pathlib.Path(path)
-    tmp = self.path.with_suffix(".jsonl.tmp")
-    with tmp.open("w") as f:
-      for record in history:
-        f.write(json.dumps(record) + "\n")
-    tmp.replace(self.path)
+  def __init__(self, path: paths.PathLike, history: Iterable[dict[str, Any]] = ()):
+    self.path = paths.as_path(path)
+    self._lines = [json.dumps(record) + "\n" for record in history]
+    paths.write_text(self.path, "".join(self._lines))
 
   def write(self, record: dict[str, Any]) -> None:
-    with self.path.open("a") as f:
-      f.write(json.dumps(record) + "\n")
+    line = json.dumps(record) + "\n"
+    self._lines.append(line)
+    if paths.can_append(self.path):
+      with self.path.open("a") as f:
+        f.write(line)
+    else:
+      paths.write_text(self.path, "".join(self._lines))
 
 
-def read_metrics(path: str | pathlib.Path) -> list[dict[str, Any]]:
+def read_metrics(path: paths.PathLike) -> list[dict[str, Any]]:
   """The records of a metrics.jsonl file."""
-  with pathlib.Path(path).open() as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in paths.as_path(path).read_text().splitlines() if line.strip()]
 
 
 class TensorBoardLog:
-  """Scalar summaries in TensorBoard's event-file format (tag "<key>", step = round)."""
+  """Scalar summaries in TensorBoard's event-file format (tag "<key>", step = round), one new event file per log.
 
-  def __init__(self, writer, event_pb2, summary_pb2):
-    self._writer, self._event_pb2, self._summary_pb2 = writer, event_pb2, summary_pb2
+  The file's records are kept in memory and the whole file is written after each event, so it is complete after
+  every write on a local disk and in an object store alike (tensorboard's own writer appends, which gcsfs turns
+  into overwrites, losing all but the last flush).
+  """
+
+  def __init__(self, path: paths.Path, record_writer, event_pb2, summary_pb2):
+    self.path, self._event_pb2, self._summary_pb2 = path, event_pb2, summary_pb2
+    self._buffer = io.BytesIO()
+    self._records = record_writer(self._buffer)
+    self._add(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
 
   @classmethod
-  def create(cls, logdir: str | pathlib.Path) -> "TensorBoardLog | None":
-    """A writer into `logdir`, or None when tensorboard is not installed."""
+  def create(cls, logdir: paths.PathLike) -> "TensorBoardLog | None":
+    """A writer of a new event file in `logdir`, or None when tensorboard is not installed."""
     try:
       from tensorboard.compat.proto import event_pb2, summary_pb2
-      from tensorboard.summary.writer.event_file_writer import EventFileWriter
+      from tensorboard.summary.writer.record_writer import RecordWriter
     except ImportError:
       return None
-    pathlib.Path(logdir).mkdir(parents=True, exist_ok=True)
-    return cls(EventFileWriter(str(logdir)), event_pb2, summary_pb2)
+    name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.0"
+    return cls(paths.as_path(logdir) / name, RecordWriter, event_pb2, summary_pb2)
+
+  def _add(self, event) -> None:
+    self._records.write(event.SerializeToString())
+    paths.write_bytes(self.path, self._buffer.getvalue())
 
   def write(self, step: int, scalars: dict[str, Any], wall_time: float) -> None:
     values = [
@@ -59,12 +80,10 @@ class TensorBoardLog:
         for key, value in scalars.items()
         if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "round"
     ]
-    event = self._event_pb2.Event(wall_time=wall_time, step=step, summary=self._summary_pb2.Summary(value=values))
-    self._writer.add_event(event)
-    self._writer.flush()
+    self._add(self._event_pb2.Event(wall_time=wall_time, step=step, summary=self._summary_pb2.Summary(value=values)))
 
   def close(self) -> None:
-    self._writer.close()
+    """Nothing to release: every event is written when it is added."""
 
 
 def human_bytes(n: float) -> str:

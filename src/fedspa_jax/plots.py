@@ -1,18 +1,19 @@
 """PNG figures of one run or several: accuracy vs round and vs bytes, per-client accuracy, mask distances.
 
 Reads only a run folder's files (metrics.jsonl, summary.json, clients.npz), so figures can be redrawn at any time
-(`fedspa-jax plot runs/a runs/b --out figs`). matplotlib is imported lazily and used through `Figure` objects
+(`fedspa-jax plot runs/a runs/b --out figs`), local or in Cloud Storage (`fedspa_jax.paths`). matplotlib is imported lazily and used through `Figure` objects
 (no pyplot, no global backend), so this works headless and inside notebooks alike.
 """
 
 from __future__ import annotations
 
+import io
 import json
-import pathlib
 from typing import Any
 
 import numpy as np
 
+from fedspa_jax import paths
 from fedspa_jax.client_stats import label_order
 from fedspa_jax.logging_utils import read_metrics
 
@@ -40,20 +41,21 @@ def _line_axes(fig):
   return ax
 
 
-def _save(fig, path: pathlib.Path) -> pathlib.Path:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path)
+def _save(fig, path: paths.Path) -> paths.Path:
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png")
+  paths.write_bytes(path, buffer.getvalue())
   return path
 
 
-def load_run(run_dir: str | pathlib.Path) -> dict[str, Any]:
+def load_run(run_dir: paths.PathLike) -> dict[str, Any]:
   """A run folder's records, summary (may be None for an unfinished run) and client arrays (None if absent)."""
-  run_dir = pathlib.Path(run_dir)
+  run_dir = paths.as_path(run_dir)
   if not (run_dir / "metrics.jsonl").is_file():
     raise FileNotFoundError(f"{run_dir} holds no metrics.jsonl; is it a fedspa-jax run folder?")
   summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else None
   config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else {}
-  clients = dict(np.load(run_dir / "clients.npz")) if (run_dir / "clients.npz").is_file() else None
+  clients = paths.load_npz(run_dir / "clients.npz") if (run_dir / "clients.npz").is_file() else None
   return {
       "dir": run_dir,
       "label": (summary or {}).get("algorithm") or config.get("algorithm") or run_dir.name,
@@ -70,7 +72,7 @@ def _labels(runs: list[dict[str, Any]]) -> list[str]:
   return labels
 
 
-def plot_accuracy_vs_round(runs: list[dict[str, Any]], path: pathlib.Path) -> pathlib.Path:
+def plot_accuracy_vs_round(runs: list[dict[str, Any]], path: paths.Path) -> paths.Path:
   """Mean personalized accuracy per evaluated round, with the p10-p90 band over clients."""
   fig = _figure()
   ax = _line_axes(fig)
@@ -86,7 +88,7 @@ def plot_accuracy_vs_round(runs: list[dict[str, Any]], path: pathlib.Path) -> pa
   return _save(fig, path)
 
 
-def plot_accuracy_vs_bytes(runs: list[dict[str, Any]], path: pathlib.Path) -> pathlib.Path:
+def plot_accuracy_vs_bytes(runs: list[dict[str, Any]], path: paths.Path) -> paths.Path:
   """Mean personalized accuracy against cumulative bytes communicated (up + down, all clients)."""
   fig = _figure()
   ax = _line_axes(fig)
@@ -100,7 +102,7 @@ def plot_accuracy_vs_bytes(runs: list[dict[str, Any]], path: pathlib.Path) -> pa
   return _save(fig, path)
 
 
-def plot_client_accuracy(runs: list[dict[str, Any]], path: pathlib.Path) -> pathlib.Path:
+def plot_client_accuracy(runs: list[dict[str, Any]], path: paths.Path) -> paths.Path:
   """Distribution of the final per-client accuracies (histogram for one run, box plots to compare)."""
   fig = _figure()
   ax = fig.add_subplot()
@@ -119,7 +121,7 @@ def plot_client_accuracy(runs: list[dict[str, Any]], path: pathlib.Path) -> path
   return _save(fig, path)
 
 
-def plot_mask_hamming(clients: dict[str, np.ndarray], path: pathlib.Path, title: str = "") -> pathlib.Path:
+def plot_mask_hamming(clients: dict[str, np.ndarray], path: paths.Path, title: str = "") -> paths.Path:
   """Heatmap of pairwise mask distances, clients ordered by label distribution (dominant class marked)."""
   distance, active, counts = clients["hamming"], clients["active"], clients["label_counts"]
   order = label_order(counts)
@@ -138,24 +140,24 @@ def plot_mask_hamming(clients: dict[str, np.ndarray], path: pathlib.Path, title:
   return _save(fig, path)
 
 
-def plot_run(run_dir: str | pathlib.Path, out_dir: str | pathlib.Path | None = None) -> list[pathlib.Path]:
+def plot_run(run_dir: paths.PathLike, out_dir: paths.PathLike | None = None) -> list[paths.Path]:
   """All figures of one run, written into `out_dir` (default: the run folder)."""
   run = load_run(run_dir)
-  out = pathlib.Path(out_dir or run["dir"])
-  paths = [plot_accuracy_vs_round([run], out / FILES["round"]), plot_accuracy_vs_bytes([run], out / FILES["bytes"])]
+  out = paths.as_path(out_dir or run["dir"])
+  written = [plot_accuracy_vs_round([run], out / FILES["round"]), plot_accuracy_vs_bytes([run], out / FILES["bytes"])]
   if run["summary"] is not None:
-    paths.append(plot_client_accuracy([run], out / FILES["clients"]))
+    written.append(plot_client_accuracy([run], out / FILES["clients"]))
   if run["clients"] is not None and "hamming" in run["clients"]:
-    paths.append(plot_mask_hamming(run["clients"], out / FILES["hamming"], f"{run['label']}: mask Hamming distance"))
-  return paths
+    written.append(plot_mask_hamming(run["clients"], out / FILES["hamming"], f"{run['label']}: mask Hamming distance"))
+  return written
 
 
-def plot_runs(run_dirs: list[str | pathlib.Path], out_dir: str | pathlib.Path) -> list[pathlib.Path]:
+def plot_runs(run_dirs: list[paths.PathLike], out_dir: paths.PathLike) -> list[paths.Path]:
   """Comparison figures of several runs (one line or box per run) into `out_dir`."""
   runs = [load_run(d) for d in run_dirs]
-  out = pathlib.Path(out_dir)
-  paths = [plot_accuracy_vs_round(runs, out / FILES["round"]), plot_accuracy_vs_bytes(runs, out / FILES["bytes"])]
+  out = paths.as_path(out_dir)
+  written = [plot_accuracy_vs_round(runs, out / FILES["round"]), plot_accuracy_vs_bytes(runs, out / FILES["bytes"])]
   finished = [r for r in runs if r["summary"] is not None]
   if finished:
-    paths.append(plot_client_accuracy(finished, out / FILES["clients"]))
-  return paths
+    written.append(plot_client_accuracy(finished, out / FILES["clients"]))
+  return written

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pathlib
 from typing import Any
 
 import jax
 import numpy as np
 
-from fedspa_jax import accounting, client_stats, distributed
+from fedspa_jax import accounting, client_stats, distributed, paths
 from fedspa_jax import data as data_lib
 from fedspa_jax.config import Config
 from fedspa_jax.evaluation import protocol_names
@@ -132,7 +131,7 @@ def round_time(seconds: float) -> float:
 
 
 def run_summary(config: Config, algo: Any, data: data_lib.FederatedData, ev: dict[str, Any],
-                history: list[dict[str, Any]], totals: Totals, workdir: pathlib.Path, state: Any = None
+                history: list[dict[str, Any]], totals: Totals, workdir: paths.PathLike, state: Any = None
                 ) -> dict[str, Any]:
   """summary.json of a complete run: final and best accuracy (of every protocol evaluated), per-client final
   accuracies, totals, the client store's size, device."""

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pathlib
 import time
 from typing import Any, Callable
 
@@ -26,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedspa_jax import algorithms, distributed, models, preemption
+from fedspa_jax import algorithms, distributed, models, paths, preemption
 from fedspa_jax import config as config_lib
 from fedspa_jax import data as data_lib
 from fedspa_jax.config import Config, ConfigError
@@ -116,7 +115,7 @@ class Run:
   """
 
   config: Config
-  workdir: pathlib.Path
+  workdir: paths.Path
   algo: Any
   data: data_lib.FederatedData
   name: str = ""
@@ -370,9 +369,9 @@ def finish(batch: Batch, state: Any, ev: dict[str, Any] | None) -> list[dict[str
       summary = run_summary(run.config, run.algo, run.data, ev_j, run.history, run.totals, run.workdir, state_j)
       clients = client_arrays(run.algo, state_j, run.data, ev_j)  # every process: a collective
       if distributed.is_primary():
-        np.savez(run.workdir / "clients.npz", **clients)
+        paths.save_npz(run.workdir / "clients.npz", **clients)
     if distributed.is_primary():
-      (run.workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+      paths.write_text(run.workdir / "summary.json", json.dumps(summary, indent=2) + "\n")
     summaries.append(summary)
   return summaries
 

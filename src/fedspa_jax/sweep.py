@@ -42,9 +42,7 @@ import collections.abc
 import dataclasses
 import functools
 import json
-import pathlib
 import re
-import shutil
 import time
 from typing import Any, Callable, Sequence
 
@@ -54,7 +52,7 @@ import numpy as np
 
 from fedspa_jax import config as config_lib
 from fedspa_jax import data as data_lib
-from fedspa_jax import preemption, runner
+from fedspa_jax import paths, preemption, runner
 from fedspa_jax import resume as resume_lib
 from fedspa_jax.checkpoint import Checkpointer, LayoutMismatch
 from fedspa_jax.config import Config, ConfigError
@@ -175,10 +173,11 @@ def make_sweep_evaluate(evaluate_fn: Callable, *, over_lrs: bool = False) -> Cal
   return jax.jit(jax.vmap(evaluate, in_axes=(STATE_AXES, None, None)) if over_lrs else evaluate)
 
 
-def _prepare_folder(workdir: pathlib.Path, config: Config, overwrite: bool, resume: bool) -> None:
+def _prepare_folder(workdir: paths.Path, config: Config, overwrite: bool, resume: bool) -> None:
   """Makes the sweep folder ready: refuses to mix two runs, clears it for `overwrite`, checks `resume`'s config."""
   if resume and overwrite:
     raise ConfigError("choose one of resume and overwrite")
+  paths.check_writable(workdir)
   seed_dirs = [p for p in workdir.glob("*_*") if p.is_dir() and (SEED_DIR.fullmatch(p.name) or
                                                                    LR_DIR.fullmatch(p.name))]
   held = [name for name in RUN_MARKERS if (workdir / name).exists()] + [p.name for p in seed_dirs]
@@ -197,11 +196,8 @@ def _prepare_folder(workdir: pathlib.Path, config: Config, overwrite: bool, resu
         "it, or choose another --out"
     )
   for target in [workdir / name for name in OUTPUTS] + seed_dirs:
-    if target.is_dir():
-      shutil.rmtree(target)
-    elif target.exists():
-      target.unlink()
-  workdir.mkdir(parents=True, exist_ok=True)
+    paths.remove(target)
+  paths.make_dirs(workdir)
 
 
 def _mean_std(values: Sequence[float | None]) -> dict[str, Any] | None:
@@ -211,7 +207,7 @@ def _mean_std(values: Sequence[float | None]) -> dict[str, Any] | None:
   return {"mean": float(a.mean()), "std": float(a.std()), "min": float(a.min()), "max": float(a.max())}
 
 
-def sweep_summary(config: Config, seeds: tuple[int, ...], summaries: list[dict[str, Any]], workdir: pathlib.Path,
+def sweep_summary(config: Config, seeds: tuple[int, ...], summaries: list[dict[str, Any]], workdir: paths.Path,
                   wall_time: float) -> dict[str, Any]:
   """summary.json of a sweep: per-seed final mean accuracies and mean ± std over seeds.
 
@@ -300,7 +296,7 @@ def make_lr_sweep_round(config: Config, data: data_lib.FederatedData) -> Callabl
 def sweep(
     config: Config,
     seeds: Sequence[int],
-    workdir: str | pathlib.Path | None = None,
+    workdir: paths.PathLike | None = None,
     *,
     lrs: Sequence[float] | None = None,
     echo: Callable[[str], None] | None = print,
@@ -345,7 +341,7 @@ def sweep(
   if lr_list is not None and config.hparams.get("optimizer") is not None:
     raise ConfigError("a sweep over lrs needs the default SGD optimizer (hparams.optimizer is set)")
   grid = [None] if lr_list is None else list(lr_list)  # the lr axis; None: the config's lr, no axis
-  workdir = pathlib.Path(workdir) if workdir is not None else default_workdir(
+  workdir = paths.as_path(workdir) if workdir is not None else default_workdir(
       dataclasses.replace(config, algorithm=f"{config.algorithm}-sweep"))
   _prepare_folder(workdir, config, overwrite, resume)
   try:  # data options, model/data fit: input errors, found before compilation
@@ -402,9 +398,9 @@ def sweep(
     result = per_lr[0]
   else:
     for lr_dir, summary in zip(lr_dirs, per_lr):
-      (lr_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+      paths.write_text(lr_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     result = lr_sweep_summary(config, seeds, grid, per_lr, workdir, wall)
-  (workdir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+  paths.write_text(workdir / "summary.json", json.dumps(result, indent=2) + "\n")
   return result
 
 
@@ -425,15 +421,15 @@ def _restore(ckpt: Checkpointer, latest: int, batch: runner.Batch, expected: dic
     run.history, run.totals, run.diverged = saved["history"], Totals(**saved["totals"]), saved["diverged"]
 
 
-def _write_configs(config: Config, lrs: tuple[float, ...] | None, runs: list[runner.Run], workdir: pathlib.Path):
+def _write_configs(config: Config, lrs: tuple[float, ...] | None, runs: list[runner.Run], workdir: paths.Path):
   """config.json of the sweep (with "lrs"), of each lr folder and of each run; each run's metrics.jsonl (with the
   history a resumed run has)."""
-  write = lambda path, record: path.write_text(json.dumps(record, indent=2) + "\n")
+  write = lambda path, record: paths.write_text(path, json.dumps(record, indent=2) + "\n")
   write(workdir / "config.json", {**config.to_dict(), config_lib.RESOLVED_KEY: jsonable(runs[0].algo.hparams),
                                   **({} if lrs is None else {"lrs": list(lrs)})})
   for j, run in enumerate(runs):
     resolved = jsonable(run.algo.hparams)
-    run.workdir.mkdir(parents=True, exist_ok=True)
+    paths.make_dirs(run.workdir)
     if lrs is not None and j % (len(runs) // len(lrs)) == 0:  # the lr's folder, with its first seed
       write(run.workdir.parent / "config.json", {**run.config.to_dict(), "seed": config.seed,
                                                   config_lib.RESOLVED_KEY: resolved})
@@ -472,7 +468,7 @@ def _make_batch(config: Config, runs: list[runner.Run], lrs: list[float] | None,
 
 
 def lr_sweep_summary(config: Config, seeds: tuple[int, ...], lrs: list[float], per_lr: list[dict[str, Any]],
-                     workdir: pathlib.Path, wall_time: float) -> dict[str, Any]:
+                     workdir: paths.Path, wall_time: float) -> dict[str, Any]:
   """summary.json of a sweep over lrs: each lr's summary over seeds, and the lr with the best mean final accuracy.
 
   The best lr is chosen on the same seeds it is reported on; for an unbiased number, rerun it on other seeds.
