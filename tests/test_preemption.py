@@ -256,3 +256,17 @@ def test_a_loop_that_can_stop_must_save():
   batch = runner.Batch(runs=[], state=None, data=None, round_fn=None, evaluate=None)
   with pytest.raises(ValueError, match="needs `save`"):
     runner.loop(batch, end=1, stopper=preemption.Stopper())
+
+
+def test_a_stopped_comparison_resumes_and_completes(tmp_path):
+  from fedspa_jax import compare
+
+  cfg = dataclasses.replace(config(), rounds=4, eval_every=2)
+  out = tmp_path / "cmp"
+  with pytest.raises(preemption.Stopped) as stopped:
+    compare.run(cfg, ["fedspa", "fedavg"], out, echo=None, progress=False, write_plots=False, stopper=StopAt(2))
+  assert stopped.value.round == 2 and (out / "fedspa" / "checkpoints" / "2").is_dir()
+  assert not (out / "fedavg").exists() and not (out / "comparison.md").exists()
+  summaries = compare.run(cfg, ["fedspa", "fedavg"], out, echo=None, progress=False, write_plots=False, resume=True)
+  assert [s["status"] for s in summaries] == ["complete", "complete"]
+  assert [r["round"] for r in records(out / "fedspa")] == [2, 4] and (out / "comparison.md").is_file()
