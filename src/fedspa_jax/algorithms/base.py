@@ -133,7 +133,7 @@ class Common:
       raise ValueError(f"cohort_sampling must be one of {population.SAMPLINGS}, got {self.cohort_sampling!r}")
     if self.cohort_strata is not None:
       check_positive_int("cohort_strata", self.cohort_strata)
-    target_platform(self.mesh, self.platform)  # validates platform against the mesh
+    check_platform(self.mesh, self.platform)
     if not (isinstance(self.server_lr, (int, float)) and self.server_lr > 0):
       raise ValueError(f"server_lr must be > 0, got {self.server_lr!r}")
     make_optimizer(self.optimizer, self.lr, self.momentum, self.weight_decay)  # validates lr and momentum
@@ -181,13 +181,20 @@ def target_platform(mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None =
   Returns:
     One of `PLATFORMS`.
   """
-  if platform is not None and platform not in PLATFORMS:
+  check_platform(mesh, platform)
+  return platform or mesh_platform(mesh) or jax.default_backend()
+
+
+def check_platform(mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None, platform: str | None) -> None:
+  """Clear errors for an unknown `platform` or one that the mesh's devices contradict (no backend is started)."""
+  if platform is None:
+    return
+  if platform not in PLATFORMS:
     raise ValueError(f"platform must be one of {PLATFORMS} (or None: the mesh's or the default backend), "
                      f"got {platform!r}")
   on_mesh = mesh_platform(mesh)
-  if platform is not None and on_mesh is not None and accelerator_kind(platform) != accelerator_kind(on_mesh):
+  if on_mesh is not None and accelerator_kind(platform) != accelerator_kind(on_mesh):
     raise ValueError(f"platform {platform!r} does not match the mesh's devices, which are {on_mesh!r}")
-  return platform or on_mesh or jax.default_backend()
 
 
 def mesh_platform(mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None) -> str | None:
