@@ -4,14 +4,16 @@ One FedSpa round, one FedAvg round and one FedSpa evaluation of LeNet-5 (so ther
 for each platform, on one device and over an abstract mesh of 8 devices (`jax.sharding.AbstractMesh`: the devices
 need not exist). Each exported module is read as text (StableHLO) and must show what its platform should run:
 native convolutions and no im2col on accelerators, the reverse on CPU; no host callback, no custom call outside a
-short allowlist, no effects. A last test proves that no Python-level choice from the host's backend leaks into a
-program exported for another platform.
+short allowlist, no effects. (`jax.export` itself refuses host callbacks: "serialization of host_callbacks is not
+yet implemented".) A last test proves that no Python-level choice from the host's backend leaks into a program
+exported for another platform. The mesh's state and data are shapes with shardings: an `AbstractMesh` holds no
+arrays, so `init` and `place` cannot run on it; the shapes are those of the single-device state (8 clients on 8
+devices need no padding) and the blocks `population.place` would build.
 """
 
 import re
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import export
@@ -27,6 +29,10 @@ from fedspa_jax.models.conv import IM2COL_SCOPE
 NUM_CLIENTS = 8  # a multiple of the mesh's 8 devices: the sharded store has the single-device shapes
 DEVICES = 8
 HPARAMS = dict(clients_per_round=4, local_epochs=None, local_steps=2, batch_size=4, rounds=5)
+OWN_HPARAMS = {"fedspa": dict(density=0.5), "fedavg": {}}
+# The programs exported: (algorithm, its pure function), the functions the engine jits.
+PROGRAMS = {"fedspa_round": ("fedspa", "round_fn"), "fedavg_round": ("fedavg", "round_fn"),
+            "fedspa_evaluate": ("fedspa", "evaluate_fn")}
 PLATFORMS = ("cpu", "cuda", "tpu")
 # Custom calls a program may hold on any platform: the partitioner's own markers (shard_map, sharding hints).
 PORTABLE_CUSTOM_CALLS = {"Sharding", "SPMDFullToShardShape", "SPMDShardToFullShape"}
@@ -82,11 +88,6 @@ def abstract_placed(data, mesh) -> population.PlacedData:
 
   return population.PlacedData(train=split(data.train), test=split(data.test), placement=placement,
                                num_classes=data.num_classes, name=data.name, mean=data.mean, std=data.std)
-
-
-OWN_HPARAMS = {"fedspa": dict(density=0.5), "fedavg": {}}
-PROGRAMS = {"fedspa_round": ("fedspa", "round_fn"), "fedavg_round": ("fedavg", "round_fn"),
-            "fedspa_evaluate": ("fedspa", "evaluate_fn")}
 
 
 def build(model, layout: str, platform: str) -> dict:
