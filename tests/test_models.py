@@ -107,9 +107,35 @@ def test_lenet5_cifar_count():
 
 def test_resolve_conv():
   assert conv_lib.resolve_conv("auto") == ("im2col" if jax.default_backend() == "cpu" else "xla")
-  assert conv_lib.resolve_conv("xla") == "xla"
-  with pytest.raises(ValueError, match="unknown conv"):
-    conv_lib.resolve_conv("winograd")
+  assert [conv_lib.resolve_conv("auto", p) for p in ("cpu", "cuda", "rocm", "tpu")] == ["im2col"] + ["xla"] * 3
+  assert conv_lib.resolve_conv("xla", "cpu") == "xla" and conv_lib.resolve_conv("im2col", "tpu") == "im2col"
+  for bad in (conv_lib.resolve_conv, conv_lib.conv_cls, lambda c: models.get("lenet5", 10, conv=c).init(
+      jax.random.key(0), jnp.zeros((1, 28, 28, 1)))):
+    with pytest.raises(ValueError, match="unknown conv"):
+      bad("winograd")
+
+
+def test_auto_conv_is_im2col_on_cpu_through_grad_and_vmap():
+  """conv="auto" stages out both implementations and keeps im2col when lowered for CPU: per-client values and
+  gradients under vmap are bitwise those of conv="im2col" (the program XLA compiles is the same)."""
+  x = jax.random.normal(jax.random.key(0), (3, 4, 12, 12, 3))
+  w = jax.random.normal(jax.random.key(1), (3, 5, 5, 3, 8))
+
+  def loss(conv_fn, x, w):
+    return jnp.sum(jnp.sin(conv_fn(x, w, (1, 1), "SAME", dimension_numbers=DN)))
+
+  run = lambda conv_fn: jax.jit(jax.vmap(jax.value_and_grad(functools.partial(loss, conv_fn), (0, 1))))(x, w)
+  auto, im2col = run(conv_lib.conv_general_dilated_auto), run(conv_lib.conv_general_dilated_im2col)
+  for a, b in zip(jax.tree.leaves(auto), jax.tree.leaves(im2col)):
+    np.testing.assert_array_equal(a, b)
+  # Both branches are in the program until it is lowered: a platform-dependent cond, one convolution inside.
+  jaxpr = jax.make_jaxpr(functools.partial(loss, conv_lib.conv_general_dilated_auto))(x[0], w[0]).jaxpr
+  (cond,) = [e for e in jaxpr.eqns if e.primitive.name == "cond"]
+  assert cond.params["branches_platforms"] == (("cpu",), None)
+  names = [{e.primitive.name for e in branch.jaxpr.eqns} for branch in cond.params["branches"]]
+  assert "conv_general_dilated" not in names[0] and "dot_general" in names[0]
+  assert "conv_general_dilated" in names[1]
+  assert conv_lib.conv_cls("auto") is conv_lib.AutoConv
 
 
 def _conv_case(c_in, stride, padding, kernel=3, c_out=4, groups=1, size=9, batch=2, method="auto"):

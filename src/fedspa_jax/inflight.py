@@ -79,7 +79,7 @@ PACER = Pacer()
 
 def needs_pacing(mesh: Mesh | None) -> bool:
   """Whether programs over `mesh` must be paced: it has more than one device, and they are CPU devices."""
-  return mesh is not None and mesh.devices.size > 1 and any(d.platform == "cpu" for d in mesh.devices.flat)
+  return isinstance(mesh, Mesh) and mesh.devices.size > 1 and any(d.platform == "cpu" for d in mesh.devices.flat)
 
 
 class Paced:

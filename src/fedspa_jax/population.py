@@ -42,7 +42,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 from fedspa_jax.data.federated import ClientSplit, FederatedData
 
@@ -94,7 +94,8 @@ class Placement:
 def make_placement(num_clients: int, mesh: Mesh | None, strata: int | None = None) -> Placement:
   """The placement of K clients on `mesh` (1 shard without one), with `strata` (default: the number of shards)."""
   shards = 1 if mesh is None else mesh.shape[CLIENT_AXIS]
-  devices = () if mesh is None else tuple(int(device.id) for device in mesh.devices.flat)
+  concrete = mesh is not None and not isinstance(mesh, AbstractMesh)  # an AbstractMesh has no devices
+  devices = tuple(int(device.id) for device in mesh.devices.flat) if concrete else ()
   return Placement(num_clients, shards, shards if strata is None else strata, devices)
 
 

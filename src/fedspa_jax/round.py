@@ -25,7 +25,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import AxisType, Mesh, PartitionSpec
+from jax.sharding import AbstractMesh, AxisType, Mesh, PartitionSpec
 
 from fedspa_jax.population import (CLIENT_AXIS, Placement, make_placement, sample_cohort, sample_strata,
                                    sample_stratified)
@@ -108,8 +108,8 @@ def check_mesh(mesh: Mesh | None) -> None:
   """The population is sharded over a mesh axis named "clients"."""
   if mesh is None:
     return
-  if not isinstance(mesh, Mesh):
-    raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+  if not isinstance(mesh, (Mesh, AbstractMesh)):  # an AbstractMesh: for programs exported or lowered, not run
+    raise TypeError(f"mesh must be a jax.sharding.Mesh (or an AbstractMesh to export for), got {type(mesh).__name__}")
   if CLIENT_AXIS not in mesh.axis_names:
     raise ValueError(f'the mesh needs an axis named "{CLIENT_AXIS}", got axes {mesh.axis_names}')
   axis_type = dict(zip(mesh.axis_names, mesh.axis_types))[CLIENT_AXIS]

@@ -81,18 +81,23 @@ class Common:
     server_lr: server learning rate eta_s.
     mesh: optional `jax.sharding.Mesh` with a "clients" axis: the client population (store and data) is sharded
       over it, each device holding and training its own block of clients (`fedspa_jax.population`); pass the
-      data through `algo.place(data)` first.
+      data through `algo.place(data)` first. A `jax.sharding.AbstractMesh` (axis sizes, no devices) builds the
+      same programs to export or lower for devices this machine lacks (`round_fn` and `evaluate_fn` on shapes;
+      `init` and `place` need devices); tests/test_export.py shows how.
     eval_clients_per_batch: clients evaluated together (memory bound of `evaluate`).
     cohort_batch: clients vmapped together. The cohort is sorted by size and run as `lax.map` over groups of this
       many clients, each group costing its own largest client's steps (see `fedspa_jax.round`); None runs the
-      whole cohort as one vmapped group. "auto" (default): 1 on CPU, where vmapped lanes bring no speed and skewed
-      sizes cost up to 2x (docs/benchmarks.md), None on accelerators, which need the lanes to fill the device.
-      With `mesh`, per device.
+      whole cohort as one vmapped group. "auto" (default): 1 when the programs are for CPU, where vmapped lanes
+      bring no speed and skewed sizes cost up to 2x (docs/benchmarks.md), None for accelerators, which need the
+      lanes to fill the device (`target_platform` says which). With `mesh`, per device.
     cohort_sampling: "uniform" (S of the K clients without replacement) or "stratified" (S / T from each of T
       equal strata of consecutive ids; with a mesh, each device samples its own clients and no sample moves); see
       `fedspa_jax.population`.
     cohort_strata: T for "stratified" (default: the devices on the mesh's client axis, 1 without a mesh); a
       multiple of them that divides K and `clients_per_round`.
+    platform: the platform the programs are built for, one of `PLATFORMS`; only `cohort_batch="auto"` reads it.
+      None (default): the mesh's devices' (an `AbstractMesh`'s `abstract_device`), else `jax.default_backend()`.
+      Set it to export (`jax.export`) or cross-compile a program on one platform for another.
   """
 
   clients_per_round: int = 10
@@ -113,6 +118,7 @@ class Common:
   cohort_batch: int | str | None = "auto"
   cohort_sampling: str = "uniform"
   cohort_strata: int | None = None
+  platform: str | None = None
 
   def __post_init__(self):
     check_positive_int("clients_per_round", self.clients_per_round)
@@ -127,6 +133,7 @@ class Common:
       raise ValueError(f"cohort_sampling must be one of {population.SAMPLINGS}, got {self.cohort_sampling!r}")
     if self.cohort_strata is not None:
       check_positive_int("cohort_strata", self.cohort_strata)
+    check_platform(self.mesh, self.platform)
     if not (isinstance(self.server_lr, (int, float)) and self.server_lr > 0):
       raise ValueError(f"server_lr must be > 0, got {self.server_lr!r}")
     make_optimizer(self.optimizer, self.lr, self.momentum, self.weight_decay)  # validates lr and momentum
@@ -151,13 +158,70 @@ class Common:
     )
 
   def as_dict(self) -> dict[str, Any]:
-    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("optimizer", "mesh")}
+    """The hyperparameters a run records. Not the mesh or platform: they say where the programs run, and results
+    do not depend on them; nor the optimizer, an object."""
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+            if f.name not in ("optimizer", "mesh", "platform")}
 
 
-def resolve_cohort_batch(cohort_batch: int | str | None) -> int | None:
-  """`cohort_batch` with "auto" resolved for the default backend: 1 on CPU, the whole cohort (None) elsewhere."""
+# The platforms a program can be built for: jax.export's names, and "gpu" as `jax.default_backend()` says on CUDA.
+PLATFORMS = ("cpu", "cuda", "rocm", "gpu", "tpu")
+
+
+def target_platform(mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
+                    platform: str | None = None) -> str:
+  """The platform the programs are built for: `platform`, else the mesh's devices', else `jax.default_backend()`.
+
+  Args:
+    mesh: the algorithm's mesh, if any: a `Mesh` names its devices' platform; an `AbstractMesh` names one only
+      when built with an `abstract_device`.
+    platform: an explicit choice, one of `PLATFORMS` (for exports and cross-compilation); it must agree with a
+      mesh that names a platform.
+
+  Returns:
+    One of `PLATFORMS`.
+  """
+  check_platform(mesh, platform)
+  return platform or mesh_platform(mesh) or jax.default_backend()
+
+
+def check_platform(mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None, platform: str | None) -> None:
+  """Clear errors for an unknown `platform` or one that the mesh's devices contradict (no backend is started)."""
+  if platform is None:
+    return
+  if platform not in PLATFORMS:
+    raise ValueError(f"platform must be one of {PLATFORMS} (or None: the mesh's or the default backend), "
+                     f"got {platform!r}")
+  on_mesh = mesh_platform(mesh)
+  if on_mesh is not None and accelerator_kind(platform) != accelerator_kind(on_mesh):
+    raise ValueError(f"platform {platform!r} does not match the mesh's devices, which are {on_mesh!r}")
+
+
+def mesh_platform(mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None) -> str | None:
+  """The platform of a mesh's devices (an `AbstractMesh`'s `abstract_device`); None when it names none."""
+  if isinstance(mesh, jax.sharding.Mesh):
+    return mesh.devices.flat[0].platform
+  device = getattr(mesh, "abstract_device", None)
+  return None if device is None else device.platform
+
+
+def accelerator_kind(platform: str) -> str:
+  """"gpu" for the GPU platforms' names ("cuda", "rocm", "gpu"), the name itself for the others."""
+  return "gpu" if platform in ("cuda", "rocm", "gpu") else platform
+
+
+def resolve_cohort_batch(cohort_batch: int | str | None, platform: str) -> int | None:
+  """`cohort_batch` with "auto" resolved for the programs' platform: 1 on "cpu", the whole cohort (None) elsewhere.
+
+  Args:
+    cohort_batch: "auto", None or a positive int (`Common.cohort_batch`).
+    platform: the platform the programs are built for (`target_platform`).
+
+  Returns:
+    The clients vmapped together, as `round.make_round` takes it.
+  """
   if cohort_batch == "auto":
-    return 1 if jax.default_backend() == "cpu" else None
+    return 1 if platform == "cpu" else None
   return cohort_batch
 
 
@@ -341,6 +405,7 @@ def assemble(
           participation=jnp.zeros((data.num_clients,), jnp.int32),
       )
     check_model_fits(model, data)
+    check_devices(mesh, "init")
     return init_sharded(key, data)
 
   def init_sharded(key, data):
@@ -382,6 +447,7 @@ def assemble(
     """The data as the round takes it: on the device, or laid out over the mesh (`population.place`)."""
     if mesh is None:
       return jax.device_put(data)
+    check_devices(mesh, "place")
     return population.place(data, mesh, common.cohort_strata)
 
   def check(state, data):
@@ -408,7 +474,7 @@ def assemble(
         weighting=common.weighting,
         server_optimizer=server_optimizer,
         mesh=mesh,
-        cohort_batch=resolve_cohort_batch(common.cohort_batch),
+        cohort_batch=resolve_cohort_batch(common.cohort_batch, target_platform(mesh, common.platform)),
         sampling=common.cohort_sampling,
         strata=common.cohort_strata,
         encode=layout.encode,
@@ -530,6 +596,13 @@ def assemble(
       place=place,
       protocol=protocol,
   )
+
+
+def check_devices(mesh: Any, what: str) -> None:
+  """Raises TypeError when `what` would put arrays on an `AbstractMesh`, which has no devices to hold them."""
+  if isinstance(mesh, jax.sharding.AbstractMesh):
+    raise TypeError(f"{what} needs devices, but this algorithm's mesh is an AbstractMesh (for exporting or lowering "
+                    "round_fn and evaluate_fn on shapes); build it with a jax.sharding.Mesh to run it")
 
 
 def psum_held(a: jax.Array, held: jax.Array) -> jax.Array:

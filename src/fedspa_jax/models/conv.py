@@ -12,7 +12,10 @@ Toeplitz") kernel matrix `[kh * W_pad * C_in, W_out * C_out]` built from the ker
 FLOPs of im2col but writes ~kw times less, and CPUs here have ~30x more matmul FLOP/s than memory bytes/s;
 `method="auto"` picks per layer by a small cost model (`_prefer_rows`).
 
-On GPU/TPU XLA's own convolution is the fast one; `resolve_conv("auto")` picks per backend.
+On GPU/TPU XLA's own convolution is the fast one. `conv="auto"` (`conv_general_dilated_auto`) stages out both and
+lets the program's target platform pick (`lax.platform_dependent`): im2col when it is lowered for CPU, XLA's
+convolution for CUDA, ROCm and TPU. The choice is made where the program is lowered, not where it is traced, so a
+program exported (`jax.export`) or cross-compiled on a CPU host for an accelerator holds native convolutions.
 """
 
 from __future__ import annotations
@@ -152,9 +155,15 @@ def conv_general_dilated_im2col(
         batch_group_count=batch_group_count, precision=precision,
         preferred_element_type=preferred_element_type)
 
+  # The scope names every op of this path in the program's locations, so a test can tell an im2col program apart.
+  with jax.named_scope(IM2COL_SCOPE):
+    return _im2col(lhs, rhs, window_strides, padding, feature_group_count, precision, preferred_element_type, method)
+
+
+def _im2col(lhs, rhs, window_strides, padding, groups, precision, preferred_element_type, method):
+  """The NHWC/HWIO body of `conv_general_dilated_im2col`, without the fallbacks."""
   batch, height, width, c_in = lhs.shape
   kh, kw, c_in_group, c_out = rhs.shape
-  groups = feature_group_count
   if c_in_group * groups != c_in:
     raise ValueError(f"input channels {c_in} != kernel input channels {c_in_group} x groups {groups}")
   sh, sw = window_strides
@@ -187,6 +196,23 @@ def conv_general_dilated_im2col(
   return y.reshape(batch, h_out, w_out, c_out)
 
 
+def conv_general_dilated_auto(lhs: jax.Array, rhs: jax.Array, *args, **kwargs) -> jax.Array:
+  """`lax.conv_general_dilated` computed by im2col on CPU and by XLA's convolution on every other platform.
+
+  Both are traced; the platform the program is lowered for keeps one (`lax.platform_dependent`), so XLA never sees
+  the other. Gradients and `vmap` go through the kept branch as through a direct call.
+
+  Args:
+    lhs, rhs, *args, **kwargs: as `lax.conv_general_dilated`.
+
+  Returns:
+    The convolution, as `lax.conv_general_dilated` returns it.
+  """
+  im2col = lambda lhs, rhs: conv_general_dilated_im2col(lhs, rhs, *args, **kwargs)
+  native = lambda lhs, rhs: lax.conv_general_dilated(lhs, rhs, *args, **kwargs)
+  return lax.platform_dependent(lhs, rhs, cpu=im2col, default=native)
+
+
 class Im2ColConv:
   """Zero-argument factory for flax's `nn.Conv(conv_general_dilated_cls=...)`; calls return the im2col conv."""
 
@@ -201,18 +227,36 @@ class XlaConv:
     return lax.conv_general_dilated(*args, **kwargs)
 
 
+class AutoConv:
+  """Zero-argument factory for flax's `nn.Conv(conv_general_dilated_cls=...)`: per target platform (see module)."""
+
+  def __call__(self, *args, **kwargs):
+    return conv_general_dilated_auto(*args, **kwargs)
+
+
 CONV_CHOICES = ("auto", "im2col", "xla")
+IM2COL_SCOPE = "im2col_conv"
 
 
-def resolve_conv(conv: str = "auto") -> str:
-  """Maps a `conv` choice to a concrete one: "auto" is "im2col" on CPU and "xla" on GPU/TPU."""
+def resolve_conv(conv: str = "auto", platform: str | None = None) -> str:
+  """The implementation a `conv` choice runs on `platform` (default: `jax.default_backend()`), for reports.
+
+  Args:
+    conv: "auto", "im2col" or "xla".
+    platform: "cpu", "cuda", "rocm", "tpu" (or "gpu"); "auto" is "im2col" on "cpu" and "xla" on the others.
+
+  Returns:
+    "im2col" or "xla".
+  """
   if conv not in CONV_CHOICES:
     raise ValueError(f"unknown conv {conv!r}; choose one of {CONV_CHOICES}")
   if conv == "auto":
-    return "im2col" if jax.default_backend() == "cpu" else "xla"
+    return "im2col" if (platform or jax.default_backend()) == "cpu" else "xla"
   return conv
 
 
 def conv_cls(conv: str = "auto") -> Callable[[], Callable[..., jax.Array]]:
   """The `conv_general_dilated_cls` to give `nn.Conv` for a `conv` choice ("auto", "im2col" or "xla")."""
-  return {"im2col": Im2ColConv, "xla": XlaConv}[resolve_conv(conv)]
+  if conv not in CONV_CHOICES:
+    raise ValueError(f"unknown conv {conv!r}; choose one of {CONV_CHOICES}")
+  return {"auto": AutoConv, "im2col": Im2ColConv, "xla": XlaConv}[conv]
