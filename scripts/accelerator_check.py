@@ -31,10 +31,10 @@ cohort does not fit in device memory (by the compiled program's memory analysis)
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import dataclasses
+import importlib.metadata
+import inspect
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -177,6 +177,29 @@ def build(name: str, model_name: str, cohort: int, cohort_batch, sizes: Sizes, l
                            lr=lr, rounds=sizes.rounds + 2, cohort_batch=cohort_batch, **hparams)
 
 
+def vmapped_group(cohort: int, cohort_batch) -> int:
+  """Clients vmapped together in the round's program, with "auto" resolved as the algorithms do on this backend."""
+  # resolve_cohort_batch takes the target platform once the export work of issue 19 lands; before, only the choice.
+  with_platform = "platform" in inspect.signature(resolve_cohort_batch).parameters
+  resolved = resolve_cohort_batch(cohort_batch, jax.default_backend()) if with_platform else (
+      resolve_cohort_batch(cohort_batch))
+  return group_size_for(cohort, resolved)
+
+
+def smaller_group(group: int, needs: int | None, stats: dict) -> int | None:
+  """Clients to vmap together when `group` of them need `needs` bytes beyond the arguments; None when they fit.
+
+  They fit within 90% of the device's free memory (`stats`: its `memory_stats()`), or when either is unknown. Else
+  the group shrinks in proportion to 80% of the free memory, at least by half.
+  """
+  if group == 1 or needs is None or "bytes_limit" not in stats:
+    return None
+  free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+  if needs <= 0.9 * free:
+    return None
+  return max(1, min(group // 2, int(group * 0.8 * free / needs)))
+
+
 def compile_case(name: str, model_name: str, cohort: int, data, sizes: Sizes, lr: float, device):
   """Builds, initialises and compiles one case, with the cohort in groups that fit in device memory.
 
@@ -190,16 +213,14 @@ def compile_case(name: str, model_name: str, cohort: int, data, sizes: Sizes, lr
     lowered = algo.round.lower(state, data)
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start
-    group = group_size_for(cohort, resolve_cohort_batch(cohort_batch))
+    group = vmapped_group(cohort, cohort_batch)
     stats = device_memory(device)
     _, needs = program_bytes(compiled)
-    if group == 1 or needs is None or "bytes_limit" not in stats:
+    smaller = smaller_group(group, needs, stats)
+    if smaller is None:
       return algo, state, compiled, lowered, compile_s, group, note
     free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-    if needs <= 0.9 * free:
-      return algo, state, compiled, lowered, compile_s, group, note
-    smaller = max(1, min(group // 2, int(group * 0.8 * free / needs)))
-    note = (f"the whole cohort needs {format_bytes(needs)} of {format_bytes(free)} free device memory: "
+    note = (f"{group} clients vmapped need {format_bytes(needs)} of {format_bytes(free)} free device memory: "
             f"cohort_batch={smaller}")
     print(f"  {note}", flush=True)
     cohort_batch = smaller

@@ -75,6 +75,17 @@ def test_real_lane_share_counts_each_group_at_its_most_steps():
   assert check.real_lane_share(metrics * 2, group=4, batch_size=4, num_clients=5) == pytest.approx(42 / 96)
 
 
+def test_smaller_group_fits_the_cohort_in_free_device_memory():
+  gib = 2**30
+  stats = {"bytes_limit": 50 * gib, "bytes_in_use": 10 * gib}  # 40 GiB free
+  assert check.smaller_group(1000, 30 * gib, stats) is None  # fits in 90% of 40 GiB
+  assert check.smaller_group(1000, 100 * gib, stats) == 320  # 1000 * 0.8 * 40 / 100
+  assert check.smaller_group(1000, 37 * gib, stats) == 500  # just over 90%: at least halved
+  assert check.smaller_group(8, 10_000 * gib, stats) == 1
+  assert check.smaller_group(1, 100 * gib, stats) is None  # one client at a time: nothing smaller to try
+  assert check.smaller_group(1000, 100 * gib, {}) is None  # CPU: no allocator statistics
+
+
 def test_non_finite_names_bad_metrics_of_real_clients_and_the_model():
   params = {"w": np.ones(3, np.float32)}
   good = {"cohort": np.array([0, 1, 2]), "loss": np.array([0.5, 1.0, np.nan]), "samples": np.array([4, 4, 0])}
