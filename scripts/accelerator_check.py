@@ -203,7 +203,7 @@ def smaller_group(group: int, needs: int | None, stats: dict) -> int | None:
 def compile_case(name: str, model_name: str, cohort: int, data, sizes: Sizes, lr: float, device):
   """Builds, initialises and compiles one case, with the cohort in groups that fit in device memory.
 
-  Returns (algo, state, compiled, lowered, compile seconds, group, note).
+  Returns (state, compiled, lowered, compile seconds, group, note).
   """
   cohort_batch, note = "auto", ""
   while True:
@@ -218,7 +218,7 @@ def compile_case(name: str, model_name: str, cohort: int, data, sizes: Sizes, lr
     _, needs = program_bytes(compiled)
     smaller = smaller_group(group, needs, stats)
     if smaller is None:
-      return algo, state, compiled, lowered, compile_s, group, note
+      return state, compiled, lowered, compile_s, group, note
     free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
     note = (f"{group} clients vmapped need {format_bytes(needs)} of {format_bytes(free)} free device memory: "
             f"cohort_batch={smaller}")
@@ -230,10 +230,10 @@ def torch_rate(torch, torch_device, model_name: str, host: FederatedData, client
                jax_params) -> float:
   """Samples/s of bench_scale's sequential PyTorch loop training `clients` on `torch_device`."""
   model = TORCH_MODELS[model_name](torch).to(torch_device)
-  count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(jax_params))
-  if sum(p.numel() for p in model.parameters()) != count:
-    raise AssertionError(f"the torch {model_name} has {sum(p.numel() for p in model.parameters())} parameters, "
-                         f"fedspa-jax's {count}")
+  ours, theirs = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(jax_params)), sum(
+      p.numel() for p in model.parameters())
+  if ours != theirs:
+    raise AssertionError(f"the torch {model_name} has {theirs} parameters, fedspa-jax's {ours}")
   train = host.train
   mean, std = np.asarray(host.mean, np.float32), np.asarray(host.std, np.float32)
   x = torch.from_numpy(np.ascontiguousarray(((train.x / np.float32(255) - mean) / std).transpose(0, 3, 1, 2)))
@@ -285,8 +285,8 @@ def print_devices() -> None:
 def run_case(name, model_name, cohort, data, host, sizes, args, checks, torch, device, row):
   """One (algorithm, model, cohort) case: compile, time, check; fills `row`."""
   label = f"{model_name} {name} S={cohort}"
-  algo, state, compiled, lowered, compile_s, group, note = compile_case(name, model_name, cohort, data, sizes,
-                                                                         args.lr, device)
+  state, compiled, lowered, compile_s, group, note = compile_case(name, model_name, cohort, data, sizes, args.lr,
+                                                                  device)
   convs = native_convolutions(lowered)
   total_bytes, _ = program_bytes(compiled)
   state, _ = compiled(state, data)  # warm-up round
@@ -314,7 +314,7 @@ def run_case(name, model_name, cohort, data, host, sizes, args, checks, torch, d
     checks.skip(f"{label}: native convolutions ({convs}; on CPU conv=auto picks im2col)")
   else:
     checks.record(convs > 0, f"{label}: the {jax.default_backend()} program holds native convolutions ({convs})")
-  if torch is not None and name == "fedavg":
+  if torch is not None and name == args.algorithms[-1]:  # once per model and cohort
     clients = np.random.default_rng(cohort).choice(data.num_clients, cohort, replace=False)
     clients = clients[: sizes.torch_clients].tolist()
     row["torch"] = torch_rate(torch, args.torch_device, model_name, host, clients, sizes, args.lr, state.server.params)
