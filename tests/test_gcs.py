@@ -14,6 +14,7 @@ import dataclasses
 import io
 import json
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -24,7 +25,7 @@ import jax
 import numpy as np
 import pytest
 
-from fedspa_jax import cli, experiment, paths
+from fedspa_jax import cli, experiment, paths, preemption
 from fedspa_jax import config as config_lib
 from fedspa_jax.checkpoint import Checkpointer, to_storable
 
@@ -74,6 +75,10 @@ def emulator(tmp_path_factory):
       env.setenv("TENSORSTORE_GCS_HTTP_URL", url)
       env.setenv("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")  # tensorstore: no credential search
       env.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # gcsfs: no storage-layout calls (gRPC)
+      # orbax's background (asynchronous) writes break this emulator (broken pipes, then tensorstore's "Malformed
+      # StorageGeneration"), so checkpoints are written synchronously here; asynchronous saving is tested on local
+      # disks by every other test.
+      env.setenv("FEDSPA_JAX_SYNC_CHECKPOINTS", "1")
       yield url
   finally:
     proc.stdin.close()
@@ -106,10 +111,17 @@ def without(record: dict, *keys) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(emulator, tmp_path_factory):
-  """(gs:// folder after stop + resume, files at the stop, local folder of the same run uninterrupted)."""
+  """(gs:// folder after a preemption + resume, files at the stop, local folder of the same run uninterrupted).
+
+  The preemption is a real SIGTERM to this process after round 1's evaluation: the run stops at the next round
+  boundary (round 2) with its checkpoint in the bucket."""
   gs = paths.as_path(f"gs://{BUCKET}/run")
-  stopped = experiment.run(config(), os.fspath(gs), stop_after=2, echo=None, progress=False)
-  assert stopped["status"] == "stopped" and stopped["round"] == 2
+  stopper = preemption.Stopper()
+  notice = lambda record: os.kill(os.getpid(), signal.SIGTERM) if record["round"] == 1 else None
+  with stopper.handle_signals(), pytest.raises(preemption.Stopped) as stopped:
+    experiment.run(config(), os.fspath(gs), on_eval=notice, stopper=stopper, echo=None, progress=False)
+  assert stopped.value.round == 2 and stopped.value.reason == "SIGTERM"
+  assert stopped.value.checkpoint == f"gs://{BUCKET}/run/checkpoints/2"
   at_stop = {p.name: p.read_bytes() for p in gs.iterdir() if p.is_file()}
   at_stop["rounds"] = Checkpointer(gs / "checkpoints").rounds()
   code, stdout, stderr = call("run", "--out", gs, "--resume")

@@ -15,6 +15,8 @@ complete step with a commit file instead of a rename.
 
 from __future__ import annotations
 
+import os
+
 from typing import Any
 
 import jax
@@ -66,12 +68,16 @@ class Checkpointer:
     asynchronous: `save` returns once the arrays are copied off the device, and the files are written in a
       background thread while the rounds go on (scripts/bench_checkpoint.py: a synchronous save cost 11-25% of 10
       LeNet-5 rounds, the blocking part of an asynchronous one 1-2%). Every other method waits for a write in
-      flight first, so what they see is complete; `close` waits too.
+      flight first, so what they see is complete; `close` waits too. None (default): asynchronous unless the
+      environment sets FEDSPA_JAX_SYNC_CHECKPOINTS=1 (the GCS emulator of tests/test_gcs.py breaks under the
+      background writes: broken pipes, then "Malformed StorageGeneration" from tensorstore).
   """
 
-  def __init__(self, directory: paths.PathLike, *, keep: int = 2, asynchronous: bool = True):
+  def __init__(self, directory: paths.PathLike, *, keep: int = 2, asynchronous: bool | None = None):
     self.directory = paths.absolute(directory)
     self._keep = keep
+    if asynchronous is None:
+      asynchronous = os.environ.get("FEDSPA_JAX_SYNC_CHECKPOINTS", "") in ("", "0")
     self._asynchronous = asynchronous
     self._manager: ocp.CheckpointManager | None = None
 
