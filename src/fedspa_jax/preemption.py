@@ -24,6 +24,7 @@ with). Give the deadline a margin of a minute or so below the scheduler's limit,
 from __future__ import annotations
 
 import contextlib
+import itertools
 import signal
 import threading
 import time
@@ -33,6 +34,7 @@ EXIT_STOPPED = 75  # sysexits.h EX_TEMPFAIL: stopped with a checkpoint; run agai
 
 _KV_PREFIX = "fedspa_jax_stop"
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_STOPPERS = itertools.count()
 
 
 class Stopped(Exception):
@@ -61,6 +63,7 @@ class Stopper:
     self._last_check: float | None = None
     self._longest_gap = 0.0
     self._checks = 0
+    self._id = next(_STOPPERS)  # with _checks, names each barrier once (every process creates its stoppers alike)
 
   def request(self, reason: str) -> None:
     """Asks for a stop at the next boundary (what a signal does); the first reason is kept."""
@@ -93,7 +96,7 @@ class Stopper:
     self._checks += 1
     if jax.process_count() == 1:
       return reason
-    return _agree(reason, f"{self._checks}_{round}")
+    return _agree(reason, f"{self._id}_{self._checks}_{round}")
 
   def _on_signal(self, signum, frame) -> None:
     if signum == signal.SIGINT and self._requested is not None:
