@@ -2,9 +2,9 @@
 
 Every image model is a `flax.linen` Module applied as `model.apply({"params": params}, x)` to float32 NHWC images
 `[batch, H, W, C]` and returns logits `[batch, num_classes]`; the character model `char_lstm` takes token ids
-`[batch, length]` and returns logits `[batch, length, vocab_size]` (`num_classes` is its vocabulary size). No model keeps batch statistics or other mutable
-collections. The last layer is a Dense named "head"; everything before it is the body. Convolutional models take
-`conv="auto" | "im2col" | "xla"` (see `fedspa_jax.models.conv`).
+`[batch, length]` and returns logits `[batch, length, vocab_size]` (`num_classes` is its vocabulary size). No model
+keeps batch statistics or other mutable collections. The last layer is a Dense named "head"; everything before it
+is the body. Convolutional models take `conv="auto" | "im2col" | "xla"` (see `fedspa_jax.models.conv`).
 """
 
 from __future__ import annotations
