@@ -79,6 +79,8 @@ def test_leaf_size_parameters_and_maskable_leaves():
   per_layer = lambda n_in: 4 * (n_in * 256 + 256 * 256 + 256)  # four gates: input kernel, recurrent kernel, bias
   expected = 80 * 8 + per_layer(8) + per_layer(256) + 256 * 80 + 80
   assert sum(math.prod(p.shape) for p in jax.tree.leaves(params)) == expected == 817_872
+  per_position = 2 * 4 * (8 * 256 + 256 * 256) + 2 * 4 * (256 * 256 + 256 * 256) + 2 * 256 * 80
+  assert sum(flops.forward_flops(model, (80,)).values()) == 80 * per_position == 130_416_640  # docs/models.md
   maskable = {jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
               if fj.masks.is_maskable(path, leaf)}
   gates = [f"['lstm{l}']['cell']['{k}{g}']['kernel']" for l in (1, 2) for k in "ih" for g in "ifgo"]
