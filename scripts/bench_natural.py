@@ -100,7 +100,15 @@ def peak_rss_bytes() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def run_one(name: str, rounds: int, seed: int) -> dict:
+def parse_cohort_batch(text: str) -> int | str | None:
+  if text in ("auto", "none"):
+    return None if text == "none" else text
+  if not text.isdigit() or int(text) < 1:
+    raise argparse.ArgumentTypeError(f"--cohort-batch is auto, none or an integer >= 1, got {text!r}")
+  return int(text)
+
+
+def run_one(name: str, rounds: int, seed: int, cohort_batch: int | str | None = "auto") -> dict:
   """Builds the data, runs one warm-up and `rounds` timed FedSpa rounds; returns the measurements."""
   import jax
 
@@ -113,7 +121,7 @@ def run_one(name: str, rounds: int, seed: int) -> dict:
   after_data = peak_rss_bytes()
   device_data = jax.device_put(data)
   algo = fj.algorithms.get("fedspa", model=model, density=0.5, clients_per_round=10, local_epochs=1, batch_size=10,
-                           lr=0.05, rounds=rounds + 1)
+                           lr=0.05, rounds=rounds + 1, cohort_batch=cohort_batch)
   state = algo.init(jax.random.key(seed), device_data)
   start = time.perf_counter()
   state, metrics = algo.round(state, device_data)
@@ -152,22 +160,25 @@ def main() -> None:
   parser.add_argument("--datasets", nargs="+", choices=sorted(BUILDERS), default=["shakespeare", "femnist"])
   parser.add_argument("--rounds", type=int, default=3, help="timed rounds after one warm-up round")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--cohort-batch", default="auto", type=parse_cohort_batch,
+                      help="clients vmapped together: auto (1 on CPU), none (the whole cohort) or k")
   parser.add_argument("--one", choices=sorted(BUILDERS), help=argparse.SUPPRESS)  # the child process
   args = parser.parse_args()
   if args.rounds < 1:
     parser.error("--rounds must be >= 1")
   if args.one:
-    print(json.dumps(run_one(args.one, args.rounds, args.seed)))
+    print(json.dumps(run_one(args.one, args.rounds, args.seed, args.cohort_batch)))
     return
 
   print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC | {cpu()} x{os.cpu_count()} | "
-        f"load before: {load()}")
+        f"load before: {load()} | cohort_batch {args.cohort_batch}")
   print("| dataset | clients | samples (train / test) | model | data | compile + 1st round (s) | samples/round "
         "| s/round | samples/s | peak RSS |")
   print("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
   for name in args.datasets:
     child = subprocess.run([sys.executable, __file__, "--one", name, "--rounds", str(args.rounds),
-                            "--seed", str(args.seed)], capture_output=True, text=True)
+                            "--seed", str(args.seed), "--cohort-batch", str(args.cohort_batch).lower()],
+                           capture_output=True, text=True)
     if child.returncode != 0:
       sys.exit(f"{name}: the measuring process failed:\n{child.stderr[-3000:]}")
     r = json.loads(child.stdout.strip().splitlines()[-1])
