@@ -245,11 +245,19 @@ def test_evaluation_equals_a_hand_loop_for_one_client(fedspa_run, engine_model, 
     assert float(ev["accuracy"][k]) == pytest.approx(accuracy, rel=1e-6)
 
 
-def test_a_model_with_the_wrong_vocabulary_is_refused_before_compiling(data):
+def test_a_model_with_the_wrong_vocabulary_or_data_is_refused_before_compiling(data):
   algo = fj.algorithms.get("fedavg", model=models.get("char_lstm", vocab_size=VOCAB + 1, **ENGINE),
                            clients_per_round=2, batch_size=4, rounds=1)
-  with pytest.raises(ValueError, match=r"11 classes per sample and label position \(8 positions\)|outputs logits"):
+  with pytest.raises(ValueError, match=r"outputs logits of shape \(8, 11\) .* 10 classes per sample and label "
+                                       r"position \(8 positions\)"):
     algo.init(jax.random.key(0), data)
+  rng = np.random.default_rng(0)
+  images = fj.data.from_clients([(rng.integers(0, 256, (4, 28, 28), dtype=np.uint8), np.arange(4))] * 2,
+                                num_classes=VOCAB)
+  algo = fj.algorithms.get("fedavg", model=models.get("char_lstm", vocab_size=VOCAB, **ENGINE),
+                           clients_per_round=2, batch_size=4, rounds=1)
+  with pytest.raises(ValueError, match=r"does not accept inputs of shape \(28, 28, 1\)"):
+    algo.init(jax.random.key(0), images)
 
 
 def test_sweep_stacks_sequence_datasets_of_different_sizes(data):
