@@ -7,6 +7,11 @@ step costs O(batch) index work, never O(client size). The loop runs exactly `loc
 (or `local_steps`), a traced trip count: no step is computed past the client's data, and under vmap the lanes run
 to the group's largest client only. Gradients and updated params are masked with `where`, so coordinates outside
 the mask stay exactly 0 (sparse-to-sparse training).
+
+Sequence data (y [N_total, L] next-token ids, token PAD = 0 padding, e.g. Shakespeare): a sample is one sequence.
+Batches, epochs, step counts and the sample counts that weight aggregation count sequences, so a client's cost
+follows its number of sequences as an image client's follows its images; the loss and the accuracy are taken over
+the non-padding positions of those sequences (`weighted_loss`).
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ ApplyFn = Callable[[Params, jax.Array], jax.Array]
 
 
 class ClientData(NamedTuple):
-  """One client's view of a flat split: x [N_total, ...] and y [N_total] shared, offset [] and count [] its own."""
+  """One client's view of a flat split: x [N_total, ...] and y [N_total] (or [N_total, L] sequence labels) shared,
+  offset [] and count [] its own."""
 
   x: jax.Array
   y: jax.Array
@@ -38,7 +44,8 @@ CLIENT_DATA_AXES = ClientData(None, None, 0, 0)
 
 
 class TrainResult(NamedTuple):
-  """Output of `local_train`: final params and per-client scalars (loss and accuracy over the samples seen)."""
+  """Output of `local_train`: final params and per-client scalars (loss and accuracy over the labels seen: the
+  samples, or for sequences their non-padding positions; `samples` counts samples, i.e. sequences)."""
 
   params: Params
   loss: jax.Array
@@ -62,26 +69,41 @@ def make_preprocess(mean: tuple[float, ...] | None, std: tuple[float, ...] | Non
   return preprocess
 
 
+PAD = 0  # the token id of padding in sequence labels: padded positions count in neither loss nor accuracy
+
+
+def label_weights(y: jax.Array, weight: jax.Array) -> jax.Array:
+  """Per-label weights: `weight` [B] for labels y [B]; for sequence labels y [B, L], weight x (y != PAD) [B, L]."""
+  if y.ndim == 1:
+    return weight
+  return weight.reshape(weight.shape + (1,) * (y.ndim - 1)) * (y != PAD).astype(weight.dtype)
+
+
 def weighted_loss(
     apply_fn: ApplyFn, params: Params, x: jax.Array, y: jax.Array, weight: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-  """Mean softmax cross-entropy over samples with weight 1 (weight-0 samples are padding).
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Mean softmax cross-entropy over the labels of samples with weight 1 (weight-0 samples are padding).
+
+  For sequence labels y [B, L] every non-padding position (y != PAD) of a weight-1 sample is one label: the loss is
+  their mean and `correct` counts the positions predicted right (next-token accuracy); padding positions count in
+  neither.
 
   Args:
-    apply_fn: (params, x [B, ...]) -> logits [B, C] (inputs already preprocessed).
+    apply_fn: (params, x [B, ...]) -> logits [B, C], or [B, L, C] for sequence labels.
     params: model params.
     x: [B, ...] inputs.
-    y: [B] int labels.
+    y: [B] int labels, or [B, L] int token ids (PAD = 0 is padding).
     weight: [B] 0/1 sample weights.
 
   Returns:
-    (loss, number of correct weighted predictions).
+    (loss, number of correct weighted labels, number of weighted labels) — for y [B] the last is sum(weight).
   """
   logits = apply_fn(params, x)
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-  total = jnp.maximum(jnp.sum(weight), 1.0)
-  correct = jnp.sum(weight * (jnp.argmax(logits, axis=-1) == y))
-  return jnp.sum(weight * losses) / total, correct
+  scored = label_weights(y, weight)
+  labels = jnp.sum(scored)
+  correct = jnp.sum(scored * (jnp.argmax(logits, axis=-1) == y))
+  return jnp.sum(scored * losses) / jnp.maximum(labels, 1.0), correct, labels
 
 
 def steps_per_epoch(count: jax.Array, batch_size: int) -> jax.Array:
@@ -105,8 +127,8 @@ def draw_batch(
   """The batch of local step `step`: positions of epoch `step // steps_per_epoch`'s permutation of the client's data.
 
   Returns:
-    (x [B, ...], y [B], weight [B] float32: 1 for the batch's samples, 0 for the slots of a partial last batch,
-    which re-read one of the client's samples so that no other client's or unused row enters the loss).
+    (x [B, ...], y [B] (or [B, L]), weight [B] float32: 1 for the batch's samples, 0 for the slots of a partial
+    last batch, which re-read one of the client's samples so that no other client's or unused row enters the loss).
   """
   per_epoch = jnp.maximum(steps_per_epoch(data.count, batch_size), 1)
   epoch, index = step // per_epoch, step % per_epoch
@@ -156,9 +178,9 @@ def local_train(
   num_steps = num_local_steps(data.count, batch_size, local_epochs, local_steps)
 
   def objective(p, x, y, w):
-    loss, correct = weighted_loss(apply_fn, p, preprocess(x), y, w)
+    loss, correct, labels = weighted_loss(apply_fn, p, preprocess(x), y, w)
     penalty = regularizer(p) if regularizer is not None else 0.0
-    return loss + penalty, (loss, correct)
+    return loss + penalty, (loss, correct, labels)
 
   loss_and_grad = jax.value_and_grad(objective, has_aux=True)
   mask_tree = apply_mask if mask is not None else (lambda tree, _: tree)
@@ -168,19 +190,19 @@ def local_train(
     freeze = lambda new, old: jax.tree.map(lambda n, o, t: jnp.where(t, n, o), new, old, trainable)
 
   def step(s, carry):
-    p, opt_state, loss_sum, correct_sum, seen_sum = carry
+    p, opt_state, loss_sum, correct_sum, labels_sum, seen_sum = carry
     x, y, w = draw_batch(data, key, s, batch_size)
-    (_, (loss, correct)), grads = loss_and_grad(p, x, y, w)
+    (_, (loss, correct, labels)), grads = loss_and_grad(p, x, y, w)
     updates, opt_state = optimizer.update(mask_tree(grads, mask), opt_state, p)
     p = freeze(mask_tree(optax.apply_updates(p, updates), mask), p)
     seen = jnp.sum(w)
-    return p, opt_state, loss_sum + loss * seen, correct_sum + correct, seen_sum + seen
+    return p, opt_state, loss_sum + loss * labels, correct_sum + correct, labels_sum + labels, seen_sum + seen
 
   zero = jnp.zeros((), jnp.float32)
-  params, _, loss_sum, correct_sum, samples = jax.lax.fori_loop(
-      0, num_steps, step, (params, optimizer.init(params), zero, zero, zero)
+  params, _, loss_sum, correct_sum, labels, samples = jax.lax.fori_loop(
+      0, num_steps, step, (params, optimizer.init(params), zero, zero, zero, zero)
   )
-  denominator = jnp.maximum(samples, 1.0)
+  denominator = jnp.maximum(labels, 1.0)
   return TrainResult(
       params=params,
       loss=loss_sum / denominator,

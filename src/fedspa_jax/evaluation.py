@@ -16,6 +16,9 @@ training data (its own optimizer and batch size; a sparse model keeps its mask, 
 on the result: local adaptation, the same for every method. The evaluation's FLOPs (fine-tuning at 3x forward per
 sample, plus the test forward passes) are reported as "flops", apart from training's.
 
+Sequence data (y [N, L], token 0 = padding) are scored per non-padding position (`evaluate_client`); "count" stays
+the number of test samples (sequences), and the FLOPs count whole sequences, padding included (it is computed).
+
 Cost follows the test samples: clients are sorted by test size and evaluated `clients_per_batch` at a time
 (vmapped within a group, `lax.map` across groups); a client's samples are read from the flat test split in chunks,
 exactly as many chunks as its own data need.
@@ -29,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedspa_jax.client import ApplyFn, ClientData
+from fedspa_jax.client import ApplyFn, ClientData, label_weights
 
 
 class Personal(NamedTuple):
@@ -57,32 +60,44 @@ def evaluate_client(
 ) -> dict[str, jax.Array]:
   """Loss and accuracy of `params` on one client's samples (NaN when it has none).
 
+  Sequence labels (y [N_total, L], token 0 = padding) are scored per position: the loss is the mean over the
+  client's non-padding positions and the accuracy is correct positions / non-padding positions (next-token
+  accuracy), so every position of the client weighs the same whichever sequence holds it.
+
   Args:
     apply_fn: (params, x) -> logits.
     params: the client's model.
-    data: the client's view of a flat split (x [N_total, ...], y [N_total], offset [], count []).
+    data: the client's view of a flat split (x [N_total, ...], y [N_total] or [N_total, L], offset [], count []).
     preprocess: maps stored inputs to model inputs.
     chunk_size: samples per forward pass (bounds memory); ceil(count / chunk_size) passes are run.
 
   Returns:
-    {"loss": [], "accuracy": [], "count": []}.
+    {"loss": [], "accuracy": [], "count": []}; count is the number of samples (sequences), not positions.
   """
   last = data.y.shape[0] - 1
+  sequences = data.y.ndim > 1
 
   def one_chunk(c, totals):
-    loss_sum, correct_sum = totals
+    loss_sum, correct_sum, labels_sum = totals
     pos = c * chunk_size + jnp.arange(chunk_size, dtype=jnp.int32)
     valid = pos < data.count
     rows = jnp.clip(data.offset + jnp.minimum(pos, jnp.maximum(data.count - 1, 0)), 0, last)
     y = jnp.take(data.y, rows, axis=0)
     logits = apply_fn(params, preprocess(jnp.take(data.x, rows, axis=0)))
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-    correct = valid & (jnp.argmax(logits, -1) == y)
-    return loss_sum + jnp.sum(jnp.where(valid, losses, 0.0)), correct_sum + jnp.sum(correct, dtype=jnp.int32)
+    if sequences:
+      scored = label_weights(y, valid.astype(jnp.float32)) > 0
+      labels_sum = labels_sum + jnp.sum(scored, dtype=jnp.int32)
+    else:
+      scored = valid
+    correct = scored & (jnp.argmax(logits, -1) == y)
+    return (loss_sum + jnp.sum(jnp.where(scored, losses, 0.0)), correct_sum + jnp.sum(correct, dtype=jnp.int32),
+            labels_sum)
 
   chunks = (data.count + chunk_size - 1) // chunk_size
-  loss_sum, correct = jax.lax.fori_loop(0, chunks, one_chunk, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)))
-  count = data.count.astype(jnp.float32)
+  zero = jnp.zeros((), jnp.int32)
+  loss_sum, correct, labels = jax.lax.fori_loop(0, chunks, one_chunk, (jnp.zeros((), jnp.float32), zero, zero))
+  count = (labels if sequences else data.count).astype(jnp.float32)
   nan = jnp.full((), jnp.nan, jnp.float32)
   return {
       "loss": jnp.where(data.count > 0, loss_sum / jnp.maximum(count, 1.0), nan),

@@ -377,8 +377,8 @@ def make_sharded_round(
       sample_rows = jnp.take(offset, rows_all)[:, None] + jnp.minimum(within, jnp.take(count, rows_all)[:, None] - 1)
       sample_rows = jnp.clip(sample_rows, 0, x.shape[0] - 1)
       x_mine = move(jnp.take(x, sample_rows.reshape(-1), axis=0).reshape((padded, count_max) + x.shape[1:]))
-      y_mine = move(jnp.take(y, sample_rows.reshape(-1), axis=0).reshape(padded, count_max))
-      data = (x_mine.reshape((local * count_max,) + x.shape[1:]), y_mine.reshape(-1),
+      y_mine = move(jnp.take(y, sample_rows.reshape(-1), axis=0).reshape((padded, count_max) + y.shape[1:]))
+      data = (x_mine.reshape((local * count_max,) + x.shape[1:]), y_mine.reshape((local * count_max,) + y.shape[1:]),
               jnp.arange(local, dtype=jnp.int32) * count_max, mine)
 
     weights = client_weights(mine, weighting)

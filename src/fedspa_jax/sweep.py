@@ -123,7 +123,7 @@ def _pad_rows(split: data_lib.ClientSplit, rows: int, max_count: int) -> data_li
   x, y = np.asarray(split.x), np.asarray(split.y)
   if pad:
     x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
-    y = np.concatenate([y, np.zeros((pad,), y.dtype)])
+    y = np.concatenate([y, np.zeros((pad, *y.shape[1:]), y.dtype)])
   return dataclasses.replace(split, x=x, y=y, max_count=max_count)
 
 

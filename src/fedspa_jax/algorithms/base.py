@@ -297,10 +297,12 @@ def check_model_fits(model: nn.Module, data: FederatedData) -> None:
         f"model {type(model).__name__} does not accept inputs of shape {data.sample_shape} "
         f"from dataset {data.name!r}: {e}"
     ) from e
-  if out.shape != (1, data.num_classes):
+  label_shape = tuple(data.train.y.shape[1:])  # () for labels, (L,) for sequences of next-token labels
+  if out.shape != (1, *label_shape, data.num_classes):
+    per = f"per sample and label position ({label_shape[0]} positions)" if label_shape else "per sample"
     raise ValueError(
         f"model {type(model).__name__} outputs logits of shape {out.shape[1:]} per sample but dataset "
-        f"{data.name!r} has {data.num_classes} classes"
+        f"{data.name!r} has {data.num_classes} classes {per}"
     )
   if data.test.sample_shape != data.sample_shape:
     raise ValueError(f"train samples have shape {data.sample_shape} but test samples {data.test.sample_shape}")

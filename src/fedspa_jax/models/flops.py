@@ -5,6 +5,11 @@ C_out`, a dense layer `2 * in * out` (times any extra leading positions). Bias a
 activations and pooling are not counted: they are linear in the activations, not in the weights, and below 2% of
 the total for every model here.
 
+Recurrent layers (`nn.RNN` over a flax cell) count each of the cell's kernels as a dense layer applied once per
+time step: an LSTM layer with input width `n`, `h` units and `T` steps costs `T * 4 * 2 * (n * h + h * h)` (the
+four gates' input and recurrent kernels; the gate nonlinearities and the cell update are not counted, like other
+activations). Embedding lookups cost nothing (no multiply-adds).
+
 Training follows RigL's accounting (Evci et al., "Rigging the Lottery", 2020): a step costs 3x the forward pass
 (forward, gradient with respect to the activations, gradient with respect to the weights), and a layer of
 density d costs d times its dense FLOPs. A mask update that regrows by gradient (RigL) computes one dense weight
@@ -20,6 +25,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.linen.recurrent import DenseParams
 
 
 class LayerShape(NamedTuple):
@@ -41,24 +47,46 @@ def layer_shapes(model: nn.Module, sample_shape: Sequence[int]) -> dict[str, Lay
 
   Returns:
     `{path: LayerShape}` in call order; `path` is the layer's "/"-joined module path in the params, e.g.
-    "conv1" or "stage1_block1/conv2", so `params[...path...]["kernel"]` is its kernel.
+    "conv1", "stage1_block1/conv2" or "lstm1/cell/hi", so `params[...path...]["kernel"]` is its kernel. A layer
+    inside an `nn.RNN` has the time steps as an extra axis in its input and output shapes ([1, T, ...]).
   """
   found: dict[str, LayerShape] = {}
+  steps: list[int] = []  # time steps of the enclosing `nn.RNN`s: a cell's layers are traced for one step only
+
+  def per_sequence(shape: tuple[int, ...]) -> tuple[int, ...]:
+    time = math.prod(steps)
+    return shape if time == 1 else (shape[0], time, *shape[1:])
 
   def interceptor(next_fun, args, kwargs, context):
-    out = next_fun(*args, **kwargs)
     module = context.module
-    if context.method_name == "__call__" and isinstance(module, (nn.Conv, nn.Dense)):
-      path = "/".join(module.scope.path)
+    if context.method_name == "__call__" and isinstance(module, nn.RNN):
+      time_major = kwargs.get("time_major")
+      time_major = module.time_major if time_major is None else time_major
+      steps.append(int(args[0].shape[0 if time_major else -2]))
+      try:
+        return next_fun(*args, **kwargs)
+      finally:
+        steps.pop()
+    out = next_fun(*args, **kwargs)
+    if context.method_name != "__call__":
+      return out
+    path = "/".join(module.scope.path)
+    if isinstance(module, nn.Conv):
       kernel = module.variables["params"]["kernel"]
-      if isinstance(module, nn.Conv):
-        found[path] = LayerShape("conv", tuple(args[0].shape), tuple(out.shape), tuple(kernel.shape),
-                                 module.feature_group_count)
-      else:
-        found[path] = LayerShape("dense", tuple(args[0].shape), tuple(out.shape), tuple(kernel.shape), 1)
+      found[path] = LayerShape("conv", per_sequence(tuple(args[0].shape)), per_sequence(tuple(out.shape)),
+                               tuple(kernel.shape), module.feature_group_count)
+    elif isinstance(module, nn.Dense):
+      kernel = module.variables["params"]["kernel"]
+      found[path] = LayerShape("dense", per_sequence(tuple(args[0].shape)), per_sequence(tuple(out.shape)),
+                               tuple(kernel.shape), 1)
+    elif isinstance(module, DenseParams):  # the gate kernels of flax's fused cells (OptimizedLSTMCell)
+      kernel = out[0]
+      rows = tuple(args[0].shape[:-1])
+      found[path] = LayerShape("dense", per_sequence(tuple(args[0].shape)), per_sequence(rows + kernel.shape[-1:]),
+                               tuple(kernel.shape), 1)
     return out
 
-  x = jax.ShapeDtypeStruct((1, *sample_shape), jnp.float32)
+  x = jax.ShapeDtypeStruct((1, *sample_shape), jnp.float32)  # as the engine feeds models (token ids too)
   with nn.intercept_methods(interceptor):
     jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
   return found
