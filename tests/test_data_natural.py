@@ -190,10 +190,56 @@ def test_leaf_femnist_round_trip(femnist_leaf):
   assert data.mean == fj.data.channel_stats(np.asarray(data.train.x))[0]
 
 
-def test_leaf_femnist_user_ids_and_folder_layouts(femnist_leaf):
+def test_leaf_femnist_user_ids_and_folder_layouts(femnist_leaf, emnist_tff, tmp_path):
   root, users = femnist_leaf
   data, ids = natural.load_natural("femnist", data_dir=root / "data", return_users=True)  # leaf/data/femnist/data
   assert ids == list(users) and data.num_clients == len(users)
+  (tmp_path / "femnist").symlink_to(root)  # data_dir/<name>/data/train
+  assert natural.load_natural("femnist", data_dir=tmp_path, return_users=True)[1] == list(users)
+  keras = pathlib.Path.home() / ".keras" / "datasets"  # HOME is a temporary folder here
+  keras.mkdir(parents=True)
+  for split in ("train", "test"):
+    (keras / f"fed_emnist_{split}.h5").write_bytes((emnist_tff[0] / f"fed_emnist_{split}.h5").read_bytes())
+  assert fj.data.load("femnist").num_clients == len(emnist_tff[1])  # no data_dir: TFF's download folder
+  both = tmp_path / "both"
+  both.mkdir()
+  (both / "data").symlink_to(root / "data")
+  (both / "fed_emnist_train.h5").symlink_to(keras / "fed_emnist_train.h5")
+  with pytest.raises(ValueError, match="found LEAF files .* and TFF files .*; pass format='leaf' or format='tff'"):
+    fj.data.load("femnist", data_dir=both)
+  assert fj.data.load("femnist", data_dir=both, format="tff").num_clients == len(emnist_tff[1])
+
+
+def test_leaf_files_are_parsed_one_at_a_time_and_their_lists_dropped(femnist_leaf, monkeypatch):
+  from fedspa_jax.data import natural_formats  # pylint: disable=g-import-not-at-top
+
+  root, users = femnist_leaf
+  events, docs = [], []
+  real_load = natural_formats.json.load
+
+  def load(f):
+    docs.append(real_load(f))
+    events.append(("parse", len(docs)))
+    return docs[-1]
+
+  monkeypatch.setattr(natural_formats.json, "load", load)
+  files = sorted((root / "data" / "train").glob("*.json"))
+  for path in files:
+    for user, _ in natural_formats.read_leaf_file(path, "image", 62):
+      events.append(("user", user))
+  assert events == [("parse", 1), *[("user", u) for u in list(users)[:3]], ("parse", 2),
+                    *[("user", u) for u in list(users)[3:]]]
+  assert all(set(doc["user_data"]) == {"dropped_user"} for doc in docs)  # each user's lists went once converted
+
+
+def test_a_training_user_missing_from_the_test_files_gets_no_test_data(tmp_path):
+  rng = np.random.default_rng(8)
+  a, b, t = femnist_user(rng, 3), femnist_user(rng, 2), femnist_user(rng, 1)
+  write_leaf(tmp_path, "train", [{"a": a, "b": b}])
+  write_leaf(tmp_path, "test", [{"b": t}])
+  data = fj.data.load("femnist", data_dir=tmp_path)
+  assert data.test.count.tolist() == [0, 1]
+  assert_client(data.test, 1, *expected_images(t))
 
 
 def test_leaf_shakespeare_round_trip(shakespeare_leaf):
@@ -374,6 +420,24 @@ def test_hdf5_without_examples(tmp_path):
   assert "has no group 'examples'" in one_line(e.value)
 
 
+@pytest.mark.parametrize("case, match", [
+    ("label", r"user 'u': labels must be in 0..61, got \d+..62"),
+    ("pixel", r"user 'u': pixel values must be in \[0, 1\], got 0..1.5"),
+    ("twice", "user 'u' appears in both .*all_data_0.*json and .*all_data_1.*json"),
+])
+def test_bad_values(case, match, tmp_path):
+  rng = np.random.default_rng(9)
+  u = femnist_user(rng, 3)
+  if case == "label":
+    u["y"][0] = 62
+  elif case == "pixel":
+    u["x"][0][0] = 1.5
+  write_leaf(tmp_path, "train", [{"u": u}, {"u": u}] if case == "twice" else [{"u": u}])
+  with pytest.raises(DataFormatError, match=match) as e:
+    fj.data.load("femnist", data_dir=tmp_path)
+  one_line(e.value)
+
+
 @pytest.mark.parametrize("case", ["leaf_pixels", "leaf_text", "tff_pixels"])
 def test_a_client_with_samples_of_another_shape(case, tmp_path):
   rng = np.random.default_rng(5)
@@ -452,7 +516,7 @@ def test_shakespeare_natural_smoke_runs_end_to_end(shakespeare_leaf, tmp_path):
   """Needs the `char_lstm` model (branch charlstm)."""
   root, _ = shakespeare_leaf
   out = tmp_path / "run"
-  code, _, stderr = call("run", "--config", "shakespeare_natural", "--set", "smoke=true", "--set", "num_clients=3",
+  code, _, stderr = call("run", "--config", "shakespeare_natural", "--set", "smoke=true", "--set", "num_clients=3", "--set", "model.hidden=32",
                          "--set", f"data_dir={root}", "--out", out, "--no-plots", "--quiet")
   assert code == 0, stderr
   summary = json.loads((out / "summary.json").read_text())
@@ -481,3 +545,16 @@ def test_cli_data_errors_exit_2_with_nothing_written(case, tmp_path):
   assert len(stderr.strip().splitlines()) == 1 and stderr.startswith("fedspa-jax: error: "), stderr
   assert not out.exists() or not any(out.iterdir())  # no run files (the folder may exist, empty)
   assert not (tmp_path / "cache").exists()
+
+
+SCRIPT = pathlib.Path(__file__).parent.parent / "scripts" / "prepare_leaf.sh"
+
+
+def test_prepare_script_usage_and_names():
+  import subprocess  # pylint: disable=g-import-not-at-top
+
+  usage = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=60)
+  assert usage.returncode == 2 and "./preprocess.sh -s niid --sf $SF -k 0 -t sample" in usage.stdout
+  assert "set -e" not in usage.stdout
+  bad = subprocess.run(["bash", str(SCRIPT), "femnist", "cifar"], capture_output=True, text=True, timeout=60)
+  assert bad.returncode == 2 and "unknown name 'cifar'" in bad.stderr

@@ -5,9 +5,9 @@
     fedspa-jax run --config femnist_natural --data-dir ~/leaf/data/femnist --set smoke=true   # tiny variant
 
 The files are not downloaded here: see docs/data.md ("Natural datasets") and scripts/prepare_leaf.sh.
-`num_clients=0` takes every writer the files hold (LEAF's `--sf 0.05` sample: about 180; TFF's: 3,400); a number
-takes a seeded subset. Data options: `data.format` (leaf/tff), `data.min_samples`, `data.client_fraction`,
-`data.sample_fraction` (LEAF's `--sf`), `data.only_digits` (TFF's digits-only files, 10 classes).
+`num_clients=0` takes every writer the files hold (TFF's full files: 3,400); a number takes a seeded subset.
+Data options: `data.format` (leaf/tff), `data.min_samples`, `data.client_fraction`, `data.sample_fraction` (LEAF's
+`--sf`), `data.only_digits` (TFF's digits-only files, 10 classes).
 """
 
 from fedspa_jax.config import Config
