@@ -214,7 +214,8 @@ def test_plot_label_histogram_writes_a_png(images, tmp_path):
     "call,error,match",
     [
         (lambda: fj.data.load("imagenet", num_clients=2, partition="iid"), ValueError,
-         r"unknown dataset 'imagenet'; known: cifar10, cifar100, emnist_byclass, emnist_letters, fashion_mnist, mnist, synthetic"),
+         r"unknown dataset 'imagenet'; known: cifar10, cifar100, emnist_byclass, emnist_letters, fashion_mnist, femnist, "
+         r"mnist, shakespeare, synthetic"),
         (lambda: fj.data.load("mnist", num_clients=2, partition="shards"), ValueError,
          r"unknown partition 'shards'; known: iid, pathological, dirichlet"),
         (lambda: fj.data.load("mnist", num_clients=2), ValueError, r"pass partition=...; known: iid"),

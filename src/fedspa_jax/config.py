@@ -28,7 +28,7 @@ RESUMABLE_FIELDS = ("eval_every", "eval_clients", "eval_finetune_epochs", "check
 RESOLVED_KEY = "algorithm_hparams"
 DICT_FIELDS = {"hparams": "hparams", "data": "data_args", "data_args": "data_args", "model": "model_args",
                "model_args": "model_args"}
-_INT_FIELDS = {"num_clients": 1, "rounds": 1, "eval_every": 1, "checkpoint_every": 0, "keep_checkpoints": 1,
+_INT_FIELDS = {"num_clients": 0, "rounds": 1, "eval_every": 1, "checkpoint_every": 0, "keep_checkpoints": 1,
                "rounds_per_dispatch": 1, "seed": None, "eval_finetune_epochs": 0}
 _STR_FIELDS = ("algorithm", "dataset", "model")
 _OPTIONAL_STR_FIELDS = ("partition", "data_dir")
@@ -46,7 +46,8 @@ class Config:
     algorithm: registry name (`fedspa_jax.algorithms.names()`).
     dataset: dataset name (`fedspa_jax.data.dataset_names()`).
     model: model name (`fedspa_jax.models.names()`).
-    num_clients: K.
+    num_clients: K; for the natural datasets (femnist, shakespeare) 0 means every user in the files and K a seeded
+      subset of K users (the partitioned datasets need K >= 1).
     rounds: federated rounds T.
     partition: partitioner ("pathological", "dirichlet", "iid"); None for datasets with their own split.
     seed: seeds the partition, the model init, the masks and every round's randomness.
@@ -162,7 +163,7 @@ def check_fields(config: Config) -> None:
   value = config.eval_clients
   if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
     raise ConfigError(f"config key eval_clients must be an integer >= 1 or null (all clients), got {value!r}")
-  if value is not None and value > config.num_clients:
+  if value is not None and config.num_clients and value > config.num_clients:
     raise ConfigError(f"config key eval_clients={value} exceeds num_clients={config.num_clients}")
   for name in _STR_FIELDS:
     if not isinstance(getattr(config, name), str):

@@ -25,7 +25,7 @@ class ClientSplit:
   Attributes:
     x: [N_total, ...] inputs of all clients, client by client; images stay uint8 (normalised inside the step),
       features float32. At least one row (an all-empty split holds one unused zero sample).
-    y: [N_total] int32 labels.
+    y: [N_total] int32 labels; text: [N_total, L] int32 next-token ids, 0 = padding (`fedspa_jax.data.text`).
     offset: [K] int32 first row of each client.
     count: [K] int32 number of samples of each client.
     max_count: the largest client's count (static: it sizes evaluation chunks without a host sync).
@@ -109,7 +109,7 @@ def split_from_flat(x: np.ndarray, y: np.ndarray, count: Sequence[int] | np.ndar
 
   Args:
     x: [N, ...] inputs, client 0's first.
-    y: [N] integer labels.
+    y: [N] integer labels ([N, L] for sequence labels).
     count: [K] samples per client, summing to N.
 
   Returns:
@@ -126,7 +126,7 @@ def split_from_flat(x: np.ndarray, y: np.ndarray, count: Sequence[int] | np.ndar
     raise ValueError(f"client sizes sum to {int(count.sum())} but there are {len(y)} samples")
   if int(count.sum()) >= 2**31:
     raise ValueError(f"{int(count.sum())} samples: int32 offsets hold at most 2^31 - 1")
-  x, y = np.asarray(x), np.asarray(y).astype(np.int32)
+  x, y = np.asarray(x), np.asarray(y).astype(np.int32, copy=False)  # no copy of labels already int32
   if len(y) == 0:
     x, y = np.zeros((1, *x.shape[1:]), x.dtype), np.zeros((1,), np.int32)
   offset = (np.cumsum(count) - count).astype(np.int32)

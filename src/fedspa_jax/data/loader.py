@@ -2,7 +2,8 @@
 
 Sources: MNIST and Fashion-MNIST from their IDX files (`idx_sources`), CIFAR-10/100 and EMNIST through TFDS
 (`tfds_sources`; any other TFDS image dataset as `"tfds:<name>"`), and Synthetic(alpha, beta) (`synthetic`), which
-comes with its own per-client split. Partitions of file and TFDS sources are cached on disk (`cache`).
+comes with its own per-client split. Partitions of file and TFDS sources are cached on disk (`cache`). The natural
+datasets, FEMNIST and Shakespeare, come split by user in LEAF's or TFF's files (`natural`): one client per user.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import os
 
 import numpy as np
 
-from fedspa_jax.data import build, cache as cache_lib, idx_sources, tfds_sources
+from fedspa_jax.data import build, cache as cache_lib, idx_sources, natural, tfds_sources
 from fedspa_jax.data import partitioners as partition_lib
 from fedspa_jax.data.federated import FederatedData
 from fedspa_jax.data.synthetic import synthetic
@@ -22,7 +23,7 @@ TFDS_PREFIX = "tfds:"
 
 def dataset_names() -> list[str]:
   """The names `load` knows (plus any TFDS image dataset as `"tfds:<name>"`)."""
-  return sorted([*idx_sources.IDX_DATASETS, *tfds_sources.TFDS_DATASETS, SYNTHETIC])
+  return sorted([*idx_sources.IDX_DATASETS, *tfds_sources.TFDS_DATASETS, *natural.NATURAL_DATASETS, SYNTHETIC])
 
 
 def canonical_name(name: str) -> str:
@@ -65,10 +66,19 @@ def load_arrays(
   if name in idx_sources.IDX_DATASETS:
     spec = idx_sources.IDX_DATASETS[name]
     return (*idx_sources.load_idx_arrays(spec, data_dir, download=download, verify=verify), spec.num_classes)
-  if name == SYNTHETIC:
-    raise ValueError("synthetic data come already split per client; use load('synthetic', ...) or synthetic()")
+  if name == SYNTHETIC or name in natural.NATURAL_DATASETS:
+    raise ValueError(f"{name} data come already split per client; use load({name!r}, ...)")
   spec = tfds_sources.TFDS_DATASETS.get(name) or tfds_sources.TfdsDataset(name, name[len(TFDS_PREFIX) :])
   return tfds_sources.load_tfds_arrays(spec, data_dir, download=download)
+
+
+def _load_natural(name: str, num_clients, partition, seed, data_dir, test_mode, test_fraction, **options):
+  if partition not in (None, "natural"):
+    raise ValueError(f"{name} comes split by user (one client per user); got partition={partition!r}, use None")
+  if test_mode not in (None, "split"):
+    raise ValueError(f"{name} keeps each user's own train/test split; got test_mode={test_mode!r}, leave it unset")
+  return natural.load_natural(name, data_dir=data_dir, num_clients=num_clients, test_fraction=test_fraction,
+                              seed=seed, **options)
 
 
 def _load_synthetic(num_clients: int, partition: str | None, seed: int, test_mode, test_fraction, **kwargs):
@@ -84,7 +94,7 @@ def _load_synthetic(num_clients: int, partition: str | None, seed: int, test_mod
 def load(
     name: str,
     *,
-    num_clients: int,
+    num_clients: int | None = None,
     partition: str | None = None,
     seed: int = 0,
     data_dir: str | os.PathLike | None = None,
@@ -99,10 +109,13 @@ def load(
   """Loads a named dataset and partitions it among `num_clients` clients.
 
   Args:
-    name: `fashion_mnist`, `mnist`, `cifar10`, `cifar100`, `emnist_letters`, `emnist_byclass`, `synthetic`, or
-      `"tfds:<name>"` (any TFDS dataset with `image` and `label` features and train/test splits).
-    num_clients: K.
-    partition: `iid`, `pathological` or `dirichlet` (required except for `synthetic`, which has its own split).
+    name: `fashion_mnist`, `mnist`, `cifar10`, `cifar100`, `emnist_letters`, `emnist_byclass`, `synthetic`,
+      `femnist`, `shakespeare`, or `"tfds:<name>"` (any TFDS dataset with `image` and `label` features and
+      train/test splits).
+    num_clients: K (required, >= 1), except for the natural datasets (`femnist`, `shakespeare`), where None or 0
+      means every user in the files and n a seeded subset of n users.
+    partition: `iid`, `pathological` or `dirichlet` (required except for `synthetic` and the natural datasets,
+      which have their own split).
     seed: seeds the partition and the test assignment (and the generator, for `synthetic`).
     data_dir: folder to look in first for IDX files, or the TFDS data folder (None: `$TFDS_DATA_DIR`, else
       `~/tensorflow_datasets`).
@@ -115,8 +128,9 @@ def load(
     test_fraction: share held out per client in `split` mode.
     min_test_samples: smallest test set per client in `global` mode.
     **partition_args: the partitioner's options (`classes_per_client`; `alpha`, `min_samples`, `max_tries`,
-      `balance`), or for `synthetic` the generator's (`alpha`, `beta`, `dimension`, `num_classes`, `iid`,
-      `max_samples_per_client`).
+      `balance`), for `synthetic` the generator's (`alpha`, `beta`, `dimension`, `num_classes`, `iid`,
+      `max_samples_per_client`), for the natural datasets `format`, `min_samples`, `client_fraction`,
+      `sample_fraction`, `only_digits` (`natural.load_natural`; not cached: the files are read each time).
 
   Returns:
     `FederatedData`; images uint8 [N_total, H, W, C] (flat, see `federated.ClientSplit`) with per-channel `mean`/`std`.
@@ -129,6 +143,11 @@ def load(
     ImportError: `tfds_sources.MissingDependencyError`, a package the TFDS reader needs (the message names it).
   """
   name = canonical_name(name)
+  if name in natural.NATURAL_DATASETS:
+    return _load_natural(name, num_clients, partition, seed, data_dir, test_mode, test_fraction, **partition_args)
+  if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
+    raise ValueError(f"num_clients must be an integer >= 1 for {name}, got {num_clients!r} (0, all users, is for "
+                     f"the natural datasets: {', '.join(natural.NATURAL_DATASETS)})")
   if name == SYNTHETIC:
     return _load_synthetic(num_clients, partition, seed, test_mode, test_fraction, **partition_args)
   if partition is None:

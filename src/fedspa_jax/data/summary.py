@@ -11,16 +11,24 @@ from fedspa_jax.data.federated import ClientSplit, FederatedData
 
 
 def client_label_counts(split: ClientSplit, num_classes: int) -> np.ndarray:
-  """[K, C] int64 number of samples of each class per client."""
+  """[K, C] int64 number of samples of each class per client.
+
+  For sequence labels (`y` [N, L], text), the number of target tokens of each class, padding (token 0) left out.
+  """
   owner = split.owners()
   owned = owner >= 0
-  flat = owner[owned] * num_classes + np.asarray(split.y).astype(np.int64)[owned]
+  y = np.asarray(split.y)[owned].astype(np.int64)
+  owner = owner[owned]
+  if y.ndim > 1:
+    owner = np.broadcast_to(owner.reshape(-1, *[1] * (y.ndim - 1)), y.shape)[y != 0]
+    y = y[y != 0]
+  flat = owner * num_classes + y
   return np.bincount(flat, minlength=split.num_clients * num_classes).reshape(split.num_clients, num_classes)
 
 
 def _split_summary(split: ClientSplit, num_classes: int) -> dict:
   counts = client_label_counts(split, num_classes)
-  sizes = counts.sum(axis=1)
+  sizes = np.asarray(split.count, np.int64)  # samples (sequences, for text), not label counts
   return {
       "total": int(sizes.sum()),
       "count": sizes.tolist(),

@@ -1,0 +1,34 @@
+"""FedSpa on Shakespeare split by speaking role (LEAF's or TFF's files), LEAF's character LSTM.
+
+    fedspa-jax run --config shakespeare_natural --data-dir ~/leaf/data/shakespeare --out runs/shakespeare
+    fedspa-jax run --config shakespeare_natural --data-dir ~/tff --set data.format=tff --out runs/shakespeare-tff
+    fedspa-jax run --config shakespeare_natural --data-dir ~/leaf/data/shakespeare --set smoke=true  # tiny variant
+
+The files are not downloaded here: see docs/data.md ("Natural datasets") and scripts/prepare_leaf.sh. Each sample
+is 80 characters and its next-character targets; the model's vocabulary is the data's `num_classes`
+(`fedspa_jax.data.text.VOCAB_SIZE`: padding, LEAF's 80 characters, out-of-vocabulary). LEAF's own setting: SGD with
+learning rate 0.8, batch 10, one local epoch, 10 clients per round. `num_clients=0` takes every role in the files.
+"""
+
+from fedspa_jax.config import Config
+
+
+def get_config(smoke: bool = False) -> Config:
+  config = Config(
+      algorithm="fedspa",
+      dataset="shakespeare",
+      model="char_lstm",
+      num_clients=0,
+      rounds=200,
+      hparams={"density": 0.5, "clients_per_round": 10, "local_epochs": 1, "batch_size": 10, "lr": 0.8},
+      eval_every=5,
+      checkpoint_every=25,
+      rounds_per_dispatch=5,
+  )
+  if smoke:
+    # Tiny: 4 roles of the files, 2 per round, 2 rounds of 2 local steps, one evaluation.
+    config.smoke = True
+    config.num_clients, config.rounds = 4, 2
+    config.eval_every, config.checkpoint_every, config.rounds_per_dispatch = 2, 1, 1
+    config.hparams.update(clients_per_round=2, local_epochs=None, local_steps=2, batch_size=8)
+  return config
