@@ -101,6 +101,7 @@ def run(
   say = runner.say_for(echo)
   check_config(config)
   workdir = paths.as_path(workdir) if workdir is not None else default_workdir(config)
+  fresh = not workdir.exists()
   prepare_workdir(workdir, config, resume=resume, overwrite=overwrite, primary=primary)
   distributed.barrier("fedspa_jax.prepare_workdir")
   try:  # data options, model/data fit: still input errors, found before compilation
@@ -110,7 +111,11 @@ def run(
       raise ConfigError(f"bad data options {config.data_args}: {e}") from e
     _, algo = build(config, data)
     state = algo.init(jax.random.key(config.seed), data)
-  except ValueError as e:
+  except (ValueError, FileNotFoundError) as e:
+    if fresh and primary and workdir.is_dir() and not any(workdir.iterdir()):
+      workdir.rmdir()  # bad input leaves nothing behind, not even the folder this run made
+    if isinstance(e, FileNotFoundError):
+      raise
     raise ConfigError(str(e)) from e
 
   ckpt = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
