@@ -6,12 +6,21 @@ workers, and in the processes that tests/test_multihost.py starts). JAX's persis
 JAX version and the flags, lets every compile after the first one load the executable instead: it shares compiled
 functions across tests without changing what any test computes. `FEDSPA_TEST_JAX_CACHE=off` turns it off; any other
 value is the folder to use (default: fedspa-jax-test-cache in the system's temporary folder).
+
+Most of the suite's time is XLA:CPU compiling (the ResNet-18 and VGG programs above all), and most of that is LLVM
+optimizing machine code for programs that then run for milliseconds. The tests compile at LLVM level 1
+(`--xla_backend_optimization_level=1`: the same HLO programs; VGG-11's round compiled in about half the time), also
+in the processes they start (`TEST_XLA_FLAGS`). Level 0 compiles a little faster still, but its code made the tests
+that run for long (a fine-tuning epoch of Fashion-MNIST) slower than the default. `FEDSPA_TEST_FAST_COMPILE=off`
+compiles as users do.
 """
 
 import os
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# For the processes that tests start with their own device count (tests/test_inflight.py, tests/test_multihost.py).
+TEST_XLA_FLAGS = "" if os.environ.get("FEDSPA_TEST_FAST_COMPILE") == "off" else "--xla_backend_optimization_level=1"
+os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {TEST_XLA_FLAGS}".strip())
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _cache = os.environ.get("FEDSPA_TEST_JAX_CACHE", os.path.join(tempfile.gettempdir(), "fedspa-jax-test-cache"))
 if _cache != "off":

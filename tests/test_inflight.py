@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import TEST_XLA_FLAGS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ROUNDS = 600  # far past the runtime's 32 programs in flight per device
@@ -19,7 +20,8 @@ CALLS = 80  # evaluate calls in a row
 
 
 def run_child(devices: int, sampling: str) -> subprocess.CompletedProcess:
-  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
+  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {TEST_XLA_FLAGS}",
+         "JAX_PLATFORMS": "cpu",
          "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
   return subprocess.run([sys.executable, __file__, str(devices), sampling], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=480)

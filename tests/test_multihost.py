@@ -15,6 +15,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import TEST_XLA_FLAGS
 
 from fedspa_jax import cli, distributed, experiment
 from fedspa_jax import config as config_lib
@@ -35,7 +36,7 @@ def config() -> config_lib.Config:
 def launch(processes: int, args: list[str], log_dir: pathlib.Path, timeout: float = 240) -> subprocess.CompletedProcess:
   env = {**os.environ, "FEDSPA_NO_ENV": "1", "PYTHON": sys.executable, "DEVICES_PER_PROCESS": "4",
          "LOG_DIR": str(log_dir), "TIMEOUT": str(int(timeout - 20))}
-  env.pop("XLA_FLAGS", None)  # the script sets the device count per process
+  env["XLA_FLAGS"] = TEST_XLA_FLAGS  # the script adds the device count per process
   proc = subprocess.Popen(["bash", str(ROOT / "scripts" / "multihost_local.sh"), str(processes), "--", *args],
                           cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           start_new_session=True)

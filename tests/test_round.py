@@ -230,13 +230,26 @@ def skewed():
   return fj.data.from_clients(train, test, num_classes=10)
 
 
-@pytest.mark.parametrize("cohort_batch,weighting", [(None, "samples"), (1, "uniform"), (4, "uniform")])
-def test_each_client_trains_exactly_its_own_steps_on_skewed_data(model, skewed, cohort_batch, weighting):
+def skewed_algo(model, cohort_batch, weighting):
   algo = fj.algorithms.get("fedspa", model=model, density=0.4, clients_per_round=6, local_epochs=2, batch_size=4,
                            lr=0.05, rounds=5, cohort_batch=cohort_batch, weighting=weighting)
+  return algo, jax.jit(algo.round_fn)  # no donation: the tests keep their states
+
+
+@pytest.fixture(scope="module")
+def skewed_uniform(model):
+  """cohort_batch -> (algorithm, its jitted round) on `skewed`, uniform weighting: compiled once for both tests."""
+  return {cohort_batch: skewed_algo(model, cohort_batch, "uniform") for cohort_batch in (None, 1, 4)}
+
+
+@pytest.mark.parametrize("cohort_batch,weighting", [(None, "samples"), (1, "uniform"), (4, "uniform")])
+def test_each_client_trains_exactly_its_own_steps_on_skewed_data(model, skewed, skewed_uniform, cohort_batch,
+                                                                 weighting):
+  algo, round_fn = (skewed_uniform[cohort_batch] if weighting == "uniform" else
+                    skewed_algo(model, cohort_batch, weighting))
   state = algo.init(jax.random.key(0), skewed)
   before = state.server.params
-  state, metrics = jax.jit(algo.round_fn)(state, skewed)
+  state, metrics = round_fn(state, skewed)
   cohort, steps, samples = (np.asarray(metrics[k]) for k in ("cohort", "steps", "samples"))
   count = np.asarray(skewed.train.count)
   for k, st, sa in zip(cohort, steps, samples):
@@ -260,14 +273,13 @@ def test_a_client_without_training_data_sends_a_zero_update(client_fn, algo, sta
   del state0
 
 
-def test_skewed_groups_equal_one_vmapped_group(model, skewed):
+def test_skewed_groups_equal_one_vmapped_group(skewed, skewed_uniform):
   outs = []
   for cohort_batch in (None, 1, 4):
-    algo = fj.algorithms.get("fedspa", model=model, density=0.4, clients_per_round=6, local_epochs=2, batch_size=4,
-                             lr=0.05, rounds=5, cohort_batch=cohort_batch)
+    algo, round_fn = skewed_uniform[cohort_batch]
     state = algo.init(jax.random.key(0), skewed)
     for _ in range(2):
-      state, _ = algo.round(state, skewed)
+      state, _ = round_fn(state, skewed)
     outs.append(state)
   for other in outs[1:]:
     assert_trees_close(outs[0].server.params, other.server.params)
