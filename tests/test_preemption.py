@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import TEST_XLA_FLAGS
 
 from fedspa_jax import cli, experiment, preemption, runner
 from fedspa_jax import config as config_lib
@@ -130,7 +131,7 @@ def test_two_processes_stop_together_and_resume_to_the_one_process_run(tmp_path)
   run_dir = tmp_path / "two"
   env = {**os.environ, "FEDSPA_NO_ENV": "1", "PYTHON": sys.executable, "DEVICES_PER_PROCESS": "4",
          "LOG_DIR": str(tmp_path / "logs"), "TIMEOUT": "200", "GRACE": "60"}
-  env.pop("XLA_FLAGS", None)  # the script sets the device count per process
+  env["XLA_FLAGS"] = TEST_XLA_FLAGS  # the script adds the device count per process
   launch = lambda *args: subprocess.Popen(
       ["bash", str(ROOT / "scripts" / "multihost_local.sh"), "2", "--", *args], cwd=ROOT, env=env,
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
