@@ -8,7 +8,7 @@ import fedspa_jax as fj
 from fedspa_jax import config as config_lib
 
 SAMPLE_SHAPE = {"mlp": (28, 28, 1), "lenet5": (28, 28, 1), "cnn": (28, 28, 1), "cifar_cnn": (32, 32, 3),
-                "vgg11": (32, 32, 3), "resnet18": (32, 32, 3)}
+                "vgg11": (32, 32, 3), "resnet18": (32, 32, 3), "char_lstm": (80,)}
 
 
 # The two large models keep their layer structure at a fraction of their width, to keep compilation and the
@@ -18,14 +18,16 @@ NARROW = {"resnet18": {"width": 8}, "vgg11": {"features": (8, "M", 16, "M", 32, 
 
 
 # Models that a shipped config trains end to end in the suite (the CIFAR/EMNIST configs on TFDS look-alikes in
-# test_data_tfds_configs.py, Fashion-MNIST's LeNet-5 in test_experiment.py): trained there, not again here.
+# test_data_tfds_configs.py, Fashion-MNIST's LeNet-5 in test_experiment.py, the natural datasets' CNN and char_lstm
+# on LEAF files in test_data_natural.py): trained there, not again here.
 END_TO_END = {config_lib.load(name).model for name in config_lib.shipped_names()
-              if config_lib.load(name).dataset in ("cifar10", "cifar100", "emnist_letters", "fashion_mnist")}
+              if config_lib.load(name).dataset in ("cifar10", "cifar100", "emnist_letters", "fashion_mnist", "femnist",
+                                                   "shakespeare")}
 
 
 def test_every_model_is_covered():
   assert sorted(SAMPLE_SHAPE) == fj.models.names()
-  assert {"lenet5", "cnn", "cifar_cnn", "resnet18"} <= END_TO_END  # what the end-to-end tests train
+  assert {"lenet5", "cnn", "cifar_cnn", "resnet18", "char_lstm"} <= END_TO_END  # what the end-to-end tests train
 
 
 @pytest.mark.parametrize("name", sorted(set(SAMPLE_SHAPE) - END_TO_END))

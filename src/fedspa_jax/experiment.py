@@ -101,7 +101,7 @@ def run(
   say = runner.say_for(echo)
   check_config(config)
   workdir = paths.as_path(workdir) if workdir is not None else default_workdir(config)
-  fresh = not workdir.exists()
+  fresh = not paths.is_cloud(workdir) and not workdir.exists()  # nothing may touch a gs:// folder before its check
   prepare_workdir(workdir, config, resume=resume, overwrite=overwrite, primary=primary)
   distributed.barrier("fedspa_jax.prepare_workdir")
   try:  # data options, model/data fit: still input errors, found before compilation
