@@ -31,3 +31,15 @@ if _cache != "off":
 import jax  # noqa: E402  (must come after XLA_FLAGS)
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+# The slowest files first. With `--dist loadfile` a file runs whole on one worker, in collection order; a slow file
+# that starts last keeps the other worker idle at the end of the suite.
+SLOW_FIRST = ("test_preemption.py", "test_protocols.py", "test_sweep.py", "test_data_tfds_resnet.py",
+              "test_data_tfds_configs.py", "test_population.py", "test_experiment.py", "test_data_natural.py",
+              "test_round.py", "test_gcs.py", "test_export.py", "test_cli.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+  rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order within a file is kept
