@@ -517,6 +517,7 @@ def test_shakespeare_natural_smoke_runs_end_to_end(shakespeare_leaf, tmp_path):
   root, _ = shakespeare_leaf
   out = tmp_path / "run"
   code, _, stderr = call("run", "--config", "shakespeare_natural", "--set", "smoke=true", "--set", "num_clients=3", "--set", "model.hidden=32",
+                         "--set", "model.layers=1",
                          "--set", f"data_dir={root}", "--out", out, "--no-plots", "--quiet")
   assert code == 0, stderr
   summary = json.loads((out / "summary.json").read_text())
