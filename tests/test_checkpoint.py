@@ -103,3 +103,13 @@ def test_a_checkpoint_of_another_layout_is_refused_before_reading(state, tmp_pat
   with pytest.raises(LayoutMismatch, match="bool"):
     ckpt.restore(state)
   ckpt.close()
+
+
+def test_an_asynchronous_save_keeps_the_metadata_as_it_was_when_saved(tmp_path):
+  # The run appends to its history right after `save` returns, while the write goes on in orbax's thread.
+  history = [{"round": 1}, {"round": 2}]
+  ckpt = Checkpointer(tmp_path / "ckpt", asynchronous=True)
+  ckpt.save(2, {"w": jnp.arange(100_000.0)}, {"history": history})
+  history.append({"round": 3})
+  assert ckpt.read_meta(2)["history"] == [{"round": 1}, {"round": 2}]
+  ckpt.close()

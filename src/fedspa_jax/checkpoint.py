@@ -15,6 +15,7 @@ complete step with a commit file instead of a rename.
 
 from __future__ import annotations
 
+import json
 import os
 
 from typing import Any
@@ -129,7 +130,9 @@ class Checkpointer:
     """
     if round in self.rounds():
       return self.path(round)
-    meta = {**meta, "layout": layout(state)}
+    # A copy: an asynchronous save serializes `meta` later, in its thread, while the run goes on appending to the
+    # lists it holds (its metrics history).
+    meta = json.loads(json.dumps({**meta, "layout": layout(state)}))
     args = ocp.args.Composite(
         **{_STATE: ocp.args.StandardSave(to_storable(state)), _META: ocp.args.JsonSave(meta)}
     )
