@@ -7,19 +7,22 @@ JAX version and the flags, lets every compile after the first one load the execu
 functions across tests without changing what any test computes. `FEDSPA_TEST_JAX_CACHE=off` turns it off; any other
 value is the folder to use (default: fedspa-jax-test-cache in the system's temporary folder).
 
-Most of the suite's time is XLA:CPU compiling (the ResNet-18 and VGG programs above all), and most of that is LLVM
-optimizing machine code for programs that then run for milliseconds. The tests compile at LLVM level 1
-(`--xla_backend_optimization_level=1`: the same HLO programs; VGG-11's round compiled in about half the time), also
-in the processes they start (`TEST_XLA_FLAGS`). Level 0 compiles a little faster still, but its code made the tests
-that run for long (a fine-tuning epoch of Fashion-MNIST) slower than the default. `FEDSPA_TEST_FAST_COMPILE=off`
-compiles as users do.
+Most of the suite's time is XLA:CPU compiling programs that then run for milliseconds. The tests compile with two
+flags (`TEST_XLA_FLAGS`, also in the processes they start): LLVM at optimization level 0
+(`--xla_backend_optimization_level=0`) and XLA's older loop emitters instead of its new fusion emitters
+(`--xla_cpu_use_fusion_emitters=false`). They change how XLA:CPU turns the programs into machine code, not what the
+programs compute; that code runs slower, which only a test that runs for long would notice (none does: the one that
+did now fine-tunes on a subset of Fashion-MNIST). Measured on the 2-core machine of docs/benchmarks.md, cold
+cache, 2 workers, 2026-12-02: the suite took 634 s and 736 s at level 1 with the fusion emitters, 426 s with these
+flags. `FEDSPA_TEST_FAST_COMPILE=off` compiles as users do.
 """
 
 import os
 import tempfile
 
 # For the processes that tests start with their own device count (tests/test_inflight.py, tests/test_multihost.py).
-TEST_XLA_FLAGS = "" if os.environ.get("FEDSPA_TEST_FAST_COMPILE") == "off" else "--xla_backend_optimization_level=1"
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+TEST_XLA_FLAGS = "" if os.environ.get("FEDSPA_TEST_FAST_COMPILE") == "off" else FAST_COMPILE
 os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {TEST_XLA_FLAGS}".strip())
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _cache = os.environ.get("FEDSPA_TEST_JAX_CACHE", os.path.join(tempfile.gettempdir(), "fedspa-jax-test-cache"))

@@ -16,7 +16,7 @@ from fedspa_jax import experiment, masks
 from fedspa_jax.algorithms.base import Common, make_apply_fn
 from fedspa_jax.client import ClientData, local_train, make_preprocess
 from fedspa_jax.config import ConfigError
-from fedspa_jax.data import idx_sources
+from fedspa_jax.data import idx, idx_sources
 from fedspa_jax.evaluation import evaluate_client
 
 SIZES = [(13, 5), (7, 4), (20, 6), (9, 0), (11, 3), (16, 5)]  # (train, test) samples per client
@@ -250,16 +250,23 @@ def test_resume_equals_an_uninterrupted_run_with_the_new_options(tmp_path):
 
 @pytest.mark.skipif(not all((FASHION_DIR / f).is_file() for f in idx_sources.FILES),
                     reason="Fashion-MNIST IDX files absent: run scripts/install_datasets.sh")
-def test_the_reference_recipe_config_runs_end_to_end(tmp_path):
+def test_the_reference_recipe_config_runs_end_to_end(tmp_path, monkeypatch):
   full = config_lib.load("fashion_mnist_reference")
   assert {k: full.hparams[k] for k in ("local_epochs", "batch_size", "weight_decay", "lr_decay", "clip_norm",
                                        "density", "alpha", "momentum", "lr")} == {
       "local_epochs": 5, "batch_size": 128, "weight_decay": 5e-4, "lr_decay": 0.998, "clip_norm": 10.0,
       "density": 0.5, "alpha": 0.5, "momentum": 0.0, "lr": 0.1}
   assert (full.num_clients, full.hparams["clients_per_round"]) == (100, 10)
+  # On a real subset (the first 2,000 training and 500 test images): the final evaluation fine-tunes every client
+  # for an epoch of its data, which on the whole set took most of a minute here.
+  subset = tmp_path / "fashion_mnist"
+  subset.mkdir()
+  for name, n in zip(idx_sources.FILES, (2000, 2000, 500, 500)):
+    idx.write_idx(subset / name, idx.read_idx(FASHION_DIR / name)[:n])
+  monkeypatch.setenv("FEDSPA_JAX_CACHE", str(tmp_path / "cache"))  # the partition cache is keyed by the arguments
   config = config_lib.load("fashion_mnist_reference", smoke=True)
-  config.data_args["download"] = False
-  config = dataclasses.replace(config, data_dir=str(FASHION_DIR))
+  config.data_args.update(download=False, verify=False)
+  config = dataclasses.replace(config, data_dir=str(subset))
   summary = experiment.run(config, tmp_path / "ref", echo=None, write_plots=False)
   assert summary["protocol"] == "local" and summary["finetune_epochs"] == 1
   assert summary["hparams"]["lr_decay"] == 0.998 and summary["hparams"]["clip_norm"] == 10.0
