@@ -10,11 +10,12 @@ value is the folder to use (default: fedspa-jax-test-cache in the system's tempo
 Most of the suite's time is XLA:CPU compiling programs that then run for milliseconds. The tests compile with two
 flags (`TEST_XLA_FLAGS`, also in the processes they start): LLVM at optimization level 0
 (`--xla_backend_optimization_level=0`) and XLA's older loop emitters instead of its new fusion emitters
-(`--xla_cpu_use_fusion_emitters=false`). They change how XLA:CPU turns the programs into machine code (results may differ
-in the last bits, as between machines); that code runs slower, which only a test that runs for long would notice (none does: the one that
-did now fine-tunes on a subset of Fashion-MNIST). Measured on the 2-core machine of docs/benchmarks.md, cold
-cache, 2 workers, 2026-12-02: the suite took 634 s and 736 s at level 1 with the fusion emitters, 426 s with these
-flags, and 363 s once the reference-recipe test used a subset. `FEDSPA_TEST_FAST_COMPILE=off` compiles as users do.
+(`--xla_cpu_use_fusion_emitters=false`). They change how XLA:CPU turns the programs into machine code (results may
+differ in the last bits, as between machines); that code runs slower, which only a test that runs for long would
+notice (none does: the one that did now fine-tunes on a subset of Fashion-MNIST). Measured on the 2-core machine of
+docs/benchmarks.md, cold cache, 2 workers, 2026-12-02: the suite took 634 s and 736 s at level 1 with the fusion
+emitters, 426 s with these flags, and 363 s once the reference-recipe test used a subset.
+`FEDSPA_TEST_FAST_COMPILE=off` compiles as users do.
 """
 
 import os
