@@ -49,9 +49,9 @@ def test_idx_parser_rejects_malformed_files(raw, match):
     idx.parse_idx(raw)
 
 
-def _write_fake_dataset(folder: pathlib.Path, n_train=30, n_test=10) -> dict[str, bytes]:
+def _write_fake_dataset(folder: pathlib.Path, n_train=30, n_test=10, seed=0) -> dict[str, bytes]:
   """Four tiny IDX .gz files; returns name -> gz bytes."""
-  rng = np.random.default_rng(0)
+  rng = np.random.default_rng(seed)
   arrays = {
       "train-images-idx3-ubyte.gz": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
       "train-labels-idx1-ubyte.gz": (np.arange(n_train) % 10).astype(np.uint8),
@@ -166,3 +166,29 @@ def test_download_of_corrupt_files_fails_cleanly(tmp_path, monkeypatch):
   with pytest.raises(FileNotFoundError, match="downloading failed: could not download fake"):
     idx_sources.load_idx_arrays(_spec(tmp_path, files), None, download=True)
   assert not list((tmp_path / "cache" / "fake-mnist").iterdir()), "no partial or unverified file left behind"
+
+
+def test_the_partition_cache_follows_the_source_files(tmp_path, monkeypatch):
+  """An entry built from other files (another data folder, or the same files rewritten) is rebuilt, never read; an
+  entry of the files on disk is a hit that does not read them."""
+  load = lambda folder, **kw: fj.data.load("mnist", num_clients=3, partition="iid", data_dir=folder, download=False,
+                                           verify=False, **kw)
+  entries = lambda: list((tmp_path / "cache" / "partitions").glob("mnist-*.npz"))
+  _write_fake_dataset(tmp_path / "a", seed=0)
+  _write_fake_dataset(tmp_path / "b", seed=1)
+  first = load(tmp_path / "a")
+  assert len(entries()) == 1
+  other = load(tmp_path / "b")  # the same arguments, so the same entry: its stamp names folder a
+  assert len(entries()) == 1
+  np.testing.assert_array_equal(other.train.x, load(tmp_path / "b", cache=False).train.x)
+  assert not np.array_equal(other.train.x, first.train.x)
+  _write_fake_dataset(tmp_path / "b", seed=2)  # rewritten in place
+  rewritten = load(tmp_path / "b")
+  np.testing.assert_array_equal(rewritten.train.x, load(tmp_path / "b", cache=False).train.x)
+  assert not np.array_equal(rewritten.train.x, other.train.x)
+
+  def no_reading(*args, **kwargs):
+    raise AssertionError("a hit must not read the source")
+
+  monkeypatch.setattr(fj.data.loader, "load_arrays", no_reading)
+  np.testing.assert_array_equal(load(tmp_path / "b").train.x, rewritten.train.x)

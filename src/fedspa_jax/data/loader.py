@@ -9,6 +9,7 @@ datasets, FEMNIST and Shakespeare, come split by user in LEAF's or TFF's files (
 from __future__ import annotations
 
 import os
+import pathlib
 
 import numpy as np
 
@@ -72,6 +73,19 @@ def load_arrays(
   return tfds_sources.load_tfds_arrays(spec, data_dir, download=download)
 
 
+def source_files(name: str, data_dir: str | os.PathLike | None = None) -> list[pathlib.Path]:
+  """The files `load_arrays(name, data_dir)` reads, as they are on disk now: the four IDX files it finds first, or
+  every file of the TFDS dataset's folder (all its versions); [] when none are there (yet)."""
+  name = canonical_name(name)
+  if name in idx_sources.IDX_DATASETS:
+    folder = idx_sources.find_files(spec := idx_sources.IDX_DATASETS[name], idx_sources.search_dirs(spec, data_dir))
+    return [] if folder is None else [folder / f for f in idx_sources.FILES]
+  spec = tfds_sources.TFDS_DATASETS.get(name) or tfds_sources.TfdsDataset(name, name[len(TFDS_PREFIX) :])
+  root = pathlib.Path(data_dir).expanduser() if data_dir else pathlib.Path(tfds_sources.default_data_dir())
+  folder = root / spec.tfds_name.split(":")[0]
+  return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
+
+
 def _load_natural(name: str, num_clients, partition, seed, data_dir, test_mode, test_fraction, **options):
   if partition not in (None, "natural"):
     raise ValueError(f"{name} comes split by user (one client per user); got partition={partition!r}, use None")
@@ -122,7 +136,8 @@ def load(
     download: fetch missing data (IDX files from their official addresses; TFDS's own download and preparation,
       which needs TensorFlow).
     verify: check the IDX files' sha256.
-    cache: read and write the partition cache (`$FEDSPA_JAX_CACHE` or `~/.cache/fedspa_jax`).
+    cache: read and write the partition cache (`$FEDSPA_JAX_CACHE` or `~/.cache/fedspa_jax`); an entry built from
+      other source files than those on disk now (`source_files`) is rebuilt.
     test_mode: `global` (default: deal the official test split out by each client's label distribution) or
       `split` (hold out `test_fraction` of each client's share); `synthetic` always splits.
     test_fraction: share held out per client in `split` mode.
@@ -162,10 +177,11 @@ def load(
       **partition_lib.resolve_partition_args(partition, partition_args),
   )
   path = cache_lib.partition_path(name, args)
-  if cache and (hit := cache_lib.load_partition(path)) is not None:
+  stamp = cache_lib.source_stamp(source_files(name, data_dir)) if cache else None
+  if cache and (hit := cache_lib.load_partition(path, stamp)) is not None:
     return hit
   x, y, x_test, y_test, num_classes = load_arrays(name, data_dir, download=download, verify=verify)
   data = build.from_arrays(x, y, x_test, y_test, num_classes=num_classes, name=name, **args)
   if cache:
-    cache_lib.save_partition(path, data)
+    cache_lib.save_partition(path, data, cache_lib.source_stamp(source_files(name, data_dir)))
   return data
