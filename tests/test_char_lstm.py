@@ -36,8 +36,7 @@ def make_data():
   rng = np.random.default_rng(0)
   train = [sequences(rng, a) for a, _ in SIZES]
   test = [sequences(rng, b) for _, b in SIZES]
-  split = lambda parts: fj.data.stack_clients([x for x, _ in parts], [y for _, y in parts])
-  return fj.data.FederatedData(train=split(train), test=split(test), num_classes=VOCAB, name="tiny_text")
+  return fj.data.from_clients(train, test, num_classes=VOCAB, name="tiny_text")  # sequence labels [n_k, L]
 
 
 @pytest.fixture(scope="module")

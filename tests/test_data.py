@@ -143,6 +143,39 @@ def test_from_clients_without_test_holds_out_a_share():
   assert (data.test.client(1)[0] == 1).all(), "held-out samples stay with their client"
 
 
+def test_from_clients_takes_sequences_with_a_label_per_position():
+  rng = np.random.default_rng(0)
+  text = lambda n: (rng.integers(1, 9, (n, 5)).astype(np.int32), rng.integers(0, 9, (n, 5)))  # 0: padding
+  train = [text(n) for n in (6, 10, 1)]
+  data = fj.data.from_clients(train, test_fraction=0.3, seed=0)
+  assert data.train.count.tolist() == [4, 7, 1] and data.test.count.tolist() == [2, 3, 0]
+  assert data.train.y.shape == (12, 5) and data.train.y.dtype == np.int32 and data.mean is None
+  for k, (x, y) in enumerate(train):  # each client's sequences, whole, split between its train and test rows
+    xs = np.concatenate([data.train.client(k)[0], data.test.client(k)[0]])
+    ys = np.concatenate([data.train.client(k)[1], data.test.client(k)[1]])
+    assert sorted(map(bytes, np.concatenate([xs, ys], 1).astype(np.int64))) == sorted(
+        map(bytes, np.concatenate([x, y], 1).astype(np.int64)))
+  assert data.num_classes == 1 + max(int(y.max()) for _, y in train)
+  given = fj.data.from_clients(train, [text(2) for _ in train], num_classes=12)
+  assert given.test.count.tolist() == [2, 2, 2] and given.num_classes == 12
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda x, y: (x[:, :4], y[:, :4]), r"client 1's labels are \[n, 4\] \(test data \[n, 4\]\), client 0's \[n, 5\]"),
+    (lambda x, y: (x, y[..., None]), r"client 1 labels must be an integer array \[n\] .* or \[n, L\]"),
+    (lambda x, y: (x, y.astype(np.float32)), "integer array"),
+])
+def test_from_clients_refuses_sequence_labels_of_another_shape(change, match):
+  x, y = np.ones((3, 5), np.int32), np.ones((3, 5), np.int64)
+  with pytest.raises(ValueError, match=match):
+    fj.data.from_clients([(x, y), change(x, y)])
+
+
+def test_from_arrays_partitions_by_class_and_refuses_sequence_labels():
+  with pytest.raises(ValueError, match=r"per-position labels \[n, L\] go through from_clients"):
+    fj.data.from_arrays(np.ones((8, 5), np.int32), np.ones((8, 5), np.int64), num_clients=2, partition="iid")
+
+
 def test_load_synthetic_routes_to_the_generator():
   data = fj.data.load("synthetic", num_clients=5, alpha=0.5, beta=0.5, seed=2)
   direct = fj.data.synthetic(0.5, 0.5, num_clients=5, seed=2)

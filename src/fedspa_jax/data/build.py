@@ -42,10 +42,13 @@ def _as_inputs(x: np.ndarray) -> np.ndarray:
   return x[..., None] if x.dtype == np.uint8 and x.ndim == 3 else x
 
 
-def _check_labels(x: np.ndarray, y: np.ndarray, what: str) -> np.ndarray:
+def _check_labels(x: np.ndarray, y: np.ndarray, what: str, sequences: bool = False) -> np.ndarray:
+  """Integer labels >= 0, one per input: [n] class labels, or with `sequences` also [n, L] per-position labels."""
   y = np.asarray(y)
-  if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-    raise ValueError(f"{what} labels must be a 1-D integer array, got shape {y.shape} and dtype {y.dtype}")
+  if not np.issubdtype(y.dtype, np.integer) or y.ndim not in ((1, 2) if sequences else (1,)):
+    shapes = "[n] (a class per sample) or [n, L] (a class per position, 0 = padding)" if sequences else (
+        "[n] (a class per sample; per-position labels [n, L] go through from_clients)")
+    raise ValueError(f"{what} labels must be an integer array {shapes}, got shape {y.shape} and dtype {y.dtype}")
   if len(x) != len(y):
     raise ValueError(f"{what} has {len(x)} inputs but {len(y)} labels")
   if y.size and y.min() < 0:
@@ -153,9 +156,11 @@ def from_clients(
   """`FederatedData` from a federated split the user already has (LEAF writers, another library's partition).
 
   Args:
-    train: K pairs `(x_k [n_k, ...], y_k [n_k])`, one per client, in client order.
-    test: K pairs for the clients' test data; None holds out a stratified `test_fraction` of each client's
-      training pairs instead (see `holdout.split_local`).
+    train: K pairs `(x_k [n_k, ...], y_k [n_k])`, one per client, in client order. Sequence data have a label per
+      position, `y_k [n_k, L]`, where label 0 marks padding (left out of the loss and the accuracy, as for the
+      natural Shakespeare set; e.g. token ids x_k [n_k, L] and their next tokens), the same L for every client.
+    test: K pairs for the clients' test data; None holds out a `test_fraction` of each client's training pairs
+      instead (see `holdout.split_local`; stratified by class, for sequences uniformly).
     test_fraction: share held out when `test` is None.
     seed: seeds the held-out split.
     num_classes: label classes; default max label + 1.
@@ -171,13 +176,19 @@ def from_clients(
   if test is not None and len(test) != len(train):
     raise ValueError(f"got {len(train)} training clients but {len(test)} test clients")
   xs = [_as_inputs(x) for x, _ in train]
-  ys = [_check_labels(x, y, f"client {k}") for k, (x, (_, y)) in enumerate(zip(xs, train))]
+  ys = [_check_labels(x, y, f"client {k}", sequences=True) for k, (x, (_, y)) in enumerate(zip(xs, train))]
   if test is None:
     split = _split_clients(xs, ys, test_fraction, seed)
     (xs, ys), (xs_test, ys_test) = split
   else:
     xs_test = [_as_inputs(x) for x, _ in test]
-    ys_test = [_check_labels(x, y, f"client {k}'s test data") for k, (x, (_, y)) in enumerate(zip(xs_test, test))]
+    ys_test = [_check_labels(x, y, f"client {k}'s test data", sequences=True)
+               for k, (x, (_, y)) in enumerate(zip(xs_test, test))]
+  shape = lambda y: "[n" + "".join(f", {d}" for d in y.shape[1:]) + "]"
+  for k, (y, y_test) in enumerate(zip(ys, ys_test)):
+    if shape(y) != shape(ys[0]) or shape(y_test) != shape(ys[0]):
+      raise ValueError(f"client {k}'s labels are {shape(y)} (test data {shape(y_test)}), client 0's {shape(ys[0])}: "
+                       f"every client's labels need the same shape")
   num_classes = _num_classes(num_classes, *ys, *ys_test)
   mean, std = _normalisation(np.concatenate(xs) if xs[0].dtype == np.uint8 else xs[0], mean, std)
   as_int32 = lambda arrays: [a.astype(np.int32) for a in arrays]
@@ -194,7 +205,7 @@ def from_clients(
 def _split_clients(xs, ys, test_fraction, seed):
   """Stratified per-client hold-out over ragged client arrays (offsets into their concatenation)."""
   offsets = np.cumsum([0] + [len(y) for y in ys])
-  labels = np.concatenate(ys)
+  labels = np.concatenate([y if y.ndim == 1 else np.zeros(len(y), np.int64) for y in ys])  # sequences: uniform
   parts = [np.arange(a, b) for a, b in zip(offsets[:-1], offsets[1:])]
   train_parts, test_parts = holdout.split_local(labels, parts, test_fraction=test_fraction, seed=seed)
   local = lambda ps: [p - o for p, o in zip(ps, offsets[:-1])]

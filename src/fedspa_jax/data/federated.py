@@ -138,10 +138,10 @@ def stack_clients(xs: Sequence[np.ndarray], ys: Sequence[np.ndarray]) -> ClientS
 
   Args:
     xs: K arrays `[n_k, ...]` with the same trailing shape and dtype.
-    ys: K integer arrays `[n_k]`.
+    ys: K integer arrays `[n_k]`, or `[n_k, L]` (per-position labels of sequences).
 
   Returns:
-    A `ClientSplit` with x [sum n_k, ...], y [sum n_k] int32, offset and count [K] int32.
+    A `ClientSplit` with x [sum n_k, ...], y [sum n_k] (or [sum n_k, L]) int32, offset and count [K] int32.
   """
   if len(xs) != len(ys):
     raise ValueError(f"got {len(xs)} input arrays but {len(ys)} label arrays")
