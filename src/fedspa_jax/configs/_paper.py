@@ -25,11 +25,16 @@ def paper_config(*, dataset: str, model: str, partition: str, data_args: dict, r
       rounds_per_dispatch=5,
   )
   if smoke:
-    # Tiny: 4 clients, 2 per round, 2 rounds of 2 local steps, one evaluation; the same data, model and partition.
-    config.smoke = True
-    config.num_clients, config.rounds = 4, 2
-    config.eval_every, config.checkpoint_every, config.rounds_per_dispatch = 2, 1, 1
-    config.hparams.update(clients_per_round=2, local_epochs=None, local_steps=2, batch_size=8)
+    make_smoke(config)  # the same data, model and partition
     if partition == "dirichlet":
       config.data_args["min_samples"] = 10
   return config
+
+
+def make_smoke(config: Config) -> None:
+  """Turns `config` into its tiny variant, in place: 4 clients, 2 per round, 2 rounds of 2 local steps at batch 8,
+  one evaluation."""
+  config.smoke = True
+  config.num_clients, config.rounds = 4, 2
+  config.eval_every, config.checkpoint_every, config.rounds_per_dispatch = 2, 1, 1
+  config.hparams.update(clients_per_round=2, local_epochs=None, local_steps=2, batch_size=8)

@@ -11,6 +11,7 @@ Data options: `data.format` (leaf/tff), `data.min_samples`, `data.client_fractio
 """
 
 from fedspa_jax.config import Config
+from fedspa_jax.configs._paper import make_smoke
 
 
 def get_config(smoke: bool = False) -> Config:
@@ -27,9 +28,5 @@ def get_config(smoke: bool = False) -> Config:
       rounds_per_dispatch=5,
   )
   if smoke:
-    # Tiny: 4 writers of the files, 2 per round, 2 rounds of 2 local steps, one evaluation.
-    config.smoke = True
-    config.num_clients, config.rounds = 4, 2
-    config.eval_every, config.checkpoint_every, config.rounds_per_dispatch = 2, 1, 1
-    config.hparams.update(clients_per_round=2, local_epochs=None, local_steps=2, batch_size=8)
+    make_smoke(config)  # 4 writers of the files
   return config
