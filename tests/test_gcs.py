@@ -9,9 +9,7 @@ paths fail in one line before training: an unreachable endpoint, a missing bucke
 The emulator (PyPI's gcp-storage-emulator, in memory) runs in a subprocess on a free port, ended by the fixture.
 """
 
-import contextlib
 import dataclasses
-import io
 import json
 import os
 import signal
@@ -28,9 +26,8 @@ import pytest
 from fedspa_jax import cli, experiment, paths, preemption
 from fedspa_jax import config as config_lib
 from fedspa_jax.checkpoint import Checkpointer, to_storable
+from test_cli import PNG, SMOKE, call
 
-SMOKE = ["--set", "smoke=true", "--set", "model.hidden=[8]"]
-PNG = b"\x89PNG\r\n\x1a\n"
 BUCKET = "runs"
 
 # Starts the emulator on a free port, writes the port to argv[1], serves until its stdin closes.
@@ -45,14 +42,6 @@ port.with_suffix(".tmp").replace(port)
 sys.stdin.read()
 server.stop()
 """
-
-
-def call(*argv):
-  """(exit code, stdout, stderr) of `fedspa-jax *argv`, in this process."""
-  out, err = io.StringIO(), io.StringIO()
-  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-    code = cli.main([str(a) for a in argv])
-  return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")
