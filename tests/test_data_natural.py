@@ -115,26 +115,27 @@ FEMNIST_SIZES = {"f0000_14": (5, 2), "f0001_41": (1, 1), "f0002_03": (9, 3), "f0
 SHAKESPEARE_SIZES = {"THE_TEMPEST_PROSPERO": (6, 2), "HAMLET_HAMLET": (2, 1), "KING_LEAR_FOOL": (4, 1)}
 
 
+def leaf_users(root, rng, make_user, sizes, first_file):
+  """Users' (train, test) samples written in LEAF's layout: the first `first_file` users in one file, the rest in the
+  next (as LEAF's files go)."""
+  users = {u: (make_user(rng, a), make_user(rng, b)) for u, (a, b) in sizes.items()}
+  names = list(users)
+  for split, i in (("train", 0), ("test", 1)):
+    write_leaf(root, split, [{u: users[u][i] for u in names[:first_file]},
+                             {u: users[u][i] for u in names[first_file:]}])
+  return users
+
+
 @pytest.fixture(scope="module")
 def femnist_leaf(tmp_path_factory):
   root = tmp_path_factory.mktemp("femnist_leaf")
-  rng = np.random.default_rng(0)
-  users = {u: (femnist_user(rng, a), femnist_user(rng, b)) for u, (a, b) in FEMNIST_SIZES.items()}
-  names = list(users)
-  for split, i in (("train", 0), ("test", 1)):  # three users in one file, two in the next, as LEAF's files go
-    write_leaf(root, split, [{u: users[u][i] for u in names[:3]}, {u: users[u][i] for u in names[3:]}])
-  return root, users
+  return root, leaf_users(root, np.random.default_rng(0), femnist_user, FEMNIST_SIZES, first_file=3)
 
 
 @pytest.fixture(scope="module")
 def shakespeare_leaf(tmp_path_factory):
   root = tmp_path_factory.mktemp("shakespeare_leaf")
-  rng = np.random.default_rng(1)
-  users = {u: (shakespeare_user(rng, a), shakespeare_user(rng, b)) for u, (a, b) in SHAKESPEARE_SIZES.items()}
-  names = list(users)
-  for split, i in (("train", 0), ("test", 1)):
-    write_leaf(root, split, [{u: users[u][i] for u in names[:1]}, {u: users[u][i] for u in names[1:]}])
-  return root, users
+  return root, leaf_users(root, np.random.default_rng(1), shakespeare_user, SHAKESPEARE_SIZES, first_file=1)
 
 
 @pytest.fixture(scope="module")
