@@ -10,6 +10,7 @@ import contextlib
 import io
 import json
 import pathlib
+import shutil
 
 import h5py
 import numpy as np
@@ -327,7 +328,7 @@ def test_one_split_is_held_out_per_client(femnist_one_split, emnist_tff, tmp_pat
     assert len(sx) == min(len(y) - 1, max(1, round(0.3 * len(y))))  # holdout.split_local's sizes
     assert rows(np.concatenate([tx, sx])) == rows(x)  # its own samples, each once
     assert sorted(np.concatenate([ty, sy])) == sorted(y)
-  again = fj.data.load("femnist", data_dir=root, test_fraction=0.3, seed=0)
+  again = fj.data.load("femnist", data_dir=root, test_fraction=0.3, seed=0, cache=False)
   other = fj.data.load("femnist", data_dir=root, test_fraction=0.3, seed=1)
   np.testing.assert_array_equal(again.test.x, data.test.x)
   assert not np.array_equal(other.test.x, data.test.x)
@@ -336,6 +337,34 @@ def test_one_split_is_held_out_per_client(femnist_one_split, emnist_tff, tmp_pat
   (tmp_path / "tff" / "fed_emnist_train.h5").write_bytes((emnist_tff[0] / "fed_emnist_train.h5").read_bytes())
   tff = fj.data.load("femnist", data_dir=tmp_path / "tff", format="tff")
   assert tff.test.total > 0 and tff.train.total + tff.test.total == sum(a for a, _ in FEMNIST_SIZES.values())
+
+
+def test_partitions_are_cached_and_follow_their_files(femnist_leaf, tmp_path, monkeypatch):
+  """A second load is a hit that reads no file; a rewritten file is read again (the entry is rebuilt)."""
+  root = tmp_path / "femnist"
+  shutil.copytree(femnist_leaf[0], root)
+  load = lambda **kw: fj.data.load("femnist", data_dir=root, format="leaf", **kw)
+  first = load()
+  assert len(list((tmp_path / "cache" / "partitions").glob("femnist-*.npz"))) == 1
+
+  def no_reading(*args, **kwargs):
+    raise AssertionError("a hit must not read the files")
+
+  with monkeypatch.context() as patch:
+    patch.setattr(natural, "read_leaf_file", no_reading)
+    hit = load()
+  for split in ("train", "test"):
+    for field in ("x", "y", "offset", "count"):
+      np.testing.assert_array_equal(getattr(getattr(hit, split), field), getattr(getattr(first, split), field))
+  assert (hit.num_classes, hit.name, hit.mean, hit.std) == (first.num_classes, first.name, first.mean, first.std)
+  [path, *_] = sorted((root / "data" / "train").glob("*.json"))
+  doc = json.loads(path.read_text())
+  user = doc["users"][0]
+  doc["user_data"][user]["y"][0] = (doc["user_data"][user]["y"][0] + 1) % 62  # one label changed
+  path.write_text(json.dumps(doc))
+  changed = load()
+  np.testing.assert_array_equal(changed.train.y, load(cache=False).train.y)
+  assert not np.array_equal(changed.train.y, first.train.y)
 
 
 # --- options ------------------------------------------------------------------------------------------------------

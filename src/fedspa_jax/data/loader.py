@@ -2,8 +2,9 @@
 
 Sources: MNIST and Fashion-MNIST from their IDX files (`idx_sources`), CIFAR-10/100 and EMNIST through TFDS
 (`tfds_sources`; any other TFDS image dataset as `"tfds:<name>"`), and Synthetic(alpha, beta) (`synthetic`), which
-comes with its own per-client split. Partitions of file and TFDS sources are cached on disk (`cache`). The natural
-datasets, FEMNIST and Shakespeare, come split by user in LEAF's or TFF's files (`natural`): one client per user.
+comes with its own per-client split. Partitions of file, TFDS and natural sources are cached on disk (`cache`). The
+natural datasets, FEMNIST and Shakespeare, come split by user in LEAF's or TFF's files (`natural`): one client per
+user.
 """
 
 from __future__ import annotations
@@ -86,13 +87,13 @@ def source_files(name: str, data_dir: str | os.PathLike | None = None) -> list[p
   return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
 
 
-def _load_natural(name: str, num_clients, partition, seed, data_dir, test_mode, test_fraction, **options):
+def _load_natural(name: str, num_clients, partition, seed, data_dir, test_mode, test_fraction, cache, **options):
   if partition not in (None, "natural"):
     raise ValueError(f"{name} comes split by user (one client per user); got partition={partition!r}, use None")
   if test_mode not in (None, "split"):
     raise ValueError(f"{name} keeps each user's own train/test split; got test_mode={test_mode!r}, leave it unset")
   return natural.load_natural(name, data_dir=data_dir, num_clients=num_clients, test_fraction=test_fraction,
-                              seed=seed, **options)
+                              seed=seed, cache=cache, **options)
 
 
 def _load_synthetic(num_clients: int, partition: str | None, seed: int, test_mode, test_fraction, **kwargs):
@@ -145,7 +146,7 @@ def load(
     **partition_args: the partitioner's options (`classes_per_client`; `alpha`, `min_samples`, `max_tries`,
       `balance`), for `synthetic` the generator's (`alpha`, `beta`, `dimension`, `num_classes`, `iid`,
       `max_samples_per_client`), for the natural datasets `format`, `min_samples`, `client_fraction`,
-      `sample_fraction`, `only_digits` (`natural.load_natural`; not cached: the files are read each time).
+      `sample_fraction`, `only_digits` (`natural.load_natural`).
 
   Returns:
     `FederatedData`; images uint8 [N_total, H, W, C] (flat, see `federated.ClientSplit`) with per-channel `mean`/`std`.
@@ -159,7 +160,8 @@ def load(
   """
   name = canonical_name(name)
   if name in natural.NATURAL_DATASETS:
-    return _load_natural(name, num_clients, partition, seed, data_dir, test_mode, test_fraction, **partition_args)
+    return _load_natural(name, num_clients, partition, seed, data_dir, test_mode, test_fraction, cache,
+                         **partition_args)
   if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
     raise ValueError(f"num_clients must be an integer >= 1 for {name}, got {num_clients!r} (0, all users, is for "
                      f"the natural datasets: {', '.join(natural.NATURAL_DATASETS)})")

@@ -25,7 +25,7 @@ import pathlib
 
 import numpy as np
 
-from fedspa_jax.data import cache, holdout, text
+from fedspa_jax.data import cache as cache_lib, holdout, text
 from fedspa_jax.data.build import channel_stats
 from fedspa_jax.data.federated import ClientSplit, FederatedData, split_from_flat
 from fedspa_jax.data.natural_formats import IMAGE_SIDE, DataFormatError, Samples, read_leaf_file, read_tff_file
@@ -84,7 +84,7 @@ def search_dirs(spec: NaturalDataset, data_dir: str | os.PathLike | None) -> lis
     base = pathlib.Path(data_dir).expanduser()
     dirs = [base, base / "data", base / spec.name, base / spec.name / "data"]
   else:
-    base = cache.cache_dir() / spec.name
+    base = cache_lib.cache_dir() / spec.name
     dirs = [base, base / "data", pathlib.Path.home() / ".keras" / "datasets"]
   return list(dict.fromkeys(dirs))
 
@@ -137,6 +137,15 @@ def locate(spec: NaturalDataset, data_dir, format: str | None, variant: str) -> 
       f"{spec.name}: no {' or '.join(wanted)} in {', '.join(str(d) for d in dirs)}; pass data_dir=... (--data-dir) "
       f"naming the folder that holds them (docs/data.md, 'Natural datasets'; scripts/prepare_leaf.sh makes them)"
   )
+
+
+def find(name: str, data_dir: str | os.PathLike | None = None, *, format: str | None = None,
+         only_digits: bool = False) -> Found:
+  """The files `load_natural(name, data_dir=..., format=..., only_digits=...)` reads (see `locate`)."""
+  if only_digits and format == "leaf":
+    raise ValueError("only_digits reads TFF's digits-only files; LEAF's FEMNIST has all 62 classes")
+  variant = "digits" if only_digits else "full"
+  return locate(NATURAL_DATASETS[name], data_dir, "tff" if only_digits else format, variant)
 
 
 def _read_split(files: list[pathlib.Path], found_format: str, spec: NaturalDataset,
@@ -247,6 +256,7 @@ def load_natural(
     test_fraction: float = 0.2,
     seed: int = 0,
     return_users: bool = False,
+    cache: bool = False,
 ) -> FederatedData | tuple[FederatedData, list[str]]:
   """A natural federated dataset from LEAF's or TFF's files, one client per user.
 
@@ -263,6 +273,8 @@ def load_natural(
     test_fraction: share of each client held out when the files hold one split only.
     seed: seeds the user sampling, the subset and the holdout.
     return_users: also return the users' ids (LEAF's user names, TFF's client ids), client k's at position k.
+    cache: read and write the partition cache (`fedspa_jax.data.cache`; `load` turns it on), keyed by the options
+      and the files read (an entry built from other or rewritten files is rebuilt). Not with `return_users`.
 
   Returns:
     `FederatedData`. FEMNIST: x uint8 [N, 28, 28, 1] (0 = background, as MNIST), y int32 [N], `mean`/`std` of the
@@ -277,11 +289,17 @@ def load_natural(
   spec = NATURAL_DATASETS[name]
   _check_options(spec, format, num_clients, client_fraction, sample_fraction, min_samples, only_digits,
                  test_fraction)
-  variant = "digits" if only_digits else "full"
-  if only_digits and format == "leaf":
-    raise ValueError("only_digits reads TFF's digits-only files; LEAF's FEMNIST has all 62 classes")
-  num_classes = spec.tff_classes.get(variant, spec.num_classes)
-  found = locate(spec, data_dir, "tff" if only_digits else format, variant)
+  num_classes = spec.tff_classes.get("digits" if only_digits else "full", spec.num_classes)
+  found = find(name, data_dir, format=format, only_digits=only_digits)
+  cache = cache and not return_users
+  if cache:
+    options = dict(format=found.format, num_clients=num_clients or 0, client_fraction=client_fraction,
+                   sample_fraction=sample_fraction, min_samples=min_samples, only_digits=only_digits,
+                   test_fraction=test_fraction, seed=seed)
+    path = cache_lib.partition_path(name, options)
+    stamp = cache_lib.source_stamp([*found.train, *(found.test or [])])
+    if (hit := cache_lib.load_partition(path, stamp)) is not None:
+      return hit
   train = _read_split(found.train, found.format, spec, num_classes)
   test = _read_split(found.test, found.format, spec, num_classes) if found.test else None
   if not train:
@@ -306,6 +324,8 @@ def load_natural(
   mean, std = channel_stats(np.asarray(train_split.x)) if spec.kind == "image" else (None, None)
   data = FederatedData(train=train_split, test=_assemble(spec, test_items), num_classes=num_classes,
                        name=spec.name, mean=mean, std=std)
+  if cache:
+    cache_lib.save_partition(path, data, stamp)
   return (data, chosen) if return_users else data
 
 
