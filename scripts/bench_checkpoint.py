@@ -1,11 +1,17 @@
-"""What a checkpoint costs next to the rounds it protects: synchronous vs orbax's asynchronous saving.
+"""What a checkpoint costs next to the rounds it protects: synchronous vs asynchronous saving, interleaved.
 
     .venv/bin/python scripts/bench_checkpoint.py [--clients 100 10000] [--repeats 5]
 
-For FedSpa on LeNet-5 (Fashion-MNIST shapes, random data) at each population size K: the median time of one round
-(10 clients, 1 local epoch of 60 samples), of one synchronous `Checkpointer.save` (what `run` does), and of the part
-of an asynchronous orbax save that blocks the caller (the device-to-host copy; the write goes on in a thread). The
-run loop saves every `checkpoint_every` rounds (default 10), so a save's share of the run is save / (10 x round).
+For FedSpa on LeNet-5 (Fashion-MNIST shapes, random data) at each population size K, in one process and interleaved
+(none, sync, async, none, sync, ...) so that all three see the same machine: the wall time of a span of 10 rounds
+(10 clients, 1 local epoch of 60 samples each) followed by a save, as the run loop does with the default
+`checkpoint_every` of 10, with `fedspa_jax.checkpoint.Checkpointer` as `run` uses it:
+- none: no save (the baseline);
+- sync: a synchronous save;
+- async: an asynchronous save; its write goes on in a thread during the next span, so the span's time includes what
+  the write takes from the rounds (on a small CPU the two share the cores). Each span starts after the previous
+  write is complete, as `run` makes sure before the next save.
+Also printed: the blocking part of the asynchronous save alone. Reported: medians over `--repeats` spans.
 """
 
 from __future__ import annotations
@@ -17,7 +23,6 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
 import fedspa_jax as fj
 from fedspa_jax import checkpoint
@@ -30,15 +35,6 @@ def make_data(num_clients: int, per_client: int) -> FederatedData:
                                     rng.integers(0, 10, m * num_clients).astype(np.int32), [m] * num_clients)
   return FederatedData(train=split(per_client), test=split(10), num_classes=10, name="random-28x28",
                        mean=(0.286,), std=(0.353,))
-
-
-def median_time(fn, repeats: int) -> float:
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def main() -> None:
@@ -57,31 +53,40 @@ def main() -> None:
     jax.block_until_ready(state)
     holder = {"state": state}
 
-    def one_round():
-      holder["state"], metrics = algo.round(holder["state"], placed)
+    def span():
+      for _ in range(10):
+        holder["state"], metrics = algo.round(holder["state"], placed)
       jax.block_until_ready((holder["state"], metrics))
 
-    round_s = median_time(one_round, args.repeats)
     nbytes = sum(a.nbytes for a in jax.tree.leaves(checkpoint.to_storable(holder["state"])))
+    times = {"none": [], "sync": [], "async": []}
+    blocked = []
     with tempfile.TemporaryDirectory() as tmp:
-      ckpt = checkpoint.Checkpointer(f"{tmp}/sync", keep=2)
+      savers = {"sync": checkpoint.Checkpointer(f"{tmp}/sync", keep=2, asynchronous=False),
+                "async": checkpoint.Checkpointer(f"{tmp}/async", keep=2, asynchronous=True)}
       step = iter(range(1, 10**6))
-      sync_s = median_time(lambda: ckpt.save(next(step), holder["state"], {"round": 0}), args.repeats)
-      ckpt.close()
-      options = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=True, create=True)
-      manager = ocp.CheckpointManager(f"{tmp}/async", options=options, item_names=("state",))
-      blocked = []
-      for i in range(args.repeats):
-        manager.wait_until_finished()  # the previous write, before timing this one's blocking part
-        start = time.perf_counter()
-        manager.save(i, args=ocp.args.Composite(state=ocp.args.StandardSave(checkpoint.to_storable(holder["state"]))))
-        blocked.append(time.perf_counter() - start)
-      manager.wait_until_finished()
-      manager.close()
-    async_s = statistics.median(blocked)
-    print(f"K={K:>6}: state {nbytes / 2**20:7.2f} MiB; round {round_s * 1e3:7.1f} ms; sync save {sync_s * 1e3:7.1f} ms "
-          f"({sync_s / (10 * round_s):.0%} of 10 rounds); async save blocks {async_s * 1e3:7.1f} ms "
-          f"({async_s / (10 * round_s):.0%})")
+      for _ in range(args.repeats):
+        for mode in ("none", "sync", "async"):
+          for saver in savers.values():
+            saver.wait()  # no write of the previous span still going
+          start = time.perf_counter()
+          span()
+          if mode != "none":
+            before = time.perf_counter()
+            savers[mode].save(next(step), holder["state"], {"round": 0})
+            if mode == "async":
+              blocked.append(time.perf_counter() - before)
+              span()  # the next span, beside the write; timed with this one
+              savers[mode].wait()
+          times[mode].append(time.perf_counter() - start)
+      for saver in savers.values():
+        saver.close()
+    none = statistics.median(times["none"])
+    sync = statistics.median(times["sync"]) - none
+    asyn = statistics.median(times["async"]) - 2 * none  # two spans: the save's and the one beside its write
+    print(f"K={K:>6}: state {nbytes / 2**20:7.2f} MiB; 10 rounds {none:6.3f} s; a sync save adds {sync:+6.3f} s "
+          f"({sync / none:+.0%}); an async save adds {asyn:+6.3f} s ({asyn / none:+.0%}), of which it blocks "
+          f"{statistics.median(blocked) * 1e3:.0f} ms")
 
 
 if __name__ == "__main__":
