@@ -186,7 +186,7 @@ def from_clients(
                for k, (x, (_, y)) in enumerate(zip(xs_test, test))]
   shape = lambda y: "[n" + "".join(f", {d}" for d in y.shape[1:]) + "]"
   for k, (y, y_test) in enumerate(zip(ys, ys_test)):
-    if shape(y) != shape(ys[0]) or shape(y_test) != shape(ys[0]):
+    if not y.shape[1:] == y_test.shape[1:] == ys[0].shape[1:]:
       raise ValueError(f"client {k}'s labels are {shape(y)} (test data {shape(y_test)}), client 0's {shape(ys[0])}: "
                        f"every client's labels need the same shape")
   num_classes = _num_classes(num_classes, *ys, *ys_test)
@@ -203,7 +203,8 @@ def from_clients(
 
 
 def _split_clients(xs, ys, test_fraction, seed):
-  """Stratified per-client hold-out over ragged client arrays (offsets into their concatenation)."""
+  """Per-client hold-out over ragged client arrays (offsets into their concatenation), stratified by class; uniform
+  for sequence labels [n, L]."""
   offsets = np.cumsum([0] + [len(y) for y in ys])
   labels = np.concatenate([y if y.ndim == 1 else np.zeros(len(y), np.int64) for y in ys])  # sequences: uniform
   parts = [np.arange(a, b) for a, b in zip(offsets[:-1], offsets[1:])]

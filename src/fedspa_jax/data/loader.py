@@ -185,5 +185,6 @@ def load(
   x, y, x_test, y_test, num_classes = load_arrays(name, data_dir, download=download, verify=verify)
   data = build.from_arrays(x, y, x_test, y_test, num_classes=num_classes, name=name, **args)
   if cache:
-    cache_lib.save_partition(path, data, cache_lib.source_stamp(source_files(name, data_dir)))
+    # The files read: those stamped above, or those just downloaded.
+    cache_lib.save_partition(path, data, stamp or cache_lib.source_stamp(source_files(name, data_dir)))
   return data
