@@ -23,7 +23,7 @@ import jax
 import numpy as np
 import pytest
 
-from fedspa_jax import cli, experiment, paths, preemption
+from fedspa_jax import cli, experiment, paths, preemption, runner
 from fedspa_jax import config as config_lib
 from fedspa_jax.checkpoint import Checkpointer, to_storable
 from test_cli import PNG, SMOKE, call
@@ -165,7 +165,7 @@ def test_figures_and_tensorboard_events_are_in_the_bucket(runs):
 
 def test_orbax_checkpoints_in_the_bucket_restore_to_the_local_ones(runs):
   gs, _, local = runs
-  data = experiment.load_data(config())
+  data = runner.load_data(config())
   _, algo = experiment.build(config(), data)
   like = algo.init(jax.random.key(0), data)
   remote, here = Checkpointer(gs / "checkpoints"), Checkpointer(local / "checkpoints")
