@@ -73,14 +73,15 @@ def run(
     workdir: the run folder (default: a new `runs/<algorithm>-<dataset>-<time>`).
     resume: continue from the newest checkpoint in `workdir` (starts fresh when there is none).
     overwrite: replace the run `workdir` holds.
-    stop_after: stop (with a checkpoint) after this round, as a preempted job would; `resume` continues.
+    stop_after: stop (with a checkpoint) after this round (>= 1), as a preempted job would; `resume` continues.
     on_eval: called with each evaluated round's record (after it is logged, before its checkpoint).
     progress: show a tqdm bar (None: only on a terminal).
     echo: prints one line per evaluated round and a few notes (None: silent).
     write_plots: write the PNG figures at the end.
     data: the dataset, when the caller already loaded it for this config (as `compare` does).
     stopper: asked at every dispatch boundary whether to stop (a signal or a deadline: `preemption.Stopper`); a
-      stop writes a checkpoint at the round reached and raises `preemption.Stopped`.
+      stop writes a checkpoint at the round reached (before evaluating it: the resumed run evaluates that round
+      first) and raises `preemption.Stopped`.
 
   Returns:
     The summary (also written to summary.json), or, when stopped early, {"status": "stopped", "round", ...}.
@@ -90,7 +91,7 @@ def run(
     FileNotFoundError: the dataset's files are missing.
     TrainingDiverged: a loss or a parameter became NaN or infinite; the last good checkpoint stays as it is.
     preemption.Stopped: `stopper` stopped the run; its checkpoint (at the round reached) is written and its
-      metrics.jsonl holds every evaluated round up to it. `resume=True` continues exactly.
+      metrics.jsonl holds every evaluated round before it. `resume=True` continues exactly.
   """
   primary = distributed.is_primary()  # under jax.distributed only process 0 writes files and prints
   say = runner.say_for(echo)

@@ -8,8 +8,10 @@ With `lrs`, each (lr, seed) is a run: the algorithm is built inside the traced r
 through the clients' `optax.sgd`), the lr axis is vmapped outside the seed axis (state [L, S, ...], the seeds' data
 shared by all lrs), and lr_<lr>/ holds what a seeds-only sweep folder holds; docs/cli.md has the layout.
 
-The runs advance as one batch through `runner.loop`, the loop that `experiment.run` drives with a batch of one, so
-their records, NaN checks and files come from the same code as a run's. Seed s of a sweep is the run
+The runs advance as one batch through `job.execute` and `runner.loop`, the wrapper and loop that `experiment.run`
+drives with a batch of one, so their checkpoints, resume checks, stops, records, NaN checks and files come from the
+same code as a run's. Each lr trains, evaluates and fine-tunes with its own algorithm (its lr traced), and records
+its own resolved hyperparameters. Seed s of a sweep is the run
 `experiment.run(replace(config, seed=s))`: its own data partition, model init, masks, cohorts and batches, with the
 same records, equal up to float rounding (tests/test_sweep.py). The seeds' datasets and states are stacked on a
 leading axis and each round is one `jit(vmap(round_fn))` over all seeds; the round counter stays unbatched (all seeds
