@@ -172,13 +172,14 @@ def test_a_sigterm_storm_still_exits_75_with_a_checkpoint_that_resumes_exactly(t
       time.sleep(0.02)
     first = time.monotonic()
     proc.send_signal(signal.SIGTERM)
-    while not any(p.name.isdigit() for p in (run_dir / "checkpoints").glob("*")) and time.monotonic() < first + 30:
-      time.sleep(0.005)  # the stop's checkpoint: the decision is made, the process is on its way out
-    proc.send_signal(signal.SIGTERM)
-    time.sleep(0.15)
-    if proc.poll() is None:
-      proc.send_signal(signal.SIGTERM)
-    assert time.monotonic() - first < 1.0 or proc.poll() is not None
+    # The second once the stop's checkpoint is there (the decision is made, the process is on its way out), the
+    # third just after, in its teardown; both within a second of the first.
+    while not any(p.name.isdigit() for p in (run_dir / "checkpoints").glob("*")) and time.monotonic() < first + 0.8:
+      time.sleep(0.005)
+    for _ in range(2):
+      if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+      time.sleep(0.15)
     _, err = proc.communicate(timeout=120)
   finally:
     if proc.poll() is None:
