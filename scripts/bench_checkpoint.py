@@ -12,13 +12,20 @@ For FedSpa on LeNet-5 (Fashion-MNIST shapes, random data) at each population siz
   the write takes from the rounds (on a small CPU the two share the cores). Each span starts after the previous
   write is complete, as `run` makes sure before the next save.
 Also printed: the blocking part of the asynchronous save alone. Reported: medians over `--repeats` spans.
+
+Memory (peak RSS, sampled every millisecond by a thread reading /proc/self/statm): for each mode, the highest RSS
+from the start of its span to the end of its write, above the RSS before that span, as a multiple of the state's
+bytes; the largest over the repeats. Memory does not depend on the machine's load, so it is meaningful on a busy
+machine where the times are not. `--modes` picks which ways to save (default all three).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
+import threading
 import time
 
 import jax
@@ -37,11 +44,45 @@ def make_data(num_clients: int, per_client: int) -> FederatedData:
                        mean=(0.286,), std=(0.353,))
 
 
+class PeakRSS:
+  """The process's resident set size, sampled every millisecond in a thread; `peak_since(mark)` after `mark()`."""
+
+  def __init__(self):
+    self._page, self._peak, self._stop = os.sysconf("SC_PAGE_SIZE"), 0, threading.Event()
+    self._thread = threading.Thread(target=self._sample, daemon=True)
+    self._thread.start()
+
+  def now(self) -> int:
+    with open("/proc/self/statm") as f:
+      return int(f.read().split()[1]) * self._page
+
+  def _sample(self) -> None:
+    while not self._stop.is_set():
+      self._peak = max(self._peak, self.now())
+      time.sleep(0.001)
+
+  def mark(self) -> int:
+    """Resets the peak; returns the RSS now."""
+    rss = self.now()
+    self._peak = rss
+    return rss
+
+  def peak(self) -> int:
+    time.sleep(0.005)  # one more sample
+    return max(self._peak, self.now())
+
+  def close(self) -> None:
+    self._stop.set()
+    self._thread.join()
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--clients", type=int, nargs="+", default=[100, 10000])
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--modes", nargs="+", default=["none", "sync", "async"], choices=["none", "sync", "async"])
   args = parser.parse_args()
+  rss = PeakRSS()
   print(f"jax {jax.__version__}, {jax.default_backend()}: {len(jax.devices())} device(s)")
   for K in args.clients:
     data = make_data(K, 60)
@@ -59,16 +100,18 @@ def main() -> None:
       jax.block_until_ready((holder["state"], metrics))
 
     nbytes = sum(a.nbytes for a in jax.tree.leaves(checkpoint.to_storable(holder["state"])))
-    times = {"none": [], "sync": [], "async": []}
+    times = {mode: [] for mode in args.modes}
+    peaks = {mode: [] for mode in args.modes}
     blocked = []
     with tempfile.TemporaryDirectory() as tmp:
       savers = {"sync": checkpoint.Checkpointer(f"{tmp}/sync", keep=2, asynchronous=False),
                 "async": checkpoint.Checkpointer(f"{tmp}/async", keep=2, asynchronous=True)}
       step = iter(range(1, 10**6))
       for _ in range(args.repeats):
-        for mode in ("none", "sync", "async"):
+        for mode in args.modes:
           for saver in savers.values():
             saver.wait()  # no write of the previous span still going
+          before_rss = rss.mark()
           start = time.perf_counter()
           span()
           if mode != "none":
@@ -79,14 +122,21 @@ def main() -> None:
               span()  # the next span, beside the write; timed with this one
               savers[mode].wait()
           times[mode].append(time.perf_counter() - start)
+          peaks[mode].append(rss.peak() - before_rss)
       for saver in savers.values():
         saver.close()
+    memory = ", ".join(f"{mode} {max(p) / 2**20:+.1f} MiB ({max(p) / nbytes:.2f}x the state)"
+                       for mode, p in peaks.items())
+    print(f"K={K:>6}: state {nbytes / 2**20:7.2f} MiB; peak RSS above the span's start: {memory}")
+    if set(args.modes) != {"none", "sync", "async"}:
+      continue
     none = statistics.median(times["none"])
     sync = statistics.median(times["sync"]) - none
     asyn = statistics.median(times["async"]) - 2 * none  # two spans: the save's and the one beside its write
     print(f"K={K:>6}: state {nbytes / 2**20:7.2f} MiB; 10 rounds {none:6.3f} s; a sync save adds {sync:+6.3f} s "
           f"({sync / none:+.0%}); an async save adds {asyn:+6.3f} s ({asyn / none:+.0%}), of which it blocks "
           f"{statistics.median(blocked) * 1e3:.0f} ms")
+  rss.close()
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from fedspa_jax import cli, experiment
+from fedspa_jax import cli, experiment, records
 from fedspa_jax import config as config_lib
 
 SMOKE = ["--set", "smoke=true", "--set", "model.hidden=[8]"]
@@ -133,7 +133,7 @@ def test_bad_input_is_a_clear_error(args, message, tmp_path):
 
 def test_divergence_exit_code(monkeypatch):
   def diverge(*args, **kwargs):
-    raise experiment.TrainingDiverged("training diverged in round 2; the last good checkpoint is x (round 1)")
+    raise records.TrainingDiverged("training diverged in round 2; the last good checkpoint is x (round 1)")
 
   monkeypatch.setattr(experiment, "run", diverge)
   code, _, stderr = call("run")

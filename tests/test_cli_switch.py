@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 import fedspa_jax as fj
-from fedspa_jax import cli, experiment
+from fedspa_jax import cli, experiment, runner
 from fedspa_jax import config as config_lib
 
 SRC = str(pathlib.Path(__file__).resolve().parents[1] / "src")
@@ -78,7 +78,7 @@ def test_every_algorithm_resolves_and_checks_from_a_shipped_config(name):
       assert printed == f"{algorithm}: not its hyperparameters, skipped: {', '.join(dropped)}\n"
     else:
       assert printed == ""
-    experiment.check_config(config)  # what failed before: "unknown hyperparameters for 'fedavg': density"
+    runner.check_config(config)  # what failed before: "unknown hyperparameters for 'fedavg': density"
 
 
 def test_set_algorithm_switches_too_and_explicit_unknown_hparams_stay_an_error(tmp_path):
@@ -104,7 +104,7 @@ def train_one_round(config, data) -> None:
 
 @pytest.fixture(scope="module")
 def default_data():
-  return experiment.load_data(config_lib.load("default"))
+  return runner.load_data(config_lib.load("default"))
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
@@ -112,7 +112,7 @@ def test_every_algorithm_trains_a_round_from_the_default_config(algorithm, defau
   # The default config at full size with test_algorithms' MLP: the same data, model and hyperparameters as there,
   # so the compiled programs are shared with it through the suite's compilation cache.
   config, _ = resolve("--set", "model.hidden=[32]", algorithm=algorithm)
-  experiment.check_config(config)
+  runner.check_config(config)
   train_one_round(config, default_data)
 
 
@@ -123,10 +123,10 @@ def test_the_issues_cases_resolve_and_pass_their_checks():
   assert printed == "fedrep: not its hyperparameters, skipped: density\n"
   assert config.model == "lenet5" and config.hparams == {k: v for k, v in config_lib.load(
       "fashion_mnist_pathological").hparams.items() if k != "density"}
-  experiment.check_config(config)
+  runner.check_config(config)
   config, printed = resolve("--dataset", "fashion_mnist", "--partition", "pathological", algorithm="ditto")
   assert printed == "ditto: not its hyperparameters, skipped: density\n" and config.dataset == "fashion_mnist"
-  experiment.check_config(config)
+  runner.check_config(config)
 
 
 def cli_process(*argv, cwd):

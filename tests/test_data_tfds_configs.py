@@ -14,7 +14,7 @@ import json
 import numpy as np
 import pytest
 
-from fedspa_jax import cli, experiment
+from fedspa_jax import cli, runner
 from fedspa_jax import config as config_lib
 from fedspa_jax.data import tfds_sources
 
@@ -58,8 +58,8 @@ def test_the_paper_datasets_are_covered():
 @pytest.mark.parametrize("name", CONFIGS)
 def test_shipped_config_loads_and_partitions_tfds_data(name, tfds_dir):
   config = config_lib.apply_overrides(config_lib.load(name, smoke=True), {"data_dir": str(tfds_dir)})
-  experiment.check_config(config)
-  data = experiment.load_data(config)
+  runner.check_config(config)
+  data = runner.load_data(config)
   _, shape, _, num_classes = PAPER[config.dataset]
   assert data.num_clients == config.num_clients and data.num_classes == num_classes and data.sample_shape == shape
   assert np.all(data.train.count > 0) and np.all(data.test.count > 0)

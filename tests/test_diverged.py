@@ -10,6 +10,7 @@ import pytest
 import fedspa_jax as fj
 from fedspa_jax import config as config_lib
 from fedspa_jax import experiment
+from fedspa_jax.records import TrainingDiverged
 
 POISONED = 2  # the client whose personal model is forced to NaN
 
@@ -67,7 +68,7 @@ def test_no_checkpoint_is_written_over_the_last_good_one(tmp_path, monkeypatch, 
       "algorithm": "local", "rounds": 4, "checkpoint_every": 1, "eval_every": eval_every})
   del config.hparams["density"]  # FedSpa's
   monkeypatch.setattr(experiment, "build", poisoned_build(at_round=3))
-  with pytest.raises(experiment.TrainingDiverged) as e:
+  with pytest.raises(TrainingDiverged) as e:
     experiment.run(config, tmp_path, echo=None, write_plots=False)
   # Caught by the evaluation (1 client's model scores NaN) or, without one, by the checkpoint guard on the store.
   assert ("1 of" in str(e.value)) if eval_every == 1 else ("client's state holds NaN" in str(e.value))

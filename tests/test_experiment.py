@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from fedspa_jax import config as config_lib
-from fedspa_jax import experiment
+from fedspa_jax import experiment, run_folder, runner
 from fedspa_jax.checkpoint import Checkpointer
 from fedspa_jax.data import idx_sources
+from fedspa_jax.records import TrainingDiverged
 
 # Summary fields that legitimately differ between two runs of the same config.
 VOLATILE = {"wall_time", "run_dir"}
@@ -102,7 +103,7 @@ def test_chunks_stop_at_evaluations_checkpoints_and_the_end():
   config = tiny(rounds=10, eval_every=4, checkpoint_every=3, rounds_per_dispatch=5)
   r, chunks = 0, []
   while r < 10:
-    chunks.append(experiment._next_chunk(r, config=config, end=10))
+    chunks.append(runner.next_chunk(r, config=config, end=10))
     r += chunks[-1]
   # stops at checkpoints 3, 6, 9, evaluations 4, 8, the fuse grid 5, 10, and the end
   assert chunks == [3, 1, 1, 1, 2, 1, 1]
@@ -111,14 +112,14 @@ def test_chunks_stop_at_evaluations_checkpoints_and_the_end():
 def test_divergence_stops_with_the_last_good_checkpoint_intact(tmp_path):
   workdir = tmp_path / "diverged"
   config = tiny(lr=1e8, checkpoint_every=1)
-  with pytest.raises(experiment.TrainingDiverged, match=r"diverged .* round 2.*last good checkpoint .*round 1"):
+  with pytest.raises(TrainingDiverged, match=r"diverged .* round 2.*last good checkpoint .*round 1"):
     quiet_run(config, workdir)
   ckpt = Checkpointer(workdir / "checkpoints")
   assert ckpt.rounds() == [1]
   meta = ckpt.read_meta()
   assert meta["round"] == 1 and meta["config"]["hparams"]["lr"] == 1e8
   assert [r["round"] for r in meta["history"]] == [1]
-  data = experiment.load_data(config)
+  data = runner.load_data(config)
   _, algo = experiment.build(config, data)
   state, _ = ckpt.restore(algo.init(jax.random.key(0), data))
   ckpt.close()
@@ -128,17 +129,17 @@ def test_divergence_stops_with_the_last_good_checkpoint_intact(tmp_path):
 
 def test_occupied_folder_needs_resume_or_overwrite(reference, tmp_path):
   ref_dir, _ = reference
-  with pytest.raises(experiment.RunExistsError, match="already holds a run.*--resume.*--overwrite"):
+  with pytest.raises(run_folder.RunExistsError, match="already holds a run.*--resume.*--overwrite"):
     quiet_run(tiny(), ref_dir)
 
 
 def test_resume_with_a_different_config_is_refused_before_compiling(reference, monkeypatch):
   ref_dir, _ = reference
   monkeypatch.setattr(experiment, "load_data", lambda config: pytest.fail("loaded data"))
-  with pytest.raises(experiment.ConfigMismatchError, match=r"hparams.lr: 0.05 -> 0.1"):
+  with pytest.raises(run_folder.ConfigMismatchError, match=r"hparams.lr: 0.05 -> 0.1"):
     quiet_run(tiny(lr=0.1), ref_dir, resume=True)
   # Fields that do not change the trajectory may differ.
-  experiment.prepare_workdir(ref_dir, tiny(eval_every=2, checkpoint_every=5), resume=True, overwrite=False)
+  run_folder.prepare_workdir(ref_dir, tiny(eval_every=2, checkpoint_every=5), resume=True, overwrite=False)
 
 
 @pytest.mark.parametrize(
@@ -182,7 +183,7 @@ def test_shipped_configs_load_validate_and_document_their_command(name):
   for smoke in (False, True):
     config = config_lib.load(name, smoke=smoke)
     assert config.smoke == smoke
-    experiment.check_config(config)
+    runner.check_config(config)
   module = __import__(f"fedspa_jax.configs.{name}", fromlist=["get_config"])
   assert f"fedspa-jax run --config {name}" in module.__doc__ or name == "default"
   assert "fedspa-jax run" in module.__doc__
@@ -215,7 +216,7 @@ def test_fashion_mnist_smoke_runs_end_to_end(tmp_path):
   config = config_lib.load("fashion_mnist_pathological", smoke=True)
   config.data_args["download"] = False  # no network in tests
   config = dataclasses.replace(config, data_dir=str(FASHION_DIR))
-  data = experiment.load_data(config)
+  data = runner.load_data(config)
   summary = quiet_run(config, tmp_path / "fm", data=data)
   assert summary["dataset"] == "fashion_mnist" and len(summary["client_accuracy"]) == 4
   assert summary["bytes_total"] > 0

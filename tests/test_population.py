@@ -303,9 +303,9 @@ def test_bad_populations_fail_before_compiling(model, mesh, tmp_path):
         jax.random.key(0), hundred)
   with pytest.raises(ValueError, match="cohort_sampling"):
     fj.algorithms.get("fedspa", model=model, cohort_sampling="per_client", **HPARAMS)
-  with pytest.raises(experiment.ConfigError, match="cannot be sharded"):
+  with pytest.raises(config_lib.ConfigError, match="cannot be sharded"):
     quiet_run(tiny(num_clients=6, shard_clients=True, **{"hparams.clients_per_round": 3}), tmp_path / "k6")
-  with pytest.raises(experiment.ConfigError, match="20 clients do not split into 8 equal strata"):
+  with pytest.raises(config_lib.ConfigError, match="20 clients do not split into 8 equal strata"):
     quiet_run(tiny(num_clients=20, shard_clients=True, **{"hparams.cohort_sampling": "stratified"}), tmp_path / "k20")
 
 
@@ -324,7 +324,7 @@ def test_checkpoint_of_another_device_count(eight_uniform, tmp_path, monkeypatch
   config = tiny(num_clients=20, shard_clients=True, eval_every=6)
   quiet_run(config, tmp_path / "run", stop_after=3)
   monkeypatch.setattr(experiment, "make_client_mesh", lambda: four)
-  with pytest.raises(experiment.ConfigError, match="cannot resume.*clients"):
+  with pytest.raises(config_lib.ConfigError, match="cannot resume.*clients"):
     quiet_run(config, tmp_path / "run", resume=True)
 
 

@@ -12,7 +12,7 @@ import pytest
 
 import fedspa_jax as fj
 from fedspa_jax import config as config_lib
-from fedspa_jax import experiment, masks
+from fedspa_jax import experiment, masks, runner
 from fedspa_jax.algorithms.base import Common, make_apply_fn
 from fedspa_jax.client import ClientData, local_train, make_preprocess
 from fedspa_jax.config import ConfigError
@@ -224,7 +224,7 @@ def test_negative_finetuning_is_refused_before_compiling(fedspa_local, data):
     algo.evaluate(states[-1], data, finetune_epochs=-1)
   config = config_lib.apply_overrides(config_lib.load("default", smoke=True), {"eval_finetune_epochs": -1})
   with pytest.raises(ConfigError, match="eval_finetune_epochs must be an integer >= 0"):
-    experiment.check_config(config)
+    runner.check_config(config)
 
 
 def test_resume_equals_an_uninterrupted_run_with_the_new_options(tmp_path):
@@ -242,8 +242,8 @@ def test_resume_equals_an_uninterrupted_run_with_the_new_options(tmp_path):
   saved = json.loads((tmp_path / "whole" / "config.json").read_text())
   assert saved["algorithm_hparams"]["lr_decay"] == 0.9 and saved["algorithm_hparams"]["clip_norm"] == 1.0
   assert whole["protocol"] == "local" and whole["finetune_epochs"] == 1
-  _, algo = experiment.build(config, experiment.load_data(config))
-  params = algo.init(jax.random.key(0), experiment.load_data(config)).server.params
+  _, algo = experiment.build(config, runner.load_data(config))
+  params = algo.init(jax.random.key(0), runner.load_data(config)).server.params
   values = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(params))
   assert whole["client_store_bytes_per_client"] > values  # the local model's values are kept per client
 

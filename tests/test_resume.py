@@ -58,7 +58,7 @@ def test_checkpoints_record_format_sampling_and_resolved_hparams(stopped):
   ckpt = Checkpointer(stopped / "checkpoints")
   meta = ckpt.read_meta()
   ckpt.close()
-  assert meta["format"] == resume.CHECKPOINT_FORMAT == experiment.CHECKPOINT_FORMAT
+  assert meta["format"] == resume.CHECKPOINT_FORMAT
   assert meta["sampling"] == {"cohort_sampling": "stratified", "cohort_strata": 1}
   assert meta["algorithm_hparams"]["weighting"] == "uniform" and meta["algorithm_hparams"]["density"] == 0.5
 

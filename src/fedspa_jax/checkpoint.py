@@ -70,6 +70,15 @@ def _abstract(tree: Any) -> Any:
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)), tree)
 
 
+def default_asynchronous() -> bool:
+  """Whether saves are asynchronous by default: FEDSPA_JAX_SYNC_CHECKPOINTS=1 says no, =0 says yes; unset, yes on
+  accelerators and no on CPU (see `Checkpointer`)."""
+  setting = os.environ.get("FEDSPA_JAX_SYNC_CHECKPOINTS", "")
+  if setting:
+    return setting in ("0", "false")
+  return jax.default_backend() != "cpu"
+
+
 class Checkpointer:
   """Saves and restores `(state, meta)` pairs under `directory/<round>/`, keeping the newest `keep`.
 
@@ -77,19 +86,18 @@ class Checkpointer:
     directory: the checkpoint folder (created on the first save).
     keep: how many of the most recent checkpoints to keep.
     asynchronous: `save` returns once the arrays are copied off the device, and the files are written in a
-      background thread while the rounds go on (scripts/bench_checkpoint.py, K = 10,000 LeNet-5 clients on 2 CPU
-      cores: a synchronous save added 44-50% to the 10 rounds before it, an asynchronous one 13-21%, of which it
-      blocked 10-14 ms; the rest is its write taking the cores from the rounds). Every other method waits for a write in
-      flight first, so what they see is complete; `close` waits too. None (default): asynchronous unless the
-      environment sets FEDSPA_JAX_SYNC_CHECKPOINTS=1.
+      background thread while the rounds go on; every other method waits for a write in flight first, so what they
+      see is complete; `close` waits too. None (default): `default_asynchronous()`: synchronous on CPU, where an
+      asynchronous save costs about twice the state's memory on top of it (orbax keeps zero-copy views of the CPU
+      buffers, so the next dispatch cannot donate them and allocates a new state while the write goes on), against
+      under one state's worth for a synchronous one (scripts/bench_checkpoint.py; docs/cli.md has the numbers);
+      asynchronous on accelerators, where the copy is in host memory and the device's buffers are donated.
   """
 
   def __init__(self, directory: paths.PathLike, *, keep: int = 2, asynchronous: bool | None = None):
     self.directory = paths.absolute(directory)
     self._keep = keep
-    if asynchronous is None:
-      asynchronous = os.environ.get("FEDSPA_JAX_SYNC_CHECKPOINTS", "") in ("", "0")
-    self._asynchronous = asynchronous
+    self._asynchronous = default_asynchronous() if asynchronous is None else asynchronous
     self._manager: ocp.CheckpointManager | None = None
 
   @property

@@ -96,8 +96,9 @@ def make_parser() -> argparse.ArgumentParser:
                            description="Run several algorithms on the same data, partition and seed; print a table "
                                        "and write it as comparison.md and comparison.csv. --set ALGO.KEY=VALUE sets "
                                        "one algorithm's hyperparameter.")
-  compare.add_argument("--algorithms", nargs="+", required=True, metavar="NAME",
-                       help="algorithms to compare (space- or comma-separated)")
+  compare.add_argument("--algorithms", nargs="+", metavar="NAME",
+                       help="algorithms to compare (space- or comma-separated); with --resume and no --config, "
+                            "default: the comparison's own (DIR/config.json)")
   _add_config_args(compare)
   _add_run_args(compare)
   sweep = sub.add_parser("sweep", help="one config, several seeds (and lrs), as one vmapped program",
@@ -148,7 +149,8 @@ def resolve_config(args: argparse.Namespace, *, algorithm_names: tuple[str, ...]
   if args.config is None and getattr(args, "resume", False) and args.out:
     paths.check_writable(args.out)  # a gs:// folder: its endpoint and bucket, before reading from it
   if args.config is None and getattr(args, "resume", False) and args.out and saved.is_file():
-    record = {k: v for k, v in json.loads(saved.read_text()).items() if k != "lrs"}  # a sweep's record of its lrs
+    # A sweep's record of its lrs, a comparison's of its algorithms: not config fields.
+    record = {k: v for k, v in json.loads(saved.read_text()).items() if k not in ("lrs", "algorithms", "per_algorithm")}
     config = config_lib.Config.from_dict(record)  # resume: the run's own config
     if smoke is not None:
       config.smoke = smoke
@@ -207,16 +209,32 @@ def _run(args) -> int:
 
 
 def _compare(args) -> int:
-  from fedspa_jax import compare, experiment, paths
+  from fedspa_jax import compare, paths, run_folder
+  from fedspa_jax.config import ConfigError
 
-  names = tuple(n for item in args.algorithms for n in item.split(",") if n)
+  # `compare --resume --out DIR`: the comparison's own algorithms and per-algorithm settings (DIR/config.json).
+  record = compare.saved(args.out) if args.resume and args.out and args.config is None else None
+  if args.algorithms:
+    names = tuple(n for item in args.algorithms for n in item.split(",") if n)
+  elif record is not None:
+    names = tuple(record[1])
+  else:
+    raise ConfigError("compare needs --algorithms (or --resume --out DIR of a comparison, which records its own)")
   config, per_algorithm = resolve_config(args, algorithm_names=names)
-  out = args.out or str(experiment.default_workdir(dataclasses.replace(config, algorithm="compare")))
-  compare.run(
+  if record is not None:
+    per_algorithm = {name: {**record[2].get(name, {}), **per_algorithm.get(name, {})}
+                     for name in set(record[2]) | set(per_algorithm) if name in names}
+  out = args.out or str(run_folder.default_workdir(dataclasses.replace(config, algorithm="compare")))
+  summaries = compare.run(
       config, list(names), out, per_algorithm=per_algorithm, resume=args.resume, overwrite=args.overwrite,
       stop_after=args.stop_after, progress=args.progress, echo=None if args.quiet else print,
       write_plots=args.plots, stopper=args.stopper,
   )
+  stopped = [s for s in summaries if s.get("status") == "stopped"]
+  if stopped:  # --stop-after: every run stopped with its checkpoint; the table comes with the last round
+    print(f"stopped after round {stopped[0]['round']} (--stop-after): no table yet; continue with "
+          f"fedspa-jax compare --resume --out {out}")
+    return 0
   if args.quiet:
     print((paths.as_path(out) / "comparison.md").read_text())
   print(f"table: {out}/comparison.md, {out}/comparison.csv")
@@ -301,14 +319,20 @@ def _list(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+  """The command line; `argv` None: the process's own arguments (the process exits with the returned status)."""
   args = make_parser().parse_args(argv)
   if getattr(args, "deadline", None) is not None and not args.deadline > 0:
     print(f"fedspa-jax: error: --deadline must be a positive number of minutes, got {args.deadline:g}", file=sys.stderr)
     return EXIT_BAD_INPUT
+  if getattr(args, "stop_after", None) is not None and args.stop_after < 1:
+    print(f"fedspa-jax: error: --stop-after must be a round >= 1, got {args.stop_after}", file=sys.stderr)
+    return EXIT_BAD_INPUT
   args.stopper = make_stopper(args)  # the deadline counts from here
   if args.command not in ("run", "compare", "sweep"):
     return _main(args)
-  with args.stopper.handle_signals():  # from the start: a notice during start-up stops after the first dispatch
+  # From the start: a notice during start-up stops after the first dispatch. As the process's own command line, a
+  # decided stop keeps ignoring signals while the process exits, so its status stays 75.
+  with args.stopper.handle_signals(exiting=argv is None):
     return _main(args)
 
 
@@ -326,8 +350,10 @@ def _main(args: argparse.Namespace) -> int:
   elif any(getattr(args, name, None) is not None for name in ("coordinator", "num_processes", "process_id")):
     print("fedspa-jax: error: --coordinator, --num-processes and --process-id need --distributed", file=sys.stderr)
     return EXIT_BAD_INPUT
-  from fedspa_jax import experiment, preemption
+  from fedspa_jax import preemption
+  from fedspa_jax.config import ConfigError
   from fedspa_jax.data.tfds_sources import MissingDependencyError
+  from fedspa_jax.records import TrainingDiverged
 
   command = {"run": _run, "compare": _compare, "sweep": _sweep, "plot": _plot, "list": _list}[args.command]
   try:
@@ -335,12 +361,12 @@ def _main(args: argparse.Namespace) -> int:
   except preemption.Stopped as e:
     print(f"fedspa-jax: {e} (exit status {EXIT_STOPPED})", file=sys.stderr)
     return EXIT_STOPPED
-  except experiment.TrainingDiverged as e:
+  except TrainingDiverged as e:
     print(f"fedspa-jax: error: {e}", file=sys.stderr)
     return EXIT_DIVERGED
   # Bad input, missing data (TFDS's not prepared: a FileNotFoundError) or a reader package to install; other errors
   # are bugs: they keep their traceback.
-  except (experiment.ConfigError, FileNotFoundError, MissingDependencyError) as e:
+  except (ConfigError, FileNotFoundError, MissingDependencyError) as e:
     print(f"fedspa-jax: error: {e}", file=sys.stderr)
     return EXIT_BAD_INPUT
   except KeyboardInterrupt:

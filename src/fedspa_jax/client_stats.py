@@ -8,7 +8,7 @@ as |a| + |b| - 2 a·b with column-chunked matmuls, so memory stays at [K, chunk]
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -81,6 +81,88 @@ def model_distances(models: Any) -> tuple[np.ndarray, np.ndarray]:
   distance = np.sqrt(np.maximum(squares[:, None] + squares[None, :] - 2 * gram, 0.0))
   np.fill_diagonal(distance, 0.0)
   return distance, np.sqrt(squares)
+
+
+@jax.jit
+def _cross(a: jax.Array, b: jax.Array) -> jax.Array:
+  return a.astype(jnp.float32) @ b.astype(jnp.float32).T
+
+
+def _blocks(num_clients: int, chunk: int) -> list[np.ndarray]:
+  return [np.arange(start, min(start + chunk, num_clients), dtype=np.int32) for start in range(0, num_clients, chunk)]
+
+
+def client_distances(client_states: Callable[[np.ndarray], Any], num_clients: int, params: Any,
+                     chunk: int = 256) -> dict[str, np.ndarray]:
+  """Pairwise distances between the K clients' masks and between their own models, `chunk` clients decoded at a time.
+
+  Memory is the [K, K] results plus two chunks of decoded client state (and, for models, two chunks of float64 host
+  copies), never the whole decoded store: the pairs of chunks are visited once each (i <= j).
+
+  Args:
+    client_states: ids [C] -> the decoded state of those clients, leaves [C, ...] (`Algorithm.client_states`).
+    num_clients: K.
+    params: the server's params (which leaves a personal model has).
+    chunk: clients decoded at a time.
+
+  Returns:
+    What applies to the store: "hamming" [K, K] and "active" [K] as `mask_distances` gives them (over the leaves
+    that are not dense for every client); "model_distance" [K, K] and "model_norm" [K] as `model_distances` gives
+    them; "trained" [K] when the store records it. Empty for a store of neither masks nor models.
+  """
+  blocks = _blocks(num_clients, chunk)
+  decoded = lambda ids: client_states(ids)
+  masks_of = lambda clients: getattr(clients, "mask", clients)  # FedSpa "local", Sub-FedAvg: a mask beside models
+  first = decoded(blocks[0])
+  has_masks = is_mask_store(masks_of(first))
+  has_models = personal_models(first, params) is not None
+  out: dict[str, np.ndarray] = {}
+  if not (has_masks or has_models):
+    return out
+  # First pass: which mask leaves are dense for every client, and the "trained" flags.
+  sparse, trained = None, []
+  for ids in blocks:
+    clients = first if ids is blocks[0] else decoded(ids)
+    if has_masks:
+      leaves = [a.reshape(a.shape[0], -1) for a in jax.tree.leaves(masks_of(clients))]
+      dense = [bool(jnp.all(leaf)) for leaf in leaves]
+      sparse = [not d for d in dense] if sparse is None else [s or not d for s, d in zip(sparse, dense)]
+    if hasattr(clients, "trained"):
+      trained.append(np.asarray(jax.device_get(clients.trained)))
+  dot = np.zeros((num_clients, num_clients), np.int64) if has_masks else None
+  gram = np.zeros((num_clients, num_clients)) if has_models else None
+  for i, rows in enumerate(blocks):
+    a = first if i == 0 else decoded(rows)
+    for cols in blocks[i:]:
+      b = a if cols is rows else decoded(cols)
+      if has_masks:
+        for keep, x, y in zip(sparse, jax.tree.leaves(masks_of(a)), jax.tree.leaves(masks_of(b))):
+          if not keep:
+            continue  # a leaf dense for every client (bias, norm scale) adds no distance
+          x, y = x.reshape(x.shape[0], -1), y.reshape(y.shape[0], -1)
+          for start in range(0, x.shape[1], _CHUNK):
+            block = np.rint(jax.device_get(_cross(x[:, start:start + _CHUNK], y[:, start:start + _CHUNK])))
+            dot[np.ix_(rows, cols)] += block.astype(np.int64)
+      if has_models:
+        for x, y in zip(jax.tree.leaves(personal_models(a, params)), jax.tree.leaves(personal_models(b, params))):
+          x = np.asarray(jax.device_get(x), np.float64).reshape(x.shape[0], -1)
+          y = x if cols is rows else np.asarray(jax.device_get(y), np.float64).reshape(y.shape[0], -1)
+          gram[np.ix_(rows, cols)] += x @ y.T
+      if cols is not rows:
+        for m in (dot, gram):
+          if m is not None:
+            m[np.ix_(cols, rows)] = m[np.ix_(rows, cols)].T
+  if has_masks:
+    active = np.diag(dot).copy()  # a mask's dot product with itself: its active entries
+    out["hamming"], out["active"] = active[:, None] + active[None, :] - 2 * dot, active
+  if has_models:
+    squares = np.diag(gram).copy()
+    distance = np.sqrt(np.maximum(squares[:, None] + squares[None, :] - 2 * gram, 0.0))
+    np.fill_diagonal(distance, 0.0)
+    out["model_distance"], out["model_norm"] = distance, np.sqrt(squares)
+  if trained:
+    out["trained"] = np.concatenate(trained)
+  return out
 
 
 def label_order(label_counts: np.ndarray) -> np.ndarray:

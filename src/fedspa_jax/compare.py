@@ -4,7 +4,8 @@
 
 Each algorithm runs in `<out>/<algorithm>/` (a normal run folder). The config's hyperparameters go to every
 algorithm that takes them (the others are skipped, with a note: `density` means nothing to FedAvg);
-`per_algorithm={"fedspa": {"density": 0.3}}` sets one algorithm's own.
+`per_algorithm={"fedspa": {"density": 0.3}}` sets one algorithm's own. `<out>/config.json` records the shared
+config with "algorithms" and "per_algorithm" (`saved`), so that `compare --resume --out DIR` alone continues it.
 """
 
 from __future__ import annotations
@@ -14,8 +15,13 @@ import dataclasses
 import io
 from typing import Any, Callable
 
-from fedspa_jax import algorithms, experiment, paths, plots
+import json
+
+from fedspa_jax import algorithms, distributed, experiment, paths, plots, runner
 from fedspa_jax.config import Config, ConfigError
+
+# What <out>/config.json holds beside the shared config's fields.
+RECORD_KEYS = ("algorithms", "per_algorithm")
 
 COLUMNS = (
     ("algorithm", "algorithm", "{}"),
@@ -40,6 +46,19 @@ def for_algorithm(config: Config, name: str, own: dict[str, Any] | None = None) 
   skipped = sorted(set(config.hparams) - known)
   hparams.update(own or {})
   return dataclasses.replace(config, algorithm=name, hparams=hparams), skipped
+
+
+def saved(out: paths.PathLike) -> tuple[dict[str, Any], list[str], dict[str, dict[str, Any]]] | None:
+  """The comparison in `out`, as its config.json records it: (the shared config's fields, the algorithms, the
+  per-algorithm settings); None when there is none."""
+  path = paths.as_path(out) / "config.json"
+  if not path.is_file():
+    return None
+  record = json.loads(path.read_text())
+  if "algorithms" not in record:
+    return None  # a run folder, not a comparison
+  fields = {k: v for k, v in record.items() if k not in RECORD_KEYS}
+  return fields, list(record["algorithms"]), record.get("per_algorithm") or {}
 
 
 def skipped_note(name: str, skipped: list[str]) -> str:
@@ -111,7 +130,9 @@ def run(
     **run_kwargs: passed to `experiment.run` (resume, overwrite, progress, write_plots, ...).
 
   Returns:
-    The summaries, in `names` order. Also written: out/comparison.md, out/comparison.csv, out/*.png.
+    The summaries, in `names` order (with `stop_after`, the runs' {"status": "stopped", ...}: no table then).
+    Also written: out/config.json (the comparison, before the runs), out/comparison.md, out/comparison.csv,
+    out/*.png.
   """
   say = echo or (lambda line: None)
   if not names or len(set(names)) != len(names):
@@ -123,15 +144,20 @@ def run(
   configs = []
   for name in names:  # every check before the first run starts
     cfg, skipped = for_algorithm(config, name, per_algorithm.get(name))
-    experiment.check_config(cfg)
+    runner.check_config(cfg)
     if skipped:
       say(skipped_note(name, skipped))
     configs.append(cfg)
   out = paths.as_path(out)
   try:
-    data = experiment.load_data(config)
+    data = runner.load_data(config)
   except ValueError as e:
     raise ConfigError(str(e)) from e
+  record = out / "config.json"
+  if distributed.is_primary() and (run_kwargs.get("overwrite") or not record.exists()):  # a resume keeps its own
+    paths.make_dirs(out)
+    paths.write_text(record, json.dumps({**config.to_dict(), "algorithms": list(names),
+                                         "per_algorithm": per_algorithm}, indent=2, default=repr) + "\n")
   summaries = [experiment.run(cfg, out / cfg.algorithm, data=data, echo=echo, **run_kwargs) for cfg in configs]
   unfinished = [s for s in summaries if s.get("status") != "complete"]
   if unfinished:

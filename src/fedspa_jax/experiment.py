@@ -6,8 +6,8 @@
     summary = experiment.sweep(config, [0, 1, 2], "runs/s")        # several seeds as one vmapped program
 
 A run is a batch of one run of `runner.loop`, the loop a sweep's stacked seeds and lrs go through too
-(`fedspa_jax.sweep`); this module adds what a single run has: its folder rules, resume, checkpoints, TensorBoard and
-plots. The run folder (docs/cli.md has the details):
+(`fedspa_jax.sweep`), wrapped by `job.execute` as a sweep is (checkpoints, resume, stops, the final records); this
+module adds what a single run has: its folder rules, its data and algorithm, TensorBoard and plots. The run folder (docs/cli.md has the details):
 
     config.json       the config (resuming checks that it matches), plus `algorithm_hparams`: the algorithm's
                       hyperparameters as resolved, defaults included (a record; ignored when read back)
@@ -27,7 +27,6 @@ never overwrites its last good checkpoint.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from typing import Any, Callable
 
@@ -36,20 +35,16 @@ import jax
 from fedspa_jax import distributed, paths, plots, preemption
 from fedspa_jax import config as config_lib
 from fedspa_jax import data as data_lib
+from fedspa_jax import job as job_lib
 from fedspa_jax import records, runner
 from fedspa_jax import resume as resume_lib
-from fedspa_jax.checkpoint import Checkpointer, LayoutMismatch
 from fedspa_jax.config import Config, ConfigError
 from fedspa_jax.logging_utils import MetricsLog, TensorBoardLog
-from fedspa_jax.resume import CHECKPOINT_FORMAT  # noqa: F401  (re-exported: the format checkpoints are written in)
 from fedspa_jax.round import make_client_mesh
-# Re-exported: what scripts and tests use by these names (the loop and its pieces live in `runner` and `records`).
-from fedspa_jax.records import Totals, TrainingDiverged, round_time  # noqa: F401
-from fedspa_jax.runner import algorithm_hparams, check_config, eval_ids, load_data, make_multi_round  # noqa: F401
-from fedspa_jax.runner import next_chunk as _next_chunk  # noqa: F401  (tests/test_experiment.py)
-# Re-exported: the run-folder errors are part of what `run` raises.
+from fedspa_jax.runner import check_config, eval_ids, load_data
+# What `run` raises, by the names its callers catch (the CLI, scripts): defined in `records` and `run_folder`.
+from fedspa_jax.records import TrainingDiverged  # noqa: F401
 from fedspa_jax.run_folder import ConfigMismatchError, RunExistsError, default_workdir, prepare_workdir  # noqa: F401
-
 
 
 def build(config: Config, data: data_lib.FederatedData):
@@ -78,14 +73,15 @@ def run(
     workdir: the run folder (default: a new `runs/<algorithm>-<dataset>-<time>`).
     resume: continue from the newest checkpoint in `workdir` (starts fresh when there is none).
     overwrite: replace the run `workdir` holds.
-    stop_after: stop (with a checkpoint) after this round, as a preempted job would; `resume` continues.
+    stop_after: stop (with a checkpoint) after this round (>= 1), as a preempted job would; `resume` continues.
     on_eval: called with each evaluated round's record (after it is logged, before its checkpoint).
     progress: show a tqdm bar (None: only on a terminal).
     echo: prints one line per evaluated round and a few notes (None: silent).
     write_plots: write the PNG figures at the end.
     data: the dataset, when the caller already loaded it for this config (as `compare` does).
     stopper: asked at every dispatch boundary whether to stop (a signal or a deadline: `preemption.Stopper`); a
-      stop writes a checkpoint at the round reached and raises `preemption.Stopped`.
+      stop writes a checkpoint at the round reached (before evaluating it: the resumed run evaluates that round
+      first) and raises `preemption.Stopped`.
 
   Returns:
     The summary (also written to summary.json), or, when stopped early, {"status": "stopped", "round", ...}.
@@ -95,11 +91,12 @@ def run(
     FileNotFoundError: the dataset's files are missing.
     TrainingDiverged: a loss or a parameter became NaN or infinite; the last good checkpoint stays as it is.
     preemption.Stopped: `stopper` stopped the run; its checkpoint (at the round reached) is written and its
-      metrics.jsonl holds every evaluated round up to it. `resume=True` continues exactly.
+      metrics.jsonl holds every evaluated round before it. `resume=True` continues exactly.
   """
   primary = distributed.is_primary()  # under jax.distributed only process 0 writes files and prints
   say = runner.say_for(echo)
   check_config(config)
+  job_lib.check_stop_after(stop_after)
   workdir = paths.as_path(workdir) if workdir is not None else default_workdir(config)
   fresh = not paths.is_cloud(workdir) and not workdir.exists()  # nothing may touch a gs:// folder before its check
   prepare_workdir(workdir, config, resume=resume, overwrite=overwrite, primary=primary)
@@ -118,28 +115,7 @@ def run(
       raise
     raise ConfigError(str(e)) from e
 
-  ckpt = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
   one = runner.Run(config, workdir, algo, data)
-  expected = resume_lib.record(config, algo.hparams)  # format, sampling, resolved hparams: every checkpoint's meta
-  if resume and (latest := ckpt.latest_round()) is not None:
-    resume_lib.check(ckpt.read_meta(latest), expected, config, ckpt.path(latest))  # before anything is written
-    try:
-      state, meta = ckpt.restore(state)
-    except LayoutMismatch as e:
-      raise ConfigError(f"cannot resume: {e}") from e
-    one.history, one.totals = meta["history"], Totals(**meta["totals"])
-    say(f"resuming {workdir} from round {latest}")
-  if primary:
-    # The config as given, plus (for the record, not read back) the algorithm's hyperparameters as resolved,
-    # defaults included: weighting, FedRep/FedPer's head, ...
-    record = {**config.to_dict(), config_lib.RESOLVED_KEY: records.jsonable(algo.hparams)}
-    paths.write_text(workdir / "config.json", json.dumps(record, indent=2) + "\n")
-    one.log = MetricsLog(workdir / "metrics.jsonl", one.history)
-    one.tensorboard = TensorBoardLog.create(workdir / "tensorboard")
-  start = int(state.round)
-  end = config.rounds if stop_after is None else max(start, min(config.rounds, stop_after))
-  say(f"{algo.name} on {data.name}: {data.num_clients} clients, rounds {start + 1}..{end} of {config.rounds} "
-      f"-> {workdir}")
   batch = runner.Batch(
       runs=[one], state=state, data=algo.place(data),  # on the device, or laid out over the mesh
       round_fn=algo.round_fn,
@@ -147,40 +123,28 @@ def run(
           s, d, None if epochs else eval_ids(config, data.num_clients, r), finetune_epochs=epochs),
   )
 
-  def save(r: int, state: Any) -> None:
-    if not runner.all_finite((state.server.params, state.clients)):
-      raise TrainingDiverged(f"training diverged by round {r}: the model or a client's state holds NaN or inf")
-    meta = {**expected, "round": r, "config": config.to_dict(), "history": one.history,
-            "totals": dataclasses.asdict(one.totals)}
-    ckpt.save(r, state, meta)
+  def write_configs() -> None:
+    # The config as given, plus (for the record, not read back) the algorithm's hyperparameters as resolved,
+    # defaults included: weighting, FedRep/FedPer's head, ...
+    record = {**config.to_dict(), config_lib.RESOLVED_KEY: records.jsonable(algo.hparams)}
+    paths.write_text(workdir / "config.json", json.dumps(record, indent=2) + "\n")
+    one.log = MetricsLog(workdir / "metrics.jsonl", one.history)
+    one.tensorboard = TensorBoardLog.create(workdir / "tensorboard")
 
-  try:
-    state, ev = runner.loop(batch, end=end, save=save, on_eval=on_eval, say=say, progress=progress, stopper=stopper)
-    if end < config.rounds:
-      path = ckpt.path(ckpt.latest_round())
-      say(f"stopped after round {end}; checkpoint {path}; continue with --resume")
-      return {"status": "stopped", "round": end, "checkpoint": str(path), "run_dir": str(workdir)}
-    [summary] = runner.finish(batch, state, ev)
-    if primary and write_plots:
-      plots.plot_run(workdir)
-    distributed.barrier("fedspa_jax.run_done")
-    return summary
-  except preemption.Stopped as e:
-    path = ckpt.path(e.round)
-    say(f"{e.reason}: stopped after round {e.round}; checkpoint {path}; continue with --resume")
-    raise preemption.Stopped(e.round, e.reason, str(path)) from None
-  except TrainingDiverged as e:
-    good = ckpt.latest_round()
-    where = f"the last good checkpoint is {ckpt.path(good)} (round {good})" if good is not None else (
-        "no checkpoint was written before it")
-    raise TrainingDiverged(
-        f"{e}; {where}. Lower the learning rate (hparams.lr={config.hparams.get('lr')}) or check the data, "
-        "and rerun with --overwrite."
-    ) from None
-  finally:
-    ckpt.close()
-    if one.tensorboard is not None:
-      one.tensorboard.close()
+  job = job_lib.Job(
+      config, workdir, batch, expected=resume_lib.record(config, algo.hparams),  # after init: FedRep's head
+      write_configs=write_configs,
+      describe=lambda start, end: (f"{algo.name} on {data.name}: {data.num_clients} clients, rounds "
+                                   f"{start + 1}..{end} of {config.rounds} -> {workdir}"))
+  result = job_lib.execute(job, resume=resume, stop_after=stop_after, stopper=stopper, on_eval=on_eval, say=say,
+                           progress=progress)
+  if isinstance(result, dict):  # stopped by `stop_after`
+    return result
+  [summary] = result
+  if primary and write_plots:
+    plots.plot_run(workdir)
+  distributed.barrier("fedspa_jax.run_done")
+  return summary
 
 
 def sweep(config: Config, seeds, workdir=None, **kwargs) -> dict[str, Any]:

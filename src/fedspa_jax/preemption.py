@@ -11,14 +11,20 @@ requeue. `--resume` continues exactly from that checkpoint.
       experiment.run(config, out, stopper=stopper)  # raises Stopped after writing the checkpoint
 
 A signal only sets a flag (nothing unsafe runs inside the handler); a second SIGINT interrupts at once
-(KeyboardInterrupt), for a person at a terminal who does not want to wait. With several processes (`jax.distributed`)
+(KeyboardInterrupt), for a person at a terminal who does not want to wait, unless the stop is already decided: from
+the moment `should_stop` says stop, every further SIGTERM and SIGINT is ignored, and the command line keeps ignoring
+them while the process exits (`handle_signals(exiting=True)`), so a scheduler that signals again during the
+checkpoint or the interpreter's teardown still sees exit status 75, not 143 or 130. With several processes (`jax.distributed`)
 every process asks `should_stop` at every boundary and they agree through the coordination service (each posts its
 own flag, then waits at a barrier, then reads all flags), so all of them stop at the same round, even when the
 signal reached only one of them, and their collective checkpoint is consistent.
 
-A deadline stops at the first boundary after which the next dispatch might not fit: when the time left is less than
-twice the longest time between two boundaries so far (a dispatch, plus the evaluation and checkpoint it may end
-with). Give the deadline a margin of a minute or so below the scheduler's limit, for the final checkpoint and exit.
+A deadline stops at the first boundary after which the next dispatch and the checkpoint might not fit: when the time
+left is less than twice the longest time between two boundaries so far (a dispatch, plus the evaluation and
+checkpoint it may end with). The first gap counts from the Stopper's creation (the command's start), so it includes
+start-up and compilation and bounds the first dispatch from above: a deadline shorter than start-up plus two
+dispatches stops at the first boundary, not after the scheduler's kill. Give the deadline a margin of a minute or so
+below the scheduler's limit, for the final checkpoint and exit.
 """
 
 from __future__ import annotations
@@ -57,10 +63,11 @@ class Stopper:
   def __init__(self, deadline_s: float | None = None, *, clock=time.monotonic):
     if deadline_s is not None and not deadline_s > 0:
       raise ValueError(f"the deadline must be positive, got {deadline_s}")
-    self._clock = clock
-    self._deadline = None if deadline_s is None else clock() + deadline_s
+    self._clock, now = clock, clock()
+    self._deadline = None if deadline_s is None else now + deadline_s
     self._requested: str | None = None
-    self._last_check: float | None = None
+    self._decided: str | None = None  # the reason a `should_stop` gave; from then on signals are ignored
+    self._last_check = now  # the first gap counts from here: start-up and compilation bound the first dispatch
     self._longest_gap = 0.0
     self._checks = 0
     self._id = next(_STOPPERS)  # with _checks, names each barrier once (every process creates its stoppers alike)
@@ -76,8 +83,7 @@ class Stopper:
 
   def _local_reason(self) -> str | None:
     now = self._clock()
-    if self._last_check is not None:
-      self._longest_gap = max(self._longest_gap, now - self._last_check)
+    self._longest_gap = max(self._longest_gap, now - self._last_check)
     self._last_check = now
     if self._requested is not None:
       return self._requested
@@ -94,19 +100,30 @@ class Stopper:
 
     reason = self._local_reason()
     self._checks += 1
-    if jax.process_count() == 1:
-      return reason
-    return _agree(reason, f"{self._id}_{self._checks}_{round}")
+    if jax.process_count() > 1:
+      reason = _agree(reason, f"{self._id}_{self._checks}_{round}")
+    self._decided = self._decided or reason
+    return reason
+
+  @property
+  def decided(self) -> str | None:
+    """The reason of the stop `should_stop` decided, or None."""
+    return self._decided
 
   def _on_signal(self, signum, frame) -> None:
+    if self._decided is not None:
+      return  # the run is stopping with its checkpoint: nothing more to ask, nothing to interrupt
     if signum == signal.SIGINT and self._requested is not None:
       raise KeyboardInterrupt  # a second Ctrl-C: the person does not want to wait
     self.request(signal.Signals(signum).name)
 
   @contextlib.contextmanager
-  def handle_signals(self) -> Iterator["Stopper"]:
-    """SIGTERM and SIGINT request a stop while inside; a second SIGINT raises KeyboardInterrupt. Restores the old
-    handlers on exit. Only in the main thread (elsewhere Python cannot set handlers, and nothing is installed)."""
+  def handle_signals(self, *, exiting: bool = False) -> Iterator["Stopper"]:
+    """SIGTERM and SIGINT request a stop while inside; a second SIGINT raises KeyboardInterrupt (until a stop is
+    decided: then both are ignored). Restores the old handlers on exit, unless `exiting` (the process ends after
+    the block, as the command line does) and a stop was decided: then SIGTERM and SIGINT stay ignored, so the exit
+    status stays EXIT_STOPPED. Only in the main thread (elsewhere Python cannot set handlers, and nothing is
+    installed)."""
     if threading.current_thread() is not threading.main_thread():
       yield self
       return
@@ -115,7 +132,7 @@ class Stopper:
       yield self
     finally:
       for s, handler in previous.items():
-        signal.signal(s, handler)
+        signal.signal(s, signal.SIG_IGN if exiting and self._decided is not None else handler)
 
   def reclaim_signals(self) -> None:
     """Takes SIGTERM and SIGINT back inside `handle_signals`: `jax.distributed.initialize` installs its own SIGTERM

@@ -186,8 +186,8 @@ def run_summary(config: Config, algo: Any, data: data_lib.FederatedData, ev: dic
 
 
 def client_arrays(algo: Any, state: Any, data: data_lib.FederatedData, ev: dict[str, Any]) -> dict[str, np.ndarray]:
-  """What clients.npz holds: per-client accuracy and loss (of every protocol evaluated), test count, participation,
-  labels, mask distances, and distances between the clients' own models."""
+  """What clients.npz holds before the analysis (`client_analysis`): per-client accuracy and loss (of every protocol
+  evaluated), test count, participation, labels."""
   protocols = {f"accuracy_{name}": np.asarray(ev[f"accuracy_{name}"]) for name in protocol_names(ev)}
   finetuned = ev.get("finetuned")
   if finetuned is not None:
@@ -202,17 +202,16 @@ def client_arrays(algo: Any, state: Any, data: data_lib.FederatedData, ev: dict[
       "participation": distributed.to_host(state.participation)[: data.num_clients],
       "label_counts": data_lib.client_label_counts(data.train, data.num_classes),
   }
-  if data.num_clients <= MAX_DISTANCE_CLIENTS:
-    clients = algo.client_states(state, data)
-    client_masks = getattr(clients, "mask", clients)  # FedSpa "local" and Sub-FedAvg hold a mask beside models
-    if client_stats.is_mask_store(client_masks):
-      arrays["hamming"], arrays["active"] = client_stats.mask_distances(client_masks)
-    models = client_stats.personal_models(clients, state.server.params)
-    if models is not None:  # how far apart the clients' own models are, not just their masks
-      arrays["model_distance"], arrays["model_norm"] = client_stats.model_distances(models)
-      if hasattr(clients, "trained"):
-        arrays["trained"] = np.asarray(jax.device_get(clients.trained))
   return arrays
+
+
+def client_analysis(algo: Any, state: Any, data: data_lib.FederatedData) -> dict[str, np.ndarray]:
+  """The rest of clients.npz, for populations up to `MAX_DISTANCE_CLIENTS`: pairwise mask distances and distances
+  between the clients' own models (`client_stats.client_distances`: in bounded memory, chunks of clients)."""
+  if data.num_clients > MAX_DISTANCE_CLIENTS:
+    return {}
+  return client_stats.client_distances(lambda ids: algo.client_states(state, data, ids), data.num_clients,
+                                       state.server.params)
 
 
 def jsonable(value: Any) -> Any:

@@ -1,8 +1,9 @@
 """The one run loop: a batch of runs, advanced by fused dispatches, with metrics, evaluations, NaN checks and files.
 
 A batch is one run, or several runs stacked on leading axes that advance as one program (a sweep's lrs x seeds).
-`experiment.run` makes a batch of one and adds what a single run has (resume, checkpoints, TensorBoard, plots);
-`sweep.sweep` stacks seeds and lrs. Both go through `loop` and `finish`, so a feature of the loop is written once:
+`experiment.run` makes a batch of one, `sweep.sweep` stacks seeds and lrs; both hand it to `job.execute` (the run
+wrapper: checkpoints, resume, stops), which goes through `loop` and `finish`, so a feature of the loop is written
+once:
 
     batch = Batch(runs=[Run(config, workdir, algo, data)], state=state, data=algo.place(data),
                   round_fn=algo.round_fn, evaluate=lambda s, d, r: algo.evaluate(s, d, eval_ids(config, K, r)))
@@ -30,8 +31,8 @@ from fedspa_jax import config as config_lib
 from fedspa_jax import data as data_lib
 from fedspa_jax.config import Config, ConfigError
 from fedspa_jax.logging_utils import MetricsLog, TensorBoardLog, format_record, human_bytes, make_progress
-from fedspa_jax.records import (Totals, TrainingDiverged, add_eval_flops, check_diverged, client_arrays, consume,
-                                eval_record, run_summary)
+from fedspa_jax.records import (Totals, TrainingDiverged, add_eval_flops, check_diverged, client_analysis,
+                                client_arrays, consume, eval_record, run_summary)
 
 
 def algorithm_hparams(config: Config) -> dict[str, Any]:
@@ -236,8 +237,10 @@ def loop(
     on_eval: called with each evaluated record (after it is logged and printed).
     say: prints one line per evaluated round and the divergence notes.
     progress: show a tqdm bar (None: only on a terminal; never on processes other than the first).
-    stopper: asked at every dispatch boundary before `end`; when it says stop, the loop settles, evaluates if the
-      round is due, saves (`save` must be given) and raises `preemption.Stopped`.
+    stopper: asked at every dispatch boundary before `end`; when it says stop, the loop settles, saves (`save` must
+      be given) and raises `preemption.Stopped`, without evaluating: a round due for evaluation is evaluated first
+      when the run resumes from that checkpoint (its runs' histories end before it), so the checkpoint comes as
+      soon as the dispatch is done.
 
   Returns:
     (the state after `end`, the last evaluation with the run axes first, or None when no round was evaluated).
@@ -319,6 +322,9 @@ def loop(
         on_eval(record)
 
   try:
+    if r and (r % config.eval_every == 0 or r == config.rounds) and any(
+        run.diverged is None and (not run.history or run.history[-1]["round"] < r) for run in runs):
+      evaluate()  # the evaluation a stop left to the resumed run (it saved first)
     while r < end:
       n = next_chunk(r, config=chunks, end=end)
       new_state, metrics = dispatch(n)(state, batch.data)
@@ -330,12 +336,13 @@ def loop(
       if not (evaluating or saving or stopping):
         continue
       settle()
+      if stopping:  # the checkpoint first; this round's evaluation is the resumed run's first work
+        save(r, state)
+        raise preemption.Stopped(r, stopping)
       if evaluating:
         evaluate()
-      if saving or stopping:
+      if saving:
         save(r, state)
-      if stopping:
-        raise preemption.Stopped(r, stopping)
     settle()
     return state, ev
   finally:
@@ -352,27 +359,41 @@ def evaluations(batch: Batch, state: Any, r: int) -> dict[str, Any]:
   return ev
 
 
-def finish(batch: Batch, state: Any, ev: dict[str, Any] | None) -> list[dict[str, Any]]:
-  """Every run's summary.json and clients.npz (written by process 0); returns the runs' summaries.
+def finish(batch: Batch, state: Any, ev: dict[str, Any] | None,
+           say: Callable[[str], None] = lambda line: None) -> list[dict[str, Any]]:
+  """Every run's summary.json, then its clients.npz (written by process 0); returns the runs' summaries.
 
-  `ev` is the loop's last evaluation; None (the runs were complete already) evaluates the final state again.
+  `ev` is the loop's last evaluation; None (the runs were complete already) evaluates the final state again. Every
+  summary.json is written before the optional per-client analysis (`records.client_analysis`, pairwise distances);
+  when that fails (out of memory, say), the failure is said and recorded in summary.json ("client_analysis_error"),
+  and clients.npz holds everything but the analysis.
   """
   if ev is None:
     ev = evaluations(batch, state, batch.runs[0].config.rounds)
-  summaries = []
+  summaries, complete = [], []
   for j, run in enumerate(batch.runs):
     if run.diverged:
       summary = {"status": "diverged", "error": run.diverged, "seed": run.config.seed,
                  "lr": run.config.hparams.get("lr"), "final_accuracy_mean": None, "run_dir": str(run.workdir)}
     else:
-      ev_j, state_j = batch.pick(ev, j), batch.run_state(state, j)
-      summary = run_summary(run.config, run.algo, run.data, ev_j, run.history, run.totals, run.workdir, state_j)
-      clients = client_arrays(run.algo, state_j, run.data, ev_j)  # every process: a collective
-      if distributed.is_primary():
-        paths.save_npz(run.workdir / "clients.npz", **clients)
+      summary = run_summary(run.config, run.algo, run.data, batch.pick(ev, j), run.history, run.totals, run.workdir,
+                            batch.run_state(state, j))
+      complete.append(j)
     if distributed.is_primary():
       paths.write_text(run.workdir / "summary.json", json.dumps(summary, indent=2) + "\n")
     summaries.append(summary)
+  for j in complete:
+    run, ev_j, state_j = batch.runs[j], batch.pick(ev, j), batch.run_state(state, j)
+    clients = client_arrays(run.algo, state_j, run.data, ev_j)
+    try:
+      clients.update(client_analysis(run.algo, state_j, run.data))  # every process: a collective
+    except Exception as e:  # noqa: BLE001  (the summary stands; what failed is said and recorded)
+      error = f"{type(e).__name__}: {e}".splitlines()[0]
+      say(f"{run.workdir}: the per-client analysis (mask and model distances) failed, {error}; summary.json is "
+          "complete and clients.npz holds the rest")
+      summaries[j]["client_analysis_error"] = error
+      if distributed.is_primary():
+        paths.write_text(run.workdir / "summary.json", json.dumps(summaries[j], indent=2) + "\n")
+    if distributed.is_primary():
+      paths.save_npz(run.workdir / "clients.npz", **clients)
   return summaries
-
-

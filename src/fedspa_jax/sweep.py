@@ -8,8 +8,10 @@ With `lrs`, each (lr, seed) is a run: the algorithm is built inside the traced r
 through the clients' `optax.sgd`), the lr axis is vmapped outside the seed axis (state [L, S, ...], the seeds' data
 shared by all lrs), and lr_<lr>/ holds what a seeds-only sweep folder holds; docs/cli.md has the layout.
 
-The runs advance as one batch through `runner.loop`, the loop that `experiment.run` drives with a batch of one, so
-their records, NaN checks and files come from the same code as a run's. Seed s of a sweep is the run
+The runs advance as one batch through `job.execute` and `runner.loop`, the wrapper and loop that `experiment.run`
+drives with a batch of one, so their checkpoints, resume checks, stops, records, NaN checks and files come from the
+same code as a run's. Each lr trains, evaluates and fine-tunes with its own algorithm (its lr traced), and records
+its own resolved hyperparameters. Seed s of a sweep is the run
 `experiment.run(replace(config, seed=s))`: its own data partition, model init, masks, cohorts and batches, with the
 same records, equal up to float rounding (tests/test_sweep.py). The seeds' datasets and states are stacked on a
 leading axis and each round is one `jit(vmap(round_fn))` over all seeds; the round counter stays unbatched (all seeds
@@ -43,7 +45,6 @@ import dataclasses
 import functools
 import json
 import re
-import time
 from typing import Any, Callable, Sequence
 
 import jax
@@ -52,15 +53,14 @@ import numpy as np
 
 from fedspa_jax import config as config_lib
 from fedspa_jax import data as data_lib
+from fedspa_jax import job as job_lib
 from fedspa_jax import paths, preemption, runner
 from fedspa_jax import resume as resume_lib
-from fedspa_jax.checkpoint import Checkpointer, LayoutMismatch
 from fedspa_jax.config import Config, ConfigError
 from fedspa_jax.logging_utils import MetricsLog, human_bytes
-from fedspa_jax.records import Totals, jsonable, round_time
+from fedspa_jax.records import jsonable, round_time
 from fedspa_jax.round import SimState
-from fedspa_jax.run_folder import (OUTPUTS, RUN_MARKERS, ConfigMismatchError, RunExistsError, default_workdir,
-                                   saved_config)
+from fedspa_jax.run_folder import OUTPUTS, RUN_MARKERS, ConfigMismatchError, RunExistsError, default_workdir, saved_config
 
 # The stacked state's axes: everything per seed but the round counter, which all seeds share.
 STATE_AXES = SimState(server=0, clients=0, round=None, key=0, participation=0)
@@ -166,11 +166,25 @@ def make_sweep_round(round_fn: Callable) -> Callable:
   return jax.vmap(round_fn, in_axes=(STATE_AXES, 0), out_axes=(STATE_AXES, 0))
 
 
-def make_sweep_evaluate(evaluate_fn: Callable, *, over_lrs: bool = False) -> Callable:
-  """jit of the evaluation of all runs: (state [(lrs,) seeds, ...], data [seeds, ...], client ids [seeds, C] or
-  None for all) -> evaluations [(lrs,) seeds, ...]; the seeds' data and client ids are shared by all lrs."""
-  evaluate = jax.vmap(evaluate_fn, in_axes=(STATE_AXES, 0, 0))
-  return jax.jit(jax.vmap(evaluate, in_axes=(STATE_AXES, None, None)) if over_lrs else evaluate)
+def make_sweep_evaluate(evaluate_fn: Callable, finetune_epochs: int | None = None) -> Callable:
+  """jit of the evaluation of all seeds: (state [seeds, ...], data [seeds, ...], client ids [seeds, C] or None for
+  all) -> evaluations [seeds, ...]; `finetune_epochs` as `Algorithm.evaluate_fn` takes it."""
+  evaluate = functools.partial(evaluate_fn, finetune_epochs=finetune_epochs)
+  return jax.jit(jax.vmap(evaluate, in_axes=(STATE_AXES, 0, 0)))
+
+
+def make_lr_sweep_evaluate(config: Config, data: data_lib.FederatedData, finetune_epochs: int | None = None
+                           ) -> Callable:
+  """jit of the evaluation of all (lr, seed) runs: (lrs [L], state [L, S, ...], data [S, ...], client ids [S, C] or
+  None) -> evaluations [L, S, ...]. Each lr's algorithm is built with its own (traced) lr, as in
+  `make_lr_sweep_round`, so its evaluation fine-tunes with that lr (FedAvg-FT, `eval_finetune_epochs`)."""
+
+  def evaluate_at(lr, state, stacked, ids):
+    _, algo = runner.build(with_lr(config, lr), data)  # `data` (host, one seed's) sizes the model only
+    evaluate = functools.partial(algo.evaluate_fn, finetune_epochs=finetune_epochs)
+    return jax.vmap(evaluate, in_axes=(STATE_AXES, 0, 0))(state, stacked, ids)
+
+  return jax.jit(jax.vmap(evaluate_at, in_axes=(0, STATE_AXES, None, None)))
 
 
 def _prepare_folder(workdir: paths.Path, config: Config, overwrite: bool, resume: bool) -> None:
@@ -350,7 +364,9 @@ def sweep(
     except TypeError as e:
       raise ConfigError(f"bad data options {config.data_args}: {e}") from e
     algos = [runner.build(config if lr is None else with_lr(config, lr), datas[0])[1] for lr in grid]
-    states = [algos[0].init(jax.random.key(s), d) for s, d in zip(seeds, datas)]
+    states = [algos[0].init(jax.random.key(s), d) for s, d in zip(seeds, datas)]  # the initial state: of no lr
+    for algo in algos[1:]:  # each lr's algorithm resolves its own hyperparameters (FedRep's head) at init
+      jax.eval_shape(algo.init, jax.random.key(seeds[0]), datas[0])
     data = stack_data(datas)
   except ValueError as e:
     raise ConfigError(str(e)) from e
@@ -362,36 +378,18 @@ def sweep(
       for lr, lr_dir, algo in zip(grid, lr_dirs, algos) for s, d in zip(seeds, datas)
   ]
   batch = _make_batch(config, runs, grid if lr_list is not None else None, states, data)
-  ckpt = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
-  expected = {**resume_lib.record(config, algos[0].hparams), "seeds": list(seeds), "lrs": lr_list and list(lr_list)}
-  try:
-    if resume and (latest := ckpt.latest_round()) is not None:
-      _restore(ckpt, latest, batch, expected, config)
-      say(f"resuming {workdir} from round {latest}")
-    _write_configs(config, lr_list, runs, workdir)
-    say(f"{algos[0].name} on {datas[0].name}: {datas[0].num_clients} clients, rounds {int(batch.state.round) + 1}.."
-        f"{config.rounds}, seeds {', '.join(map(str, seeds))}"
-        + ("" if lr_list is None else f", lrs {', '.join(map(lr_text, grid))}") + f" -> {workdir}")
-
-    def save(r: int, state: Any) -> None:
-      if not batch.keep_going and not runner.all_finite((state.server.params, state.clients)):
-        raise runner.TrainingDiverged(
-            f"training diverged by round {r}: a seed's model or client state holds NaN or inf")
-      runs_meta = [{"history": run.history, "totals": dataclasses.asdict(run.totals), "diverged": run.diverged}
-                   for run in runs]
-      ckpt.save(r, state, {**expected, "round": r, "config": config.to_dict(), "runs": runs_meta})
-
-    start, wall_before = time.perf_counter(), runs[0].totals.wall_time
-    try:
-      state, ev = runner.loop(batch, end=config.rounds, save=save, say=say, progress=progress, stopper=stopper)
-    except preemption.Stopped as e:
-      path = ckpt.path(e.round)
-      say(f"{e.reason}: stopped after round {e.round}; checkpoint {path}; continue with --resume")
-      raise preemption.Stopped(e.round, e.reason, str(path)) from None
-  finally:
-    ckpt.close()
-  summaries = runner.finish(batch, state, ev)
-  wall, S = wall_before + time.perf_counter() - start, len(seeds)
+  resolved = dict(algos[0].hparams) if lr_list is None else {k: v for k, v in algos[0].hparams.items() if k != "lr"}
+  describe = lambda start, end: (
+      f"{algos[0].name} on {datas[0].name}: {datas[0].num_clients} clients, rounds {start + 1}..{end}, seeds "
+      + ", ".join(map(str, seeds)) + ("" if lr_list is None else f", lrs {', '.join(map(lr_text, grid))}")
+      + f" -> {workdir}")
+  job = job_lib.Job(
+      config, workdir, batch,
+      # the runs' hyperparameters but their lr, which is in "lrs" (each lr's own are in its runs' records)
+      expected={**resume_lib.record(config, resolved), "seeds": list(seeds), "lrs": lr_list and list(lr_list)},
+      write_configs=lambda: _write_configs(config, lr_list, runs, workdir, resolved), describe=describe)
+  summaries = job_lib.execute(job, resume=resume, stopper=stopper, say=say, progress=progress)
+  wall, S = runs[0].totals.wall_time, len(seeds)  # every run's: the sweep's, summed over resumed segments
   per_lr = [sweep_summary(runs[l * S].config, seeds, summaries[l * S:(l + 1) * S], lr_dirs[l], wall)
             for l in range(len(grid))]
   if lr_list is None:
@@ -404,36 +402,20 @@ def sweep(
   return result
 
 
-def _restore(ckpt: Checkpointer, latest: int, batch: runner.Batch, expected: dict[str, Any], config: Config) -> None:
-  """`batch` continued from checkpoint `latest`: every run's state, history, totals and divergence."""
-  meta = ckpt.read_meta(latest)
-  resume_lib.check(meta, expected, config, ckpt.path(latest))
-  for key in ("seeds", "lrs"):
-    if meta.get(key) != expected[key]:
-      raise ConfigMismatchError(
-          f"cannot resume from {ckpt.path(latest)}: it is a sweep over {key} {meta.get(key)}, not {expected[key]}; "
-          "resume with the sweep's own, or pass --overwrite to start over")
-  try:
-    batch.state, meta = ckpt.restore(batch.state)
-  except LayoutMismatch as e:
-    raise ConfigError(f"cannot resume: {e}") from e
-  for run, saved in zip(batch.runs, meta["runs"]):
-    run.history, run.totals, run.diverged = saved["history"], Totals(**saved["totals"]), saved["diverged"]
-
-
-def _write_configs(config: Config, lrs: tuple[float, ...] | None, runs: list[runner.Run], workdir: paths.Path):
-  """config.json of the sweep (with "lrs"), of each lr folder and of each run; each run's metrics.jsonl (with the
-  history a resumed run has)."""
+def _write_configs(config: Config, lrs: tuple[float, ...] | None, runs: list[runner.Run], workdir: paths.Path,
+                   resolved: dict[str, Any]):
+  """config.json of the sweep (with "lrs"; its resolved hyperparameters without an lr), of each lr folder and of
+  each run (with that run's algorithm's own); each run's metrics.jsonl (with the history a resumed run has)."""
   write = lambda path, record: paths.write_text(path, json.dumps(record, indent=2) + "\n")
-  write(workdir / "config.json", {**config.to_dict(), config_lib.RESOLVED_KEY: jsonable(runs[0].algo.hparams),
+  write(workdir / "config.json", {**config.to_dict(), config_lib.RESOLVED_KEY: jsonable(resolved),
                                   **({} if lrs is None else {"lrs": list(lrs)})})
   for j, run in enumerate(runs):
-    resolved = jsonable(run.algo.hparams)
+    own = jsonable(run.algo.hparams)
     paths.make_dirs(run.workdir)
     if lrs is not None and j % (len(runs) // len(lrs)) == 0:  # the lr's folder, with its first seed
       write(run.workdir.parent / "config.json", {**run.config.to_dict(), "seed": config.seed,
-                                                  config_lib.RESOLVED_KEY: resolved})
-    write(run.workdir / "config.json", {**run.config.to_dict(), config_lib.RESOLVED_KEY: resolved})
+                                                  config_lib.RESOLVED_KEY: own})
+    write(run.workdir / "config.json", {**run.config.to_dict(), config_lib.RESOLVED_KEY: own})
     run.log = MetricsLog(run.workdir / "metrics.jsonl", run.history)
 
 
@@ -443,13 +425,15 @@ def _make_batch(config: Config, runs: list[runner.Run], lrs: list[float] | None,
   seeds_state, algo, S = stack_states(states), runs[0].algo, len(states)
   if lrs is None:
     state, round_fn = seeds_state, make_sweep_round(algo.round_fn)
-  else:
+    evaluate_runs = make_sweep_evaluate(algo.evaluate_fn)
+    evaluate_finetuned = make_sweep_evaluate(algo.evaluate_fn, config.eval_finetune_epochs)
+  else:  # every lr trains, evaluates and fine-tunes with its own algorithm
     state = stack_states([seeds_state] * len(lrs))  # the initial state does not depend on the lr
     lr_round, lr_values = make_lr_sweep_round(config, runs[0].data), jnp.asarray(lrs, jnp.float32)
     round_fn = lambda state, data: lr_round(lr_values, state, data)
-  evaluate_runs = make_sweep_evaluate(algo.evaluate_fn, over_lrs=lrs is not None)
-  evaluate_finetuned = make_sweep_evaluate(
-      functools.partial(algo.evaluate_fn, finetune_epochs=config.eval_finetune_epochs), over_lrs=lrs is not None)
+    evaluate_runs, evaluate_finetuned = (
+        functools.partial(make_lr_sweep_evaluate(config, runs[0].data, epochs), lr_values)
+        for epochs in (None, config.eval_finetune_epochs))
 
   def evaluate(state, data, r, finetune_epochs=None):
     ids = [runner.eval_ids(run.config, run.data.num_clients, r) for run in runs[:S]]  # each seed its own sample
