@@ -191,21 +191,23 @@ def test_ditto_personal_steps_by_hand(one_client):
   model = fj.models.get("mlp", num_classes=C, hidden=())
   algo = fj.algorithms.get("ditto", model=model, ditto_lambda=lam, personal_epochs=2, clients_per_round=1,
                            local_epochs=1, batch_size=N, lr=LR, rounds=5)
-  state0 = algo.init(jax.random.key(2), data)
-  w = f64(state0.server.params["head"])
-  v = f64(jax.tree.map(lambda a: a[0], algo.client_states(state0, data)["head"]))
+  state = algo.init(jax.random.key(2), data)
+  w = f64(state.server.params["head"])
+  v = f64(jax.tree.map(lambda a: a[0], algo.client_states(state, data)["head"]))
   np.testing.assert_allclose(v["kernel"], w["kernel"])  # v starts at the initial model
-  state1, _ = algo.round(copy(state0), data)
-  for _ in range(2):  # personal_epochs=2 full-batch steps
-    gk, gb = linear_grads(v["kernel"], v["bias"], x, y)
-    v = {"kernel": v["kernel"] - LR * (gk + lam * (v["kernel"] - w["kernel"])),
-         "bias": v["bias"] - LR * (gb + lam * (v["bias"] - w["bias"]))}
-  got = f64(jax.tree.map(lambda a: a[0], algo.client_states(state1, data)["head"]))
-  np.testing.assert_allclose(got["kernel"], v["kernel"], rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(got["bias"], v["bias"], rtol=1e-5, atol=1e-6)
-  # The global model: one FedAvg step (one epoch of one full batch) from w.
-  gk, gb = linear_grads(w["kernel"], w["bias"], x, y)
-  np.testing.assert_allclose(f64(state1.server.params["head"])["kernel"], w["kernel"] - LR * gk, rtol=1e-5, atol=1e-6)
+  for _ in range(2):  # in round 2, v (trained twice in round 1) and w (one FedAvg step) differ
+    state, _ = algo.round(state, data)
+    for _ in range(2):  # personal_epochs=2 full-batch steps from the client's own v, pulled towards this round's w
+      gk, gb = linear_grads(v["kernel"], v["bias"], x, y)
+      v = {"kernel": v["kernel"] - LR * (gk + lam * (v["kernel"] - w["kernel"])),
+           "bias": v["bias"] - LR * (gb + lam * (v["bias"] - w["bias"]))}
+    gk, gb = linear_grads(w["kernel"], w["bias"], x, y)  # the global model: one FedAvg step (one full batch)
+    w = {"kernel": w["kernel"] - LR * gk, "bias": w["bias"] - LR * gb}
+    got = f64(jax.tree.map(lambda a: a[0], algo.client_states(state, data)["head"]))
+    for k in ("kernel", "bias"):
+      np.testing.assert_allclose(got[k], v[k], rtol=1e-5, atol=1e-6)
+      np.testing.assert_allclose(f64(state.server.params["head"])[k], w[k], rtol=1e-5, atol=1e-6)
+  assert np.abs(v["kernel"] - w["kernel"]).max() > 1e-2
 
 
 # ---------------------------------------------------------------------------------------------------------------------
