@@ -194,6 +194,27 @@ MUTATIONS = [
       "return 2.0 * positions * d_in * d_out", "return 1.0 * positions * d_in * d_out",
       ("test_references.py::test_bytes_and_flops_of_a_small_model_by_hand",),
       "a dense layer's forward pass is 2 x d_in x d_out FLOPs (a multiply and an add per weight)"),
+    # --- the claims: donation, the store's chunked init, stops and checkpoints ---------------------------------------
+    M("round_not_donated", "algorithms/base.py",
+      "round=inflight.paced(jax.jit(round_fn, donate_argnums=0), mesh)", "round=inflight.paced(jax.jit(round_fn), mesh)",
+      ("test_claims.py::test_the_round_donates_every_leaf_of_its_state",),
+      "the round donates its state, so a round costs O(S * P) memory, not a copy of the [K, ...] store"),
+    M("store_chunks_overlap", "store.py",
+      "ids = first + jnp.minimum(c * chunk + jnp.arange(", "ids = first + jnp.minimum(c * (chunk - 1) + jnp.arange(",
+      ("test_claims.py::test_chunked_store_init_is_independent_of_the_chunking",),
+      "client k's initial state depends on k alone, not on the chunk it is drawn in"),
+    M("checkpoint_leftovers_kept", "checkpoint.py",
+      "cleanup_tmp_directories=True", "cleanup_tmp_directories=False",
+      ("test_claims.py::test_a_run_killed_during_a_checkpoint_write_resumes_from_the_previous_one",),
+      "a run killed mid-save leaves a temporary folder that the next opening removes"),
+    M("second_ctrl_c_exit_status", "cli.py",
+      "    return EXIT_INTERRUPTED\n", "    return EXIT_STOPPED\n",
+      ("test_claims.py::test_a_second_ctrl_c_exits_130_without_waiting",),
+      "a second Ctrl-C exits 130 (interrupted, no new checkpoint), not 75"),
+    M("diverged_seed_goes_on", "sweep.py",
+      "keep_going=lrs is not None)", "keep_going=True)",
+      ("test_claims.py::test_a_diverged_seed_stops_a_sweep_without_lrs",),
+      "without --lrs a diverged seed stops the sweep (exit 3); only an lr search records it and goes on"),
 ]
 
 
