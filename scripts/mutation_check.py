@@ -14,6 +14,12 @@ unmutated copy (the baseline): a mutation only counts as killed by tests that pa
 Exit status 1 if any mutation survives, any baseline test fails, a test run errors (no tests collected, a bad test
 id), or a mutation's old text is not found exactly once in its file (a refactor made it stale: update its text).
 
+Not every change is a fault a test can see: a mutation that computes the same thing another way (an equivalent
+mutant) survives by right. Examples met while writing this list: dropping the mask after the optimizer step alone
+(the gradient is masked before it, so plain SGD leaves inactive weights at 0 either way), and orbax's
+`cleanup_tmp_directories=False` (orbax still removes the leftover of an interrupted save when it writes that step
+again). Such a mutation is left out, or replaced by one that does change the rule.
+
 Adding a mutation: every new algorithm or rule adds at least one entry to MUTATIONS, naming the smallest, fastest test
 that must kill it (a hand-derived reference, not a test that compares the code with itself), and a one-line why.
 """
@@ -63,7 +69,7 @@ MUTATIONS = [
       "Ditto's personal step is v - lr (grad f(v) + lambda (v - w)) with lambda > 0"),
     # --- FedSpa's client: masked training, drop and grow, the update ------------------------------------------------
     M("train_outside_the_mask", "client.py",
-      "p = freeze(mask_tree(optax.apply_updates(p, updates), mask), p)", "p = freeze(optax.apply_updates(p, updates), p)",
+      "mask_tree = apply_mask if mask is not None else (lambda tree, _: tree)", "mask_tree = lambda tree, _: tree",
       ("test_references.py::test_fedspa_client_step_by_hand",),
       "sparse-to-sparse training: coordinates outside the mask stay exactly 0"),
     M("fedspa_update_from_w", "algorithms/fedspa.py",
@@ -203,10 +209,6 @@ MUTATIONS = [
       "ids = first + jnp.minimum(c * chunk + jnp.arange(", "ids = first + jnp.minimum(c * (chunk - 1) + jnp.arange(",
       ("test_claims.py::test_chunked_store_init_is_independent_of_the_chunking",),
       "client k's initial state depends on k alone, not on the chunk it is drawn in"),
-    M("checkpoint_leftovers_kept", "checkpoint.py",
-      "cleanup_tmp_directories=True", "cleanup_tmp_directories=False",
-      ("test_claims.py::test_a_run_killed_during_a_checkpoint_write_resumes_from_the_previous_one",),
-      "a run killed mid-save leaves a temporary folder that the next opening removes"),
     M("second_ctrl_c_exit_status", "cli.py",
       "    return EXIT_INTERRUPTED\n", "    return EXIT_STOPPED\n",
       ("test_claims.py::test_a_second_ctrl_c_exits_130_without_waiting",),

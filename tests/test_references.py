@@ -176,9 +176,10 @@ def test_erk_caps_a_small_layer_at_one_and_rescales_the_rest():
 
 def test_target_counts_are_rounded_by_hand():
   params = {"a": jnp.zeros((20, 30)), "b": jnp.zeros((3, 3)), "c": jnp.zeros((4,))}
-  densities = {"a": 0.1234, "b": 0.01, "c": 1.0}
-  # 0.1234 * 600 = 74.04 -> 74; 0.01 * 9 = 0.09 rounds to 0 but a layer keeps at least 1; dense leaves: all.
-  assert fj.masks.target_counts(params, densities) == {"a": 74, "b": 1, "c": 4}
+  # 0.1249 * 600 = 74.94 rounds to 75 and 0.1234 * 600 = 74.04 to 74; 0.01 * 9 = 0.09 rounds to 0 but a layer keeps
+  # at least 1; dense leaves: all.
+  assert fj.masks.target_counts(params, {"a": 0.1249, "b": 0.01, "c": 1.0}) == {"a": 75, "b": 1, "c": 4}
+  assert fj.masks.target_counts(params, {"a": 0.1234, "b": 0.01, "c": 1.0})["a"] == 74
 
 
 # ---------------------------------------------------------------------------------------------------------------------
