@@ -248,9 +248,7 @@ def test_resume_equals_an_uninterrupted_run_with_the_new_options(tmp_path):
   assert whole["client_store_bytes_per_client"] > values  # the local model's values are kept per client
 
 
-@pytest.mark.skipif(not all((FASHION_DIR / f).is_file() for f in idx_sources.FILES),
-                    reason="Fashion-MNIST IDX files absent: run scripts/install_datasets.sh")
-def test_the_reference_recipe_config_runs_end_to_end(tmp_path, monkeypatch):
+def test_the_reference_recipe_is_dispfls_defaults():
   full = config_lib.load("fashion_mnist_reference")
   # The recipe as the authors' group's code sets it (rong-dai/DisPFL at 7fb0428: the argparse defaults of
   # fedml_experiments/standalone/DisPFL/main_dispfl.py, and the clip_grad_norm_(..., 10) of
@@ -266,6 +264,11 @@ def test_the_reference_recipe_config_runs_end_to_end(tmp_path, monkeypatch):
           "partition_method": {"dirichlet": "dir"}.get(full.partition, full.partition),
           "partition_alpha": full.data_args.get("alpha")}
   assert ours == dispfl
+
+
+@pytest.mark.skipif(not all((FASHION_DIR / f).is_file() for f in idx_sources.FILES),
+                    reason="Fashion-MNIST IDX files absent: run scripts/install_datasets.sh")
+def test_the_reference_recipe_config_runs_end_to_end(tmp_path, monkeypatch):
   # On a real subset (the first 2,000 training and 500 test images): the final evaluation fine-tunes every client
   # for an epoch of its data, which on the whole set took most of a minute here.
   subset = tmp_path / "fashion_mnist"
