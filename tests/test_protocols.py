@@ -282,4 +282,6 @@ def test_the_reference_recipe_config_runs_end_to_end(tmp_path, monkeypatch):
   summary = experiment.run(config, tmp_path / "ref", echo=None, write_plots=False)
   assert summary["protocol"] == "local" and summary["finetune_epochs"] == 1
   assert summary["hparams"]["lr_decay"] == 0.998 and summary["hparams"]["clip_norm"] == 10.0
-  assert 0.0 <= summary["final_accuracy_finetuned"]["mean"] <= 1.0
+  # A client's data cover few of the 10 classes (Dirichlet 0.3): an epoch of local fine-tuning lifts its model well
+  # above chance (0.1), and above the model it was scored with before.
+  assert summary["final_accuracy_finetuned"]["mean"] > max(0.2, summary["final_accuracy_mean"])
