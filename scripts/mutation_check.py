@@ -133,7 +133,8 @@ MUTATIONS = [
       "Ditto's personal model continues from its own v, not from the global w"),
     M("fedrep_body_first", "algorithms/split.py",
       "        head_result = local_train(\n"
-      "            params, None, data, k_head, apply_fn=apply_fn, preprocess=preprocess, trainable=trains_head, **head_kwargs\n"
+      "            params, None, data, k_head, apply_fn=apply_fn, preprocess=preprocess, trainable=trains_head, "
+      "**head_kwargs\n"
       "        )\n"
       "        params, head_samples = head_result.params, head_result.samples\n"
       "        result = local_train(\n"
@@ -202,7 +203,8 @@ MUTATIONS = [
       "a dense layer's forward pass is 2 x d_in x d_out FLOPs (a multiply and an add per weight)"),
     # --- the claims: donation, the store's chunked init, stops and checkpoints ---------------------------------------
     M("round_not_donated", "algorithms/base.py",
-      "round=inflight.paced(jax.jit(round_fn, donate_argnums=0), mesh)", "round=inflight.paced(jax.jit(round_fn), mesh)",
+      "round=inflight.paced(jax.jit(round_fn, donate_argnums=0), mesh)",
+      "round=inflight.paced(jax.jit(round_fn), mesh)",
       ("test_claims.py::test_the_round_donates_every_leaf_of_its_state",),
       "the round donates its state, so a round costs O(S * P) memory, not a copy of the [K, ...] store"),
     M("store_chunks_overlap", "store.py",

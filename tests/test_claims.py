@@ -132,7 +132,7 @@ def test_a_run_killed_during_a_checkpoint_write_resumes_from_the_previous_one(tm
                                rtol=1e-5, atol=1e-6)
 
 
-# --- a second Ctrl-C ---------------------------------------------------------------------------------------------------
+# --- a second Ctrl-C --------------------------------------------------------------------------------------------------
 
 # Runs the command line with orbax's array save made slow (it announces itself, then sleeps): the stop that a first
 # Ctrl-C asks for is still saving when the second one comes.
@@ -185,7 +185,7 @@ def wait_until(condition, proc, message, timeout=180):
     time.sleep(0.05)
 
 
-# --- a diverged seed stops a sweep without --lrs ------------------------------------------------------------------------
+# --- a diverged seed stops a sweep without --lrs ----------------------------------------------------------------------
 
 
 def test_a_diverged_seed_stops_a_sweep_without_lrs(tmp_path, capsys):
