@@ -175,15 +175,20 @@ def fedspa_run(engine_model, data):
 def test_fedspa_on_the_lstm_keeps_exact_counts_and_zeros(fedspa_run, engine_model):
   algo, state, first, last, history = fedspa_run
   params = state.server.params
-  targets = fj.masks.target_counts(params, fj.masks.erk_densities(params, 0.5))
-  active = fj.masks.count_active(last.mask, stacked=True)
-  for path, count in jax.tree_util.tree_flatten_with_path(active)[0]:
-    target = targets
-    for key in path:
-      target = target[key.key]
-    np.testing.assert_array_equal(np.asarray(count), target, err_msg=jax.tree_util.keystr(path))
-  sparse_leaves = [t < math.prod(p.shape) for t, p in zip(jax.tree.leaves(targets), jax.tree.leaves(params))]
-  assert sum(sparse_leaves) == 10  # embedding, 8 LSTM kernels, head kernel
+  # Every client starts with the same count per leaf (round(d_l * n_l): tests/test_references.py checks those by
+  # hand) and keeps it through every prune-and-regrow.
+  initial = [np.asarray(c) for c in jax.tree.leaves(fj.masks.count_active(first.mask, stacked=True))]
+  targets = [int(c[0]) for c in initial]
+  for c, target in zip(initial, targets):
+    np.testing.assert_array_equal(c, target)
+  for c, target in zip(jax.tree.leaves(fj.masks.count_active(last.mask, stacked=True)), targets):
+    np.testing.assert_array_equal(np.asarray(c), target)
+  sizes = [math.prod(p.shape) for p in jax.tree.leaves(params)]
+  sparse = [i for i, (t, n) in enumerate(zip(targets, sizes)) if t < n]
+  assert len(sparse) == 10  # embedding, 8 LSTM kernels, head kernel
+  # ERK at density 0.5 over the kernels: half their entries in all, up to each leaf's rounding.
+  kernels = [i for i, p in enumerate(jax.tree.leaves(params)) if p.ndim >= 2]
+  assert abs(sum(targets[i] for i in kernels) - 0.5 * sum(sizes[i] for i in kernels)) <= len(kernels)
   # masks moved (prune and regrow ran on the LSTM's kernels) for the clients that trained
   trained = np.asarray(last.trained)
   moved = np.asarray(jax.vmap(fj.masks.hamming_distance)(first.mask, last.mask))
@@ -194,7 +199,8 @@ def test_fedspa_on_the_lstm_keeps_exact_counts_and_zeros(fedspa_run, engine_mode
     assert (w[~m] == 0).all() and np.count_nonzero(w[m]) == m.sum()
   for metrics in history:
     assert np.isfinite(np.asarray(metrics["loss"])).all()
-    assert ((np.asarray(metrics["accuracy"]) >= 0) & (np.asarray(metrics["accuracy"]) <= 1)).all()
+  # The clients' training loss falls over the rounds (lr 0.5 from a model near uniform over 82 tokens).
+  assert float(np.mean(history[-1]["loss"])) < float(np.mean(history[0]["loss"]))
   assert float(history[0]["flops"]) > 0
 
 
@@ -203,6 +209,7 @@ def test_subfedavg_rounds_and_evaluation_run_on_the_lstm(engine_model, data):
                            lr=0.5, rounds=2)
   state = algo.init(jax.random.key(0), data)
   before = copy(state.server.params)
+  ev0 = algo.evaluate(state, data)
   for _ in range(2):
     state, metrics = algo.round(state, data)
     assert np.isfinite(np.asarray(metrics["loss"])).all()
@@ -211,7 +218,10 @@ def test_subfedavg_rounds_and_evaluation_run_on_the_lstm(engine_model, data):
   ev = algo.evaluate(state, data)  # each client's own kept network on its test sequences
   accuracy = np.asarray(ev["accuracy"])
   assert np.isnan(accuracy[3]) and int(ev["with_test_data"]) == 4
-  assert ((accuracy[[0, 1, 2, 4]] >= 0) & (accuracy[[0, 1, 2, 4]] <= 1)).all()
+  assert np.isfinite(accuracy[[0, 1, 2, 4]]).all()
+  # The clients that trained score their own networks with a lower loss than the initial model.
+  trained = np.flatnonzero(np.asarray(ev["participated"]) & ~np.isnan(accuracy))
+  assert trained.size and np.mean(np.asarray(ev["loss"])[trained]) < np.mean(np.asarray(ev0["loss"])[trained])
 
 
 def test_fedavg_round_reports_per_position_training_metrics(engine_model, data):

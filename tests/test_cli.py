@@ -55,6 +55,8 @@ def test_run_writes_config_and_metrics(run_dir):
   assert records[0]["bytes_up"] > 0 and records[2]["bytes_up"] == 3 * records[0]["bytes_up"]  # cumulative
   if "flops" in records[0]:
     assert records[2]["flops"] > records[0]["flops"] > 0
+  # The run trains: the clients' evaluated loss falls from the first round's evaluation to the last.
+  assert records[2]["loss_mean"] < records[0]["loss_mean"]
 
 
 def test_run_writes_summary_and_clients(run_dir):

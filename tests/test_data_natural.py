@@ -540,6 +540,7 @@ def test_femnist_natural_smoke_runs_end_to_end(femnist_leaf, tmp_path):
   assert code == 0, stderr
   summary = json.loads((out / "summary.json").read_text())
   assert summary["num_clients"] == 4 and 0.0 <= summary["final_accuracy_mean"] <= 1.0
+  assert_trained(out, summary)
 
 
 def test_shakespeare_natural_smoke_runs_end_to_end(shakespeare_leaf, tmp_path):
@@ -552,6 +553,14 @@ def test_shakespeare_natural_smoke_runs_end_to_end(shakespeare_leaf, tmp_path):
   assert code == 0, stderr
   summary = json.loads((out / "summary.json").read_text())
   assert summary["num_clients"] == 3 and 0.0 <= summary["final_accuracy_mean"] <= 1.0
+  assert_trained(out, summary)
+
+
+def assert_trained(out, summary):
+  """What a run that trained gives and a broken one would not: samples trained on in every round, finite losses."""
+  records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+  assert records and all(np.isfinite(r["train_loss"]) and np.isfinite(r["loss_mean"]) for r in records)
+  assert summary["samples"] > 0 and summary["flops"] > 0 and summary["bytes_up"] > 0
 
 
 @pytest.mark.parametrize("case", ["no_files", "num_samples", "no_examples", "format"])

@@ -82,4 +82,6 @@ def run_end_to_end(name, data_dir, tmp_path):
   assert summary["status"] == "complete" and summary["dataset"] == config.dataset
   assert len(summary["client_accuracy"]) == config.num_clients
   assert np.isfinite(summary["final_accuracy_mean"]) and summary["bytes_up"] > 0
+  # What a run that trained gives and a broken one would not: samples trained on, FLOPs counted, a finite loss.
+  assert summary["samples"] > 0 and summary["flops"] > 0 and np.isfinite(summary["final_loss_mean"])
   assert f"done: fedspa on {config.dataset}" in stdout

@@ -220,3 +220,9 @@ def test_fashion_mnist_smoke_runs_end_to_end(tmp_path):
   summary = quiet_run(config, tmp_path / "fm", data=data)
   assert summary["dataset"] == "fashion_mnist" and len(summary["client_accuracy"]) == 4
   assert summary["bytes_total"] > 0
+  # The work a run that trains does: 2 rounds x 2 clients x 2 local steps x batch 8 (every client holds thousands of
+  # images), FLOPs counted for them (here more than dense training's: 64 samples cost less than the regrowth
+  # gradients), a finite loss.
+  assert summary["samples"] == 2 * 2 * 2 * 8
+  assert summary["flops"] > 0 and summary["flops_dense"] > 0
+  assert np.isfinite(summary["final_loss_mean"])

@@ -67,8 +67,12 @@ def test_round_metrics(trained, model, data):
   assert float(history[0]["prune_rate"]) == pytest.approx(0.5)
   assert float(history[-1]["prune_rate"]) < 0.01
   params = state.server.params
-  message = fj.accounting.sparse_bytes(params, fj.masks.erk_densities(params, 0.5))
-  assert message < fj.accounting.dense_bytes(params)
+  # By hand, for the MLP 60 -> 32 -> 10: ERK at 0.5 over kernels of 1920 and 320 entries (raw (60 + 32) / 1920 and
+  # (32 + 10) / 320) would give the head 0.5 * 2240 / 134 * 42 / 320 > 1, so the head is dense and the first kernel
+  # keeps 0.5 * 2240 - 320 = 800 weights. A message: 800 + 32 + 320 + 10 values of 4 bytes, plus the first kernel's
+  # mask as a 240-byte bitmap (cheaper than 800 two-byte indices); the dense model is 2282 values.
+  message = (800 + 32 + 320 + 10) * 4 + 240
+  assert message == 4888 < 2282 * 4
   assert m["values_up"].shape == (10, len(jax.tree.leaves(params))) and m["values_up"].dtype == jnp.int32
   assert fj.accounting.round_bytes(params, m) == {"bytes_down": 10 * message, "bytes_up": 10 * message}
 
@@ -119,12 +123,14 @@ def test_no_regrowth_gradient_after_t_end(past_t_end, data):
 
 def test_flops_drop_after_t_end(past_t_end, model, data):
   algo, state0, _, _, before, after = past_t_end
-  params = state0.server.params
-  densities = fj.masks.erk_densities(params, 0.5)
-  cost = fj.models.flops.training_flops(model, data.sample_shape, densities, regrow_batch=16)
-  for m, regrowth in ((before, 5 * cost.regrow), (after, 0.0)):
+  # By hand: forward FLOPs per sample 2 x 60 x 32 + 2 x 32 x 10 = 4480 dense; with 800 of 1920 first-kernel weights
+  # active (and the head dense, see test_round_metrics) 3840 x 800 / 1920 + 640 = 2240. Training costs 3 x 2240 per
+  # sample; each client's regrowth gradient on a batch of 16 costs 16 x (2 x 2240 + 4480) (RigL's accounting).
+  per_sample, regrow = 3 * 2240, 16 * (2 * 2240 + 4480)
+  for m, regrowth in ((before, 5 * regrow), (after, 0.0)):
     samples = int(np.sum(m["samples"]))
-    assert float(m["flops"]) == pytest.approx(cost.per_sample * samples + regrowth, rel=1e-6)
+    assert float(m["flops"]) == pytest.approx(per_sample * samples + regrowth, rel=1e-6)
+    assert float(m["flops_dense"]) == pytest.approx(3 * 4480 * samples, rel=1e-6)
   assert float(after["flops"]) / int(np.sum(after["samples"])) < float(before["flops"]) / int(np.sum(before["samples"]))
 
 

@@ -23,12 +23,21 @@ def test_init_masks_exact_counts(density, rule):
   mask = masks.init_masks(jax.random.key(3), params, densities)
   chex.assert_trees_all_equal_structs(mask, params)
   counts = masks.count_active(mask)
+  # The draw hits the target counts exactly (target_counts' rounding is checked by hand in test_references.py and
+  # below); 1-D leaves are dense.
+  targets = masks.target_counts(params, densities)
   for name, p in params.items():
-    n = p.size
-    d = densities[name]
-    expected = n if d >= 1.0 else max(1, int(round(d * n)))
-    assert int(counts[name]) == expected, (name, d)
+    assert int(counts[name]) == targets[name], (name, densities[name])
     assert mask[name].dtype == jnp.bool_
+  assert int(counts["layer0"]) == 7
+
+
+def test_uniform_counts_by_hand():
+  # SHAPES at density 0.2: (7,) stays dense; 15 * 0.2 = 3; 600 * 0.2 = 120; 288 * 0.2 = 57.6 -> 58; 150 * 0.2 = 30;
+  # 1 * 0.2 rounds to 0, but a layer keeps at least one weight.
+  mask = masks.init_masks(jax.random.key(1), make_params(), masks.uniform_densities(make_params(), 0.2))
+  got = {k: int(v) for k, v in masks.count_active(mask).items()}
+  assert got == {"layer0": 7, "layer1": 3, "layer2": 120, "layer3": 58, "layer4": 30, "layer5": 1}
 
 
 def test_one_dimensional_leaves_stay_dense():

@@ -1,6 +1,6 @@
 """Several processes as one jax.distributed job: one writer, clear errors for bad arguments or no coordinator.
 
-That 2 processes x 4 forced CPU devices (scripts/multihost_local.sh on 127.0.0.1, gloo) equal one process, stop
+That 2 processes x 2 forced CPU devices (scripts/multihost_local.sh on 127.0.0.1, gloo) equal one process, stop
 together on SIGTERM and resume exactly is tested in tests/test_preemption.py.
 """
 

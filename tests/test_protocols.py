@@ -248,15 +248,27 @@ def test_resume_equals_an_uninterrupted_run_with_the_new_options(tmp_path):
   assert whole["client_store_bytes_per_client"] > values  # the local model's values are kept per client
 
 
+def test_the_reference_recipe_is_dispfls_defaults():
+  full = config_lib.load("fashion_mnist_reference")
+  # The recipe as the authors' group's code sets it (rong-dai/DisPFL at 7fb0428: the argparse defaults of
+  # fedml_experiments/standalone/DisPFL/main_dispfl.py, and the clip_grad_norm_(..., 10) of
+  # fedml_api/standalone/DisPFL/my_model_trainer.py), under that code's names.
+  dispfl = {"epochs": 5, "batch_size": 128, "wd": 5e-4, "lr_decay": 0.998, "clip": 10, "dense_ratio": 0.5,
+            "anneal_factor": 0.5, "momentum": 0, "lr": 0.1, "client_num_in_total": 100, "frac": 0.1,
+            "partition_method": "dir", "partition_alpha": 0.3}
+  ours = {"epochs": full.hparams["local_epochs"], "batch_size": full.hparams["batch_size"],
+          "wd": full.hparams["weight_decay"], "lr_decay": full.hparams["lr_decay"], "clip": full.hparams["clip_norm"],
+          "dense_ratio": full.hparams["density"], "anneal_factor": full.hparams["alpha"],
+          "momentum": full.hparams["momentum"], "lr": full.hparams["lr"], "client_num_in_total": full.num_clients,
+          "frac": full.hparams["clients_per_round"] / full.num_clients,
+          "partition_method": {"dirichlet": "dir"}.get(full.partition, full.partition),
+          "partition_alpha": full.data_args.get("alpha")}
+  assert ours == dispfl
+
+
 @pytest.mark.skipif(not all((FASHION_DIR / f).is_file() for f in idx_sources.FILES),
                     reason="Fashion-MNIST IDX files absent: run scripts/install_datasets.sh")
 def test_the_reference_recipe_config_runs_end_to_end(tmp_path, monkeypatch):
-  full = config_lib.load("fashion_mnist_reference")
-  assert {k: full.hparams[k] for k in ("local_epochs", "batch_size", "weight_decay", "lr_decay", "clip_norm",
-                                       "density", "alpha", "momentum", "lr")} == {
-      "local_epochs": 5, "batch_size": 128, "weight_decay": 5e-4, "lr_decay": 0.998, "clip_norm": 10.0,
-      "density": 0.5, "alpha": 0.5, "momentum": 0.0, "lr": 0.1}
-  assert (full.num_clients, full.hparams["clients_per_round"]) == (100, 10)
   # On a real subset (the first 2,000 training and 500 test images): the final evaluation fine-tunes every client
   # for an epoch of its data, which on the whole set took most of a minute here.
   subset = tmp_path / "fashion_mnist"
@@ -270,4 +282,6 @@ def test_the_reference_recipe_config_runs_end_to_end(tmp_path, monkeypatch):
   summary = experiment.run(config, tmp_path / "ref", echo=None, write_plots=False)
   assert summary["protocol"] == "local" and summary["finetune_epochs"] == 1
   assert summary["hparams"]["lr_decay"] == 0.998 and summary["hparams"]["clip_norm"] == 10.0
-  assert 0.0 <= summary["final_accuracy_finetuned"]["mean"] <= 1.0
+  # A client's data cover few of the 10 classes (Dirichlet 0.3): an epoch of local fine-tuning lifts its model well
+  # above chance (0.1), and above the model it was scored with before.
+  assert summary["final_accuracy_finetuned"]["mean"] > max(0.2, summary["final_accuracy_mean"])

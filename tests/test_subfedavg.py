@@ -28,6 +28,8 @@ EARLY = kernel_and_bias(np.array([[5.0, 2, 3, 4, 6], [7, 8, 9, 10, 0.5]]))
 
 
 def test_candidates_drop_below_the_percentile_as_numpy_does():
+  # The reference: fake_prune in MMorafah/Sub-FedAvg's src/pruning/unstructured.py (at ffeb3c7) takes
+  # np.percentile(abs(alive), percent) of the active weights and sets the mask to 0 where abs(weight) is below it.
   rng = np.random.default_rng(0)
   weights = rng.normal(size=(40, 25)).astype(np.float32)
   mask = rng.random((40, 25)) < 0.7
