@@ -535,6 +535,10 @@ def test_lzma_is_decompressed_once_or_into_the_cache(emnist_sqlite, tmp_path, mo
   fj.data.load("femnist", data_dir=root, cache=False)
   fj.data.load("femnist", data_dir=root, cache=False)
   assert len(calls) == 1 and (root / "emnist_all.sqlite").is_file()
+  first = fj.data.load("femnist", data_dir=root)  # cached: a hit once the decompressed copy is there too
+  with monkeypatch.context() as patch:
+    patch.setattr(tff_sqlite, "read_splits", lambda *a, **k: pytest.fail("a cache hit must not read the file"))
+    np.testing.assert_array_equal(fj.data.load("femnist", data_dir=root).train.x, first.train.x)
   # A folder that cannot be written: into the cache folder's tff/ (root ignores permissions, so ask os.access).
   other = tmp_path / "read_only"
   shutil.copytree(roots["lzma"], other)

@@ -147,13 +147,16 @@ def find_leaf(dirs: list[pathlib.Path]) -> Found | None:
 
 
 def find_tff(spec: NaturalDataset, dirs: list[pathlib.Path], variant: str) -> Found | None:
-  """In the first folder that has one: TFF's SQLite file of `variant` (`<name>.sqlite`, else the
-  `<name>.sqlite.lzma` TFF downloads), else its HDF5 files `<prefix>_train.h5` (+ `<prefix>_test.h5`)."""
+  """In the first folder that has one: TFF's SQLite file of `variant` (the `<name>.sqlite.lzma` TFF downloads,
+  whose decompressed copy is read, else `<name>.sqlite`), else its HDF5 files `<prefix>_train.h5` (+ `_test.h5`).
+
+  The `.lzma` file comes first so that the file found (and the partition cache's stamp) stays the same once its
+  decompressed copy appears beside it."""
   sqlite, splits = spec.tff_sqlite.get(variant, (None, None))
   train, test = spec.tff_files.get(variant, (None, None))
   for d in dirs:
     if sqlite:
-      for name in (sqlite, sqlite + tff_sqlite.LZMA_SUFFIX):
+      for name in (sqlite + tff_sqlite.LZMA_SUFFIX, sqlite):
         if (d / name).is_file():
           return Found("tff", [d / name], [d / name], splits)
     if train and (d / train).is_file():
