@@ -944,3 +944,12 @@ def test_prepare_script_usage_and_names():
   assert "set -e" not in usage.stdout
   bad = subprocess.run(["bash", str(SCRIPT), "femnist", "cifar"], capture_output=True, text=True, timeout=60)
   assert bad.returncode == 2 and "unknown name 'cifar'" in bad.stderr
+
+
+def test_channel_stats_count_in_chunks_and_stay_exact():
+  """The images' mean/std (`build.channel_stats`) over more images than one chunk (~4 M pixels) equal float64 numpy's."""
+  x = np.random.default_rng(15).integers(0, 256, (3000, 32, 32, 3), dtype=np.uint8)
+  mean, std = fj.data.channel_stats(x)
+  scaled = x.astype(np.float64) / 255.0
+  np.testing.assert_allclose(mean, scaled.mean(axis=(0, 1, 2)), rtol=1e-12)
+  np.testing.assert_allclose(std, scaled.std(axis=(0, 1, 2)), rtol=1e-10)
