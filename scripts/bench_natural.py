@@ -14,7 +14,8 @@ TFF's file also holds the digits-only splits, which a load of the full set scans
 ~220 characters), `cifar100.sqlite` (500 training clients x 100 images, 100 test clients x 100). The row contents
 are drawn from a small pool of random Examples (parsing cost does not depend on the values). Then, each in its own
 process, `fj.data.load(name, data_dir=..., format="tff", cache=False)` is timed and its peak resident memory
-(ru_maxrss) reported, with the file's size.
+(ru_maxrss) reported, with the file's size. `--lzma` also compresses each file (xz, preset 1) into `<dir>/lzma/` and
+times a first load there (which decompresses it once, next to itself) and a second (which reuses the copy).
 
 - shakespeare: 715 clients (TFF's Shakespeare), ~4 M characters as 80-character sequences (50,000 sequences of
   random tokens 1..89, vocabulary 90 with token 0 = padding; each client's last sequence padded from a random
@@ -192,7 +193,7 @@ def write_tff_files(name: str, folder: str, scale: float, seed: int, digits: boo
 
 
 def measure_load(name: str, folder: str) -> dict:
-  """One timed load of `name` from TFF's file in `folder` (run in its own process)."""
+  """One timed load of `name` from TFF's file in `folder` (`.sqlite.lzma` if it is there; run in its own process)."""
   import fedspa_jax as fj
 
   start = time.perf_counter()
@@ -200,15 +201,16 @@ def measure_load(name: str, folder: str) -> dict:
   seconds = time.perf_counter() - start
   import sqlite3
 
-  from fedspa_jax.data import natural
+  from fedspa_jax.data import natural, tff_sqlite
 
   found = natural.find(name, folder, format="tff")
   splits = found.splits[:1] if natural.SPECS[name].holdout_default else found.splits  # the splits the load read
-  with sqlite3.connect(found.train[0]) as con:
+  with sqlite3.connect(tff_sqlite.decompressed(found.train[0])) as con:
     rows = con.execute(f"SELECT COUNT(*) FROM examples WHERE split_name IN ({', '.join('?' * len(splits))})",
                        splits).fetchone()[0]
+  packed = os.path.join(folder, LOAD_DATASETS[name] + ".lzma")
   return {"dataset": name, "clients": data.num_clients, "train": data.train.total, "test": data.test.total,
-          "rows": rows,
+          "rows": rows, "lzma_bytes": os.path.getsize(packed) if os.path.exists(packed) else None,
           "load_s": seconds, "peak_rss": peak_rss_bytes(),
           "data_bytes": sum(int(np.asarray(a).nbytes) for a in (data.train.x, data.train.y, data.test.x, data.test.y)),
           "file_bytes": os.path.getsize(os.path.join(folder, LOAD_DATASETS[name]))}
@@ -224,17 +226,37 @@ def main_load(args) -> None:
     start = time.perf_counter()
     write_tff_files(name, folder, args.scale, args.seed, args.digits)
     print(f"#   {LOAD_DATASETS[name]} ready in {time.perf_counter() - start:.0f} s", flush=True)
+  runs = [(name, folder, "") for name in names]
+  if args.lzma:
+    import lzma
+
+    packed_dir = os.path.join(folder, "lzma")
+    os.makedirs(packed_dir, exist_ok=True)
+    for name in names:
+      target = os.path.join(packed_dir, LOAD_DATASETS[name] + ".lzma")
+      if os.path.exists(copy := os.path.join(packed_dir, LOAD_DATASETS[name])):
+        os.unlink(copy)  # the first load below must decompress
+      if not os.path.exists(target):
+        start = time.perf_counter()
+        with open(os.path.join(folder, LOAD_DATASETS[name]), "rb") as src, lzma.open(target + ".tmp", "wb",
+                                                                                     preset=1) as dst:
+          while chunk := src.read(1 << 22):
+            dst.write(chunk)
+        os.replace(target + ".tmp", target)
+        print(f"#   {LOAD_DATASETS[name]}.lzma written in {time.perf_counter() - start:.0f} s", flush=True)
+      runs += [(name, packed_dir, " (.lzma: 1st load, decompresses)"), (name, packed_dir, " (.lzma: 2nd load)")]
   print("| file | rows read | clients | samples (train / test) | file size | load (s) | rows/s | data | peak RSS |")
   print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-  for name in names:
-    child = subprocess.run([sys.executable, __file__, "--measure-load", name, "--dir", folder],
+  for name, where, label in runs:
+    child = subprocess.run([sys.executable, __file__, "--measure-load", name, "--dir", where],
                            capture_output=True, text=True)
     if child.returncode != 0:
       sys.exit(f"{name}: the measuring process failed:\n{child.stderr[-3000:]}")
     r = json.loads(child.stdout.strip().splitlines()[-1])
     unit = "sequences" if name == "shakespeare" else "images"
-    print(f"| {LOAD_DATASETS[name]} | {r['rows']:,} | {r['clients']:,} | {r['train']:,} / {r['test']:,} {unit} | "
-          f"{r['file_bytes'] / 2**20:,.0f} MiB | {r['load_s']:.1f} | {r['rows'] / r['load_s']:,.0f} | "
+    size = r["file_bytes"] if not label else r["lzma_bytes"]
+    print(f"| {LOAD_DATASETS[name]}{label} | {r['rows']:,} | {r['clients']:,} | {r['train']:,} / {r['test']:,} {unit} | "
+          f"{size / 2**20:,.0f} MiB | {r['load_s']:.1f} | {r['rows'] / r['load_s']:,.0f} | "
           f"{r['data_bytes'] / 2**20:,.0f} MiB | {r['peak_rss'] / 2**30:.2f} GiB |", flush=True)
     print(f"#   {name}: load now: {load()}", flush=True)
 
@@ -311,6 +333,7 @@ def main() -> None:
   parser.add_argument("--dir", help="--load: the folder the files are written to once (default: under $TMPDIR)")
   parser.add_argument("--scale", type=float, default=1.0, help="--load: share of the real row counts to write")
   parser.add_argument("--digits", action="store_true", help="--load: also write EMNIST's digits-only splits")
+  parser.add_argument("--lzma", action="store_true", help="--load: also time loads from .sqlite.lzma files")
   parser.add_argument("--measure-load", choices=list(LOAD_DATASETS), help=argparse.SUPPRESS)  # the child process
   args = parser.parse_args()
   if args.rounds < 1:
