@@ -1,13 +1,14 @@
 """FedSpa on FEMNIST split by writer (LEAF's or TFF's files), every writer in the files a client, FedAvg's CNN.
 
     fedspa-jax run --config femnist_natural --data-dir ~/leaf/data/femnist --out runs/femnist
-    fedspa-jax run --config femnist_natural --data-dir ~/tff --set data.format=tff --out runs/femnist-tff
+    fedspa-jax run --config femnist_natural --data-dir ~/.tff --set data.format=tff --out runs/femnist-tff
     fedspa-jax run --config femnist_natural --data-dir ~/leaf/data/femnist --set smoke=true   # tiny variant
 
 The files are not downloaded here: see docs/data.md ("Natural datasets") and scripts/prepare_leaf.sh.
 `num_clients=0` takes every writer the files hold (TFF's full files: 3,400); a number takes a seeded subset.
-Data options: `data.format` (leaf/tff), `data.min_samples`, `data.client_fraction`, `data.sample_fraction` (LEAF's
-`--sf`), `data.only_digits` (TFF's digits-only files, 10 classes).
+Data options: `data.format` (leaf/tff: TFF's `emnist_all.sqlite[.lzma]` or its older HDF5 files),
+`data.min_samples`, `data.client_fraction`, `data.sample_fraction` (whole writers until that share of the samples),
+`data.only_digits` (TFF's digits-only splits, 10 classes).
 """
 
 from fedspa_jax.config import Config

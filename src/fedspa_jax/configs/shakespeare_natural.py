@@ -4,10 +4,13 @@
     fedspa-jax run --config shakespeare_natural --data-dir ~/tff --set data.format=tff --out runs/shakespeare-tff
     fedspa-jax run --config shakespeare_natural --data-dir ~/leaf/data/shakespeare --set smoke=true  # tiny variant
 
-The files are not downloaded here: see docs/data.md ("Natural datasets") and scripts/prepare_leaf.sh. Each sample
-is 80 characters and its next-character targets; the model's vocabulary is the data's `num_classes`
-(`fedspa_jax.data.text.VOCAB_SIZE`: padding, LEAF's 80 characters, out-of-vocabulary). LEAF's own setting: SGD with
-learning rate 0.8, batch 10, one local epoch, 10 clients per round. `num_clients=0` takes every role in the files.
+The files are not downloaded here: see docs/data.md ("Natural datasets") and scripts/prepare_leaf.sh. The task is
+the format's (docs/data.md has the table): LEAF's files give LEAF's task, the next character after each
+80-character sample (one prediction per sample; `data.per_position=true` scores every position), with LEAF's
+vocabulary (82 tokens: padding, LEAF's 80 characters, out-of-vocabulary); TFF's files (`shakespeare.sqlite[.lzma]`
+or the older HDF5) give TFF's task, every position of BOS/EOS-wrapped snippets, with TFF's vocabulary (90 tokens).
+The model's vocabulary is the data's `num_classes`. LEAF's own setting: SGD with learning rate 0.8, batch 10, one
+local epoch, 10 clients per round. `num_clients=0` takes every role in the files.
 """
 
 from fedspa_jax.config import Config

@@ -4,7 +4,7 @@ Sources: MNIST and Fashion-MNIST from their IDX files (`idx_sources`), CIFAR-10/
 (`tfds_sources`; any other TFDS image dataset as `"tfds:<name>"`), and Synthetic(alpha, beta) (`synthetic`), which
 comes with its own per-client split. Partitions of file, TFDS and natural sources are cached on disk (`cache`). The
 natural datasets, FEMNIST and Shakespeare, come split by user in LEAF's or TFF's files (`natural`): one client per
-user.
+user; so does CIFAR-100 with `format="tff"` (TFF's 500 clients).
 """
 
 from __future__ import annotations
@@ -146,7 +146,8 @@ def load(
     **partition_args: the partitioner's options (`classes_per_client`; `alpha`, `min_samples`, `max_tries`,
       `balance`), for `synthetic` the generator's (`alpha`, `beta`, `dimension`, `num_classes`, `iid`,
       `max_samples_per_client`), for the natural datasets `format`, `min_samples`, `client_fraction`,
-      `sample_fraction`, `only_digits` (`natural.load_natural`).
+      `sample_fraction`, `only_digits`, `per_position`, `holdout` (`natural.load_natural`); `format="tff"` makes
+      `cifar100` TFF's natural 500-client split (no `partition`).
 
   Returns:
     `FederatedData`; images uint8 [N_total, H, W, C] (flat, see `federated.ClientSplit`) with per-channel `mean`/`std`.
@@ -159,7 +160,7 @@ def load(
     ImportError: `tfds_sources.MissingDependencyError`, a package the TFDS reader needs (the message names it).
   """
   name = canonical_name(name)
-  if name in natural.NATURAL_DATASETS:
+  if name in natural.NATURAL_DATASETS or (name in natural.TFF_NATURAL_DATASETS and partition_args.get("format")):
     return _load_natural(name, num_clients, partition, seed, data_dir, test_mode, test_fraction, cache,
                          **partition_args)
   if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:

@@ -1,9 +1,16 @@
-"""The character vocabulary of the text datasets (Shakespeare), and text -> token ids.
+"""The character vocabularies of Shakespeare (LEAF's and TFF's), and text -> token ids.
 
-Token 0 is padding (positions that count in neither loss nor accuracy), tokens 1..80 are LEAF's Shakespeare
+LEAF's: token 0 is padding (positions that count in neither loss nor accuracy), tokens 1..80 are LEAF's Shakespeare
 characters in LEAF's order (`models/utils/language_utils.py`, `ALL_LETTERS`), and token 81 stands for every other
-character (out of vocabulary). A text dataset stores `x` int32 [N, SEQUENCE_LENGTH] token ids and `y` int32
-[N, SEQUENCE_LENGTH] the next token at every position (`x` shifted by one), with `num_classes = VOCAB_SIZE`.
+character (out of vocabulary): `VOCAB_SIZE = 82`.
+
+TFF's (`tff.simulation.baselines.shakespeare`, `char_prediction_preprocessing.py`): token 0 is padding, tokens
+1..86 are `TFF_CHARACTERS` in TFF's order, 87 out of vocabulary, 88 beginning and 89 end of snippet:
+`TFF_VOCAB_SIZE = 90`. TFF splits a snippet into bytes (`tf.strings.bytes_split`), so a character outside ASCII is
+one out-of-vocabulary token per UTF-8 byte; `tff_rows` wraps a snippet in BOS/EOS and pads it to whole rows.
+
+A text dataset stores `x` int32 [N, SEQUENCE_LENGTH] token ids and `y` int32 [N, SEQUENCE_LENGTH] next-token
+targets, 0 where a position is not scored, with `num_classes` the vocabulary's size.
 """
 
 from __future__ import annotations
@@ -54,4 +61,39 @@ def chunk(ids: np.ndarray, length: int = SEQUENCE_LENGTH) -> np.ndarray:
     ids = ids[: rows * (length + 1)]
   out = np.zeros(rows * (length + 1), np.uint8)
   out[: len(ids)] = ids
+  return out.reshape(rows, length + 1)
+
+
+# TFF's Shakespeare characters, in TFF's order (`CHAR_VOCAB`; every one ASCII).
+TFF_CHARACTERS = ("dhlptx@DHLPTX $(,048cgkoswCGKOSW[_#'/37;?bfjnrvzBFJNRVZ\"&*.26:\naeimquyAEIMQUY]!%)-159\r")
+TFF_OOV = len(TFF_CHARACTERS) + 1
+TFF_BOS = len(TFF_CHARACTERS) + 2
+TFF_EOS = len(TFF_CHARACTERS) + 3
+TFF_VOCAB_SIZE = len(TFF_CHARACTERS) + 4
+
+_TFF_TABLE = np.full(256, TFF_OOV, np.uint8)  # one token per byte
+for _i, _c in enumerate(TFF_CHARACTERS):
+  _TFF_TABLE[ord(_c)] = _i + 1
+
+
+def encode_tff(snippet: str | bytes) -> np.ndarray:
+  """TFF's token ids of a snippet, one per UTF-8 byte: [n_bytes] uint8 (1..86 the vocabulary, `TFF_OOV` else)."""
+  raw = snippet.encode("utf-8") if isinstance(snippet, str) else bytes(snippet)
+  return _TFF_TABLE[np.frombuffer(raw, np.uint8)]
+
+
+def tff_rows(snippet: str | bytes, length: int = SEQUENCE_LENGTH) -> np.ndarray:
+  """One snippet as TFF's preprocessing makes it: BOS, its tokens, EOS, padded with `PAD` to a multiple of
+  `length + 1` and cut into rows; row i holds the input `row[:-1]` and the targets `row[1:]`.
+
+  Returns:
+    [ceil((n_bytes + 2) / (length + 1)), length + 1] uint8. Rows whose targets are all padding are kept, as TFF
+    keeps them (they score nothing).
+  """
+  ids = encode_tff(snippet)
+  rows = -(-(len(ids) + 2) // (length + 1))
+  out = np.zeros(rows * (length + 1), np.uint8)
+  out[0] = TFF_BOS
+  out[1 : len(ids) + 1] = ids
+  out[len(ids) + 1] = TFF_EOS
   return out.reshape(rows, length + 1)

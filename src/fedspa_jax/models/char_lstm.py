@@ -2,9 +2,11 @@
 
 Caldas et al., "LEAF: A Benchmark for Federated Settings" (2018), whose reference model (and FedAvg's Shakespeare
 LSTM, McMahan et al., 2017) is an 8-dimensional character embedding, two LSTM layers of 256 units and a softmax
-over the characters. Here the model predicts the next character at every position (as TFF's and FedJAX's
-Shakespeare tasks do): inputs are token ids [B, L], logits [B, L, vocab]. Token 0 is padding; the engine leaves
-padding positions out of the loss and the accuracy (`fedspa_jax.client.weighted_loss`).
+over the characters. Here the model gives logits for the next character at every position: inputs are token ids
+[B, L], logits [B, L, vocab]. Which positions are scored is the data's choice: the engine leaves every position
+whose target is 0 out of the loss and the accuracy (`fedspa_jax.client.weighted_loss`), so LEAF's task (one next
+character per sample, LEAF's model reading the last position's output) has targets only at the last position, and
+TFF's and FedJAX's (every position) have targets everywhere but padding (`fedspa_jax.data.natural`).
 
 Every weight matrix is a leaf with two dimensions, so FedSpa masks all of them (`fedspa_jax.masks.is_maskable`):
 the embedding table `embed/embedding` [vocab, 8], each LSTM's input kernels `lstm*/cell/i{i,f,g,o}/kernel`
