@@ -2,6 +2,15 @@
 
     .venv/bin/python scripts/protocol_report.py                  # prints the section (and writes <out>/report.md)
     .venv/bin/python scripts/protocol_report.py --update-docs    # also replaces its section of docs/benchmarks.md
+    .venv/bin/python scripts/protocol_report.py --verdict        # the verdict's wording, from the results file
+    .venv/bin/python scripts/protocol_report.py --write-verdict  # ... written into docs/protocol_verdict.md
+    .venv/bin/python scripts/protocol_report.py --check          # exit 1 if docs/protocol_verdict.md disagrees
+
+The verdict's comparisons are derived, not written by hand (`verdict_block`): two methods are "tied" unless a
+two-sided Welch t-test over seeds separates their mean client accuracies at p < 0.05, and every "ahead"/"behind"
+names the test, its p and the split; worst-10% claims are made per split. The results file (`--results`, default
+`RESULTS`) holds per-seed values (`"values"`) or, where only those were kept, each cell's mean, population std and
+number of seeds.
 
 Reads what `bash scripts/study_fashion_mnist.sh start --protocols --jobs 2` writes (runs/study_protocols): each
 final unit's summary.json (mean ± std over seeds of every protocol's final accuracy) and its seeds' clients.npz
@@ -25,6 +34,9 @@ import study_fashion_mnist as study  # noqa: E402
 import study_report  # noqa: E402
 
 BEGIN, END = "<!-- protocols:begin -->", "<!-- protocols:end -->"
+VERDICT_BEGIN, VERDICT_END = "<!-- verdict:begin -->", "<!-- verdict:end -->"
+RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "protocol_study_2026-12-02.json"
+P_LEVEL = 0.05
 MISSING = "·"
 VERDICT = pathlib.Path(__file__).resolve().parents[1] / "docs" / "protocol_verdict.md"
 # (variant, the protocol's summary key without the fine-tuning, the row's label)
@@ -180,6 +192,99 @@ def report(out: pathlib.Path) -> str:
   return "\n".join(parts) + "\n"
 
 
+def cell_stats(cell: dict[str, Any]) -> tuple[float, float, int]:
+  """(mean, sample std (ddof 1), n) of a results cell: from its per-seed "values", or its mean and population std."""
+  if "values" in cell:
+    a = np.asarray(cell["values"], np.float64)
+    return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0, int(a.size)
+  n = int(cell["n"])
+  return float(cell["mean"]), float(cell["std"]) * (n / (n - 1)) ** 0.5, n
+
+
+def welch_p(a: dict[str, Any], b: dict[str, Any]) -> float:
+  """Two-sided p of Welch's t-test between two cells' seeds (1.0 when neither varies and the means agree)."""
+  from scipy import stats
+
+  (ma, sa, na), (mb, sb, nb) = cell_stats(a), cell_stats(b)
+  if sa == 0 and sb == 0:
+    return 1.0 if ma == mb else 0.0
+  return float(stats.ttest_ind_from_stats(ma, sa, na, mb, sb, nb, equal_var=False).pvalue)
+
+
+def compare(a: dict[str, Any], b: dict[str, Any]) -> str:
+  """"ahead of", "behind" or "tied with": a against b, at p < `P_LEVEL`."""
+  if welch_p(a, b) >= P_LEVEL:
+    return "tied with"
+  return "ahead of" if cell_stats(a)[0] > cell_stats(b)[0] else "behind"
+
+
+def short(cell: dict[str, Any]) -> str:
+  mean, _, _ = cell_stats(cell)
+  std = float(np.std(cell["values"])) if "values" in cell else float(cell["std"])
+  return f"{mean:.3f} ± {std:.3f}"
+
+
+def verdict_block(results: dict[str, Any]) -> str:
+  """The verdict's derived part: the subject against every method, per split and protocol, and worst-10% per split."""
+  cells = results["cells"]
+  subject, against = results["subject"], results["worst10_against"]
+  find = lambda split, protocol, method: next(
+      (c for c in cells if (c["split"], c["protocol"], c["method"]) == (split, protocol, method)), None)
+  n = sorted({cell_stats(c)[2] for c in cells})
+  lines = [
+      f"Derived by `scripts/protocol_report.py` from `{results.get('file', RESULTS.name)}` (do not edit by hand; "
+      f"`--check` fails when this block and the file disagree). {subject} against each method: \"ahead of\" or "
+      f"\"behind\" only where a two-sided Welch t-test over the {'/'.join(map(str, n))} seeds' mean client accuracies "
+      f"gives p < {P_LEVEL} (p in parentheses), else \"tied with\".",
+      "",
+      "| split | protocol | " + subject + " | ahead of | tied with | behind |",
+      "| --- | --- | ---: | --- | --- | --- |",
+  ]
+  for split, split_name in results["splits"].items():
+    for protocol, protocol_name in results["protocols"].items():
+      me = find(split, protocol, subject)
+      if me is None:
+        continue
+      groups: dict[str, list[str]] = {"ahead of": [], "tied with": [], "behind": []}
+      for c in cells:
+        if (c["split"], c["protocol"]) == (split, protocol) and c["method"] != subject:
+          groups[compare(me, c)].append(f"{c['method']} {short(c)} (p = {welch_p(me, c):.2g})")
+      cols = " | ".join("; ".join(groups[k]) or "none" for k in ("ahead of", "tied with", "behind"))
+      lines.append(f"| {split_name} | {protocol_name} | {short(me)} | {cols} |")
+  lines += ["", f"Worst 10% of clients, {subject} against {against} (the mean over seeds of each run's worst-10% "
+                "mean; per-seed values were not kept, so no test, and the direction is stated per split):", ""]
+  for protocol, protocol_name in results["protocols"].items():
+    parts = []
+    for split, split_name in results["splits"].items():
+      me, other = find(split, protocol, subject), find(split, protocol, against)
+      if me is None or other is None or me.get("worst10") is None or other.get("worst10") is None:
+        continue
+      a, b = other["worst10"], me["worst10"]
+      parts.append(f"{split_name} {a:.3f} -> {b:.3f} ({'rises' if b > a else 'falls' if b < a else 'unchanged'})")
+    if parts:
+      lines.append(f"- {protocol_name}: " + "; ".join(parts) + ".")
+  return "\n".join(lines) + "\n"
+
+
+def read_results(path: pathlib.Path) -> dict[str, Any]:
+  results = json.loads(path.read_text())
+  results["file"] = f"scripts/results/{path.name}"
+  return results
+
+
+def replace_block(text: str, block: str) -> str:
+  if VERDICT_BEGIN not in text or VERDICT_END not in text:
+    raise SystemExit(f"{VERDICT} has no {VERDICT_BEGIN} ... {VERDICT_END} block")
+  head, rest = text.split(VERDICT_BEGIN, 1)
+  return head + f"{VERDICT_BEGIN}\n{block}{VERDICT_END}" + rest.split(VERDICT_END, 1)[1]
+
+
+def check_verdict(docs: pathlib.Path, block: str) -> bool:
+  """Whether `docs` holds exactly `block` between the verdict markers."""
+  text = docs.read_text()
+  return replace_block(text, block) == text
+
+
 def jax_version(units: list[dict[str, Any]]) -> str:
   try:
     import jax
@@ -206,7 +311,21 @@ def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--out", default=study.PROTOCOLS_OUT)
   parser.add_argument("--update-docs", action="store_true")
+  parser.add_argument("--results", default=str(RESULTS), help="the per-seed (or per-cell) results file")
+  parser.add_argument("--verdict", action="store_true", help="print the verdict's derived block")
+  parser.add_argument("--write-verdict", action="store_true", help="write it into docs/protocol_verdict.md")
+  parser.add_argument("--check", action="store_true", help="exit 1 if docs/protocol_verdict.md and the file disagree")
   args = parser.parse_args(argv)
+  if args.verdict or args.write_verdict or args.check:
+    block = verdict_block(read_results(pathlib.Path(args.results).resolve()))
+    if args.write_verdict:
+      VERDICT.write_text(replace_block(VERDICT.read_text(), block))
+    if args.check and not check_verdict(VERDICT, block):
+      print(f"{VERDICT} disagrees with {args.results}: run scripts/protocol_report.py --write-verdict", file=sys.stderr)
+      return 1
+    if args.verdict:
+      print(block)
+    return 0
   out = pathlib.Path(args.out)
   section = report(out)
   out.mkdir(parents=True, exist_ok=True)
