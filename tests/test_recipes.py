@@ -60,3 +60,27 @@ def test_cli_recipe_sits_between_the_config_and_the_flags():
   args = cli.make_parser().parse_args(["run", "--recipe", "dispfl", "--algorithm", "fedper"])
   with pytest.raises(ConfigError, match="no settings for 'fedper'"):
     cli.resolve_config(args)
+
+
+def test_study_units_run_each_method_at_the_recipe():
+  import importlib.util
+  import pathlib
+  import sys
+
+  path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "study_recipe.py"
+  spec = importlib.util.spec_from_file_location("study_recipe", path)
+  study = importlib.util.module_from_spec(spec)
+  sys.modules["study_recipe"] = study
+  spec.loader.exec_module(study)
+  units = study.units("full")
+  assert len(units) == 2 * 6 * 3  # 2 splits x 6 runs (FedAvg's gives FedAvg-FT too) x 3 seeds
+  for unit in units:
+    config = study.unit_config(unit, "full")
+    algorithm = study.METHODS[unit.method][0]
+    table = TABLE[algorithm] if unit.method != "fedavg" else {**TABLE["fedavg"], "finetune_lr": 0.1 / 0.998}
+    assert {k: config.hparams[k] for k in table} == table
+    assert (config.rounds, config.num_clients, config.seed, config.dataset, config.model) == (
+        100, 100, unit.seed, "fashion_mnist", "lenet5")
+    assert config.partition == {"balanced": "dirichlet_balanced", "dirichlet": "dirichlet"}[unit.split]
+    assert config.data_args == {"alpha": 0.3}
+    assert config.eval_finetune_epochs == (5 if unit.method == "fedavg" else 0)
