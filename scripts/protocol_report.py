@@ -202,10 +202,13 @@ def cell_stats(cell: dict[str, Any]) -> tuple[float, float, int]:
 
 
 def welch_p(a: dict[str, Any], b: dict[str, Any]) -> float:
-  """Two-sided p of Welch's t-test between two cells' seeds (1.0 when neither varies and the means agree)."""
+  """Two-sided p of Welch's t-test between two cells' seeds (NaN with fewer than 2 seeds on a side: no test; 1.0 or
+  0.0 when neither varies)."""
   from scipy import stats
 
   (ma, sa, na), (mb, sb, nb) = cell_stats(a), cell_stats(b)
+  if na < 2 or nb < 2:
+    return float("nan")
   if sa == 0 and sb == 0:
     return 1.0 if ma == mb else 0.0
   return float(stats.ttest_ind_from_stats(ma, sa, na, mb, sb, nb, equal_var=False).pvalue)
@@ -213,7 +216,8 @@ def welch_p(a: dict[str, Any], b: dict[str, Any]) -> float:
 
 def compare(a: dict[str, Any], b: dict[str, Any]) -> str:
   """"ahead of", "behind" or "tied with": a against b, at p < `P_LEVEL`."""
-  if welch_p(a, b) >= P_LEVEL:
+  p = welch_p(a, b)
+  if not p < P_LEVEL:  # NaN (no test) too
     return "tied with"
   return "ahead of" if cell_stats(a)[0] > cell_stats(b)[0] else "behind"
 
@@ -248,7 +252,9 @@ def verdict_block(results: dict[str, Any]) -> str:
       groups: dict[str, list[str]] = {"ahead of": [], "tied with": [], "behind": []}
       for c in cells:
         if (c["split"], c["protocol"]) == (split, protocol) and c["method"] != subject:
-          groups[compare(me, c)].append(f"{c['method']} {short(c)} (p = {welch_p(me, c):.2g})")
+          p = welch_p(me, c)
+          groups[compare(me, c)].append(f"{c['method']} {short(c)} (p = {p:.2g})" if p == p else
+                                        f"{c['method']} {short(c)} (one seed: no test)")
       cols = " | ".join("; ".join(groups[k]) or "none" for k in ("ahead of", "tied with", "behind"))
       lines.append(f"| {split_name} | {protocol_name} | {short(me)} | {cols} |")
   lines += ["", f"Worst 10% of clients, {subject} against {against} (the mean over seeds of each run's worst-10% "
@@ -266,8 +272,23 @@ def verdict_block(results: dict[str, Any]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def cells_of_records(results: dict[str, Any]) -> dict[str, Any]:
+  """A per-seed results file of `scripts/study_recipe.py` ("records") as cells of per-seed values."""
+  groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+  for r in results["records"]:
+    groups.setdefault((r["split"], r["method"]), []).append(r)
+  cells = [{"split": split, "protocol": "as_scored", "method": method, "values": [r["accuracy"] for r in rs],
+            "seeds": [r["seed"] for r in rs], "worst10": float(np.mean([r["worst10"] for r in rs]))}
+           for (split, method), rs in sorted(groups.items())]
+  return {**results, "cells": cells, "subject": "FedSpa, its local model", "worst10_against": "FedSpa, m_k ⊙ w",
+          "splits": {"balanced": "the group's split (dirichlet_balanced, alpha 0.3)", "dirichlet": "Dirichlet(0.3)"},
+          "protocols": {"as_scored": "as each method scores itself (FedAvg-FT: after its 5 fine-tuning epochs)"}}
+
+
 def read_results(path: pathlib.Path) -> dict[str, Any]:
   results = json.loads(path.read_text())
+  if "records" in results:
+    results = cells_of_records(results)
   results["file"] = f"scripts/results/{path.name}"
   return results
 

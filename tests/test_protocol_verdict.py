@@ -55,3 +55,22 @@ def test_check_fails_when_docs_and_results_disagree(report, tmp_path):
   changed = tmp_path / report.RESULTS.name  # the same name: only the number differs
   changed.write_text(json.dumps(results))
   assert report.main(["--check", "--results", str(changed)]) == 1
+
+
+def test_one_seed_is_never_ahead(report):
+  assert report.compare({"values": [0.9]}, {"values": [0.1]}) == "tied with"  # no test with one seed
+
+
+def test_the_recipe_studys_per_seed_records_are_read(report, tmp_path):
+  records = [{"split": "balanced", "method": m, "seed": s, "accuracy": a, "worst10": w}
+             for m, base, w in (("FedSpa, its local model", 0.9, 0.7), ("FedSpa, m_k ⊙ w", 0.8, 0.6),
+                                ("Ditto", 0.9, 0.75)) for s, a in zip((1, 2, 3), (base - 0.01, base, base + 0.01))]
+  path = tmp_path / "recipe_study.json"
+  path.write_text(json.dumps({"records": records}))
+  block = report.verdict_block(report.read_results(path))
+  row = next(l for l in block.splitlines() if l.startswith("| the group's split"))
+  # local vs m_k ⊙ w: 0.1 apart with sample std 0.01 over 3 seeds each (t = 12.2): ahead; vs Ditto: the same seeds.
+  ahead, tied, behind = row.split("| 0.900 ± 0.008 |")[1].rstrip(" |").split(" | ")
+  assert ahead.strip().startswith("FedSpa, m_k ⊙ w 0.800 ± 0.008") and behind == "none"
+  assert tied == "Ditto 0.900 ± 0.008 (p = 1)"
+  assert "0.600 -> 0.700 (rises)" in block
