@@ -301,9 +301,12 @@ def replace_block(text: str, block: str) -> str:
 
 
 def check_verdict(docs: pathlib.Path, block: str) -> bool:
-  """Whether `docs` holds exactly `block` between the verdict markers."""
+  """Whether `docs` holds exactly `block` between the verdict markers, and docs/benchmarks.md's protocol section
+  (which includes the verdict, `report`) holds the verdict as it is."""
   text = docs.read_text()
-  return replace_block(text, block) == text
+  benchmarks = docs.parent / "benchmarks.md"
+  copied = not benchmarks.is_file() or BEGIN not in benchmarks.read_text() or text.strip() in benchmarks.read_text()
+  return replace_block(text, block) == text and copied
 
 
 def jax_version(units: list[dict[str, Any]]) -> str:
@@ -340,7 +343,11 @@ def main(argv: list[str] | None = None) -> int:
   if args.verdict or args.write_verdict or args.check:
     block = verdict_block(read_results(pathlib.Path(args.results).resolve()))
     if args.write_verdict:
-      VERDICT.write_text(replace_block(VERDICT.read_text(), block))
+      old = VERDICT.read_text()
+      VERDICT.write_text(replace_block(old, block))
+      benchmarks = VERDICT.parent / "benchmarks.md"  # its copy in the protocol section too
+      if benchmarks.is_file() and old.strip() in benchmarks.read_text():
+        benchmarks.write_text(benchmarks.read_text().replace(old.strip(), VERDICT.read_text().strip()))
     if args.check and not check_verdict(VERDICT, block):
       print(f"{VERDICT} disagrees with {args.results}: run scripts/protocol_report.py --write-verdict", file=sys.stderr)
       return 1
