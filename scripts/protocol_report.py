@@ -273,10 +273,13 @@ def verdict_block(results: dict[str, Any]) -> str:
 
 
 def cells_of_records(results: dict[str, Any]) -> dict[str, Any]:
-  """A per-seed results file of `scripts/study_recipe.py` ("records") as cells of per-seed values."""
+  """A per-seed results file of `scripts/study_recipe.py` ("records") as cells of per-seed values (of its longest
+  runs, when it holds runs of several lengths)."""
+  rounds = max((r.get("rounds", 0) for r in results["records"]), default=0)
   groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
   for r in results["records"]:
-    groups.setdefault((r["split"], r["method"]), []).append(r)
+    if r.get("rounds", 0) == rounds:
+      groups.setdefault((r["split"], r["method"]), []).append(r)
   cells = [{"split": split, "protocol": "as_scored", "method": method, "values": [r["accuracy"] for r in rs],
             "seeds": [r["seed"] for r in rs], "worst10": float(np.mean([r["worst10"] for r in rs]))}
            for (split, method), rs in sorted(groups.items())]

@@ -3,6 +3,8 @@
     PYTHONPATH=$PWD/src .venv/bin/python scripts/study_recipe.py                  # the full study (hours; resumable)
     PYTHONPATH=$PWD/src .venv/bin/python scripts/study_recipe.py --tier tiny      # a minute: checks the pipeline
     PYTHONPATH=$PWD/src .venv/bin/python scripts/study_recipe.py --list           # the units and which are done
+    # two jobs side by side on a 2-core machine (each unit is written to the results file under a lock):
+    ... study_recipe.py --only local fedrep &  ... study_recipe.py --only fedspa fedavg ditto subfedavg &
 
 Fashion-MNIST, LeNet-5, 100 clients, 10 per round, 100 rounds, seeds 1, 2, 3, on the group's partition
 (`dirichlet_balanced`, alpha 0.3) and today's Dirichlet(0.3); every method at `recipes.DISPFL`'s settings:
@@ -19,8 +21,10 @@ file (`--results`; the full tier's is committed: scripts/results/recipe_study.js
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
+import fcntl
 import json
 import os
 import pathlib
@@ -106,7 +110,8 @@ def records_of(unit: Unit, summary: dict[str, Any]) -> list[dict[str, Any]]:
   for protocol, key in PROTOCOLS[unit.method]:
     stats = summary[key]
     out.append({
-        "split": unit.split, "method": protocol, "seed": unit.seed, "accuracy": stats["mean"],
+        "split": unit.split, "method": protocol, "seed": unit.seed, "rounds": summary["rounds"],
+        "accuracy": stats["mean"],
         "worst10": stats["worst10"], "bytes_total": summary["bytes_total"], "flops": summary["flops"],
         "staleness_mean": summary.get("staleness", {}).get("mean"),
         "staleness_max": summary.get("staleness", {}).get("max"), "wall_time": summary["wall_time"],
@@ -120,16 +125,31 @@ def read_results(path: pathlib.Path) -> dict[str, Any]:
   return {"study": "Fashion-MNIST under recipes.DISPFL (scripts/study_recipe.py)", "records": []}
 
 
-def write_results(path: pathlib.Path, results: dict[str, Any]) -> None:
+@contextlib.contextmanager
+def locked(path: pathlib.Path):
+  """Holds an exclusive lock beside the results file (jobs of one study running side by side)."""
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(".tmp")
-  tmp.write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
-  os.replace(tmp, path)  # a stop mid-write leaves the old file
+  with open(path.with_suffix(".lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    yield
 
 
-def done(results: dict[str, Any], unit: Unit) -> bool:
-  return any((r["split"], r["seed"]) == (unit.split, unit.seed) and r["method"] == PROTOCOLS[unit.method][0][0]
-             for r in results["records"])
+def add_records(path: pathlib.Path, unit: Unit, records: list[dict[str, Any]]) -> None:
+  """Replaces `unit`'s records in the results file by `records` (read, merged and replaced under the lock)."""
+  with locked(path):
+    results = read_results(path)
+    mine = {p for p, _ in PROTOCOLS[unit.method]}
+    results["records"] = [r for r in results["records"]
+                          if not ((r["split"], r["seed"]) == (unit.split, unit.seed) and r["method"] in mine)]
+    results["records"] += records
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)  # a stop mid-write leaves the old file
+
+
+def done(results: dict[str, Any], unit: Unit, rounds: int) -> bool:
+  return any((r["split"], r["seed"], r.get("rounds")) == (unit.split, unit.seed, rounds)
+             and r["method"] == PROTOCOLS[unit.method][0][0] for r in results["records"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,28 +159,28 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--results", help=f"the per-seed results file (default, full tier: {RESULTS.relative_to(ROOT)})")
   parser.add_argument("--list", action="store_true", help="list the units and whether each is done")
   parser.add_argument("--only", nargs="+", metavar="METHOD", choices=sorted(METHODS), help="these methods only")
+  parser.add_argument("--rounds", type=int, help="rounds per run instead of the tier's (e.g. 500, the group's)")
   args = parser.parse_args(argv)
+  if args.rounds:
+    TIERS[args.tier] = {**TIERS[args.tier], "rounds": args.rounds}
   out = pathlib.Path(args.out or ROOT / "runs" / ("study_recipe" if args.tier == "full" else "study_recipe_tiny"))
   path = pathlib.Path(args.results) if args.results else (RESULTS if args.tier == "full" else out / "results.json")
   results = read_results(path)
   todo = [u for u in units(args.tier) if not args.only or u.method in args.only]
   if args.list:
     for u in todo:
-      print(f"{'done' if done(results, u) else 'todo'}  {u.name}")
+      print(f"{'done' if done(results, u, TIERS[args.tier]['rounds']) else 'todo'}  {u.name}")
     return 0
   from fedspa_jax import experiment
 
   for unit in todo:
-    if done(results, unit):
+    if done(results, unit, TIERS[args.tier]["rounds"]):
       continue
     print(f"[{datetime.datetime.now():%H:%M:%S}] {unit.name}", flush=True)
-    summary = experiment.run(unit_config(unit, args.tier), out / unit.name, resume=True, echo=None,
+    folder = out / f"rounds{TIERS[args.tier]['rounds']}" / unit.name  # a longer study is another run
+    summary = experiment.run(unit_config(unit, args.tier), folder, resume=True, echo=None,
                              write_plots=False)
-    results["records"] = [r for r in results["records"]
-                          if not ((r["split"], r["seed"]) == (unit.split, unit.seed)
-                                  and r["method"] in {p for p, _ in PROTOCOLS[unit.method]})]
-    results["records"] += records_of(unit, summary)
-    write_results(path, results)
+    add_records(path, unit, records_of(unit, summary))
   print(f"[{datetime.datetime.now():%H:%M:%S}] {len(todo)} units done -> {path}")
   return 0
 
