@@ -75,7 +75,9 @@ DISPFL = Recipe(
     algorithms={
         "fedspa": {
             "density": 0.5,  # DisPFL/cifar10.sh: --dense_ratio 0.5
-            "density_rule": "erk",  # DisPFL/dispfl_api.py: calculate_sparsities(distribution="ERK"), no --uniform
+            # DisPFL/dispfl_api.py: calculate_sparsities(distribution="ERK"), no --uniform (their init_masks floors
+            # d * n per layer, ours rounds it: at most one weight per layer apart)
+            "density_rule": "erk",
             "alpha": 0.5,  # DisPFL/cifar10.sh: --anneal_factor 0.5
             "regrow": "random",  # DisPFL/cifar10.sh: --dis_gradient_check (regrowth without the gradient)
             "shared_init_mask": False,  # DisPFL/cifar10.sh: --different_initial
