@@ -257,8 +257,11 @@ def verdict_block(results: dict[str, Any]) -> str:
                                         f"{c['method']} {short(c)} (one seed: no test)")
       cols = " | ".join("; ".join(groups[k]) or "none" for k in ("ahead of", "tied with", "behind"))
       lines.append(f"| {split_name} | {protocol_name} | {short(me)} | {cols} |")
+  per_seed = all("worst10_values" in c for c in cells)
+  how = ("a Welch t-test over seeds as above: \"rises\"/\"falls\" only at p < 0.05, else \"tied\"" if per_seed else
+         "per-seed values were not kept, so no test, and the direction is stated per split")
   lines += ["", f"Worst 10% of clients, {subject} against {against} (the mean over seeds of each run's worst-10% "
-                "mean; per-seed values were not kept, so no test, and the direction is stated per split):", ""]
+                f"mean; {how}):", ""]
   for protocol, protocol_name in results["protocols"].items():
     parts = []
     for split, split_name in results["splits"].items():
@@ -266,7 +269,13 @@ def verdict_block(results: dict[str, Any]) -> str:
       if me is None or other is None or me.get("worst10") is None or other.get("worst10") is None:
         continue
       a, b = other["worst10"], me["worst10"]
-      parts.append(f"{split_name} {a:.3f} -> {b:.3f} ({'rises' if b > a else 'falls' if b < a else 'unchanged'})")
+      if per_seed:
+        word = compare({"values": me["worst10_values"]}, {"values": other["worst10_values"]})
+        p = welch_p({"values": me["worst10_values"]}, {"values": other["worst10_values"]})
+        word = {"ahead of": "rises", "behind": "falls", "tied with": "tied"}[word]
+        parts.append(f"{split_name} {a:.3f} -> {b:.3f} ({word}, " + (f"p = {p:.2g})" if p == p else "one seed: no test)"))
+      else:
+        parts.append(f"{split_name} {a:.3f} -> {b:.3f} ({'rises' if b > a else 'falls' if b < a else 'unchanged'})")
     if parts:
       lines.append(f"- {protocol_name}: " + "; ".join(parts) + ".")
   return "\n".join(lines) + "\n"
@@ -281,7 +290,8 @@ def cells_of_records(results: dict[str, Any]) -> dict[str, Any]:
     if r.get("rounds", 0) == rounds:
       groups.setdefault((r["split"], r["method"]), []).append(r)
   cells = [{"split": split, "protocol": "as_scored", "method": method, "values": [r["accuracy"] for r in rs],
-            "seeds": [r["seed"] for r in rs], "worst10": float(np.mean([r["worst10"] for r in rs]))}
+            "seeds": [r["seed"] for r in rs], "worst10": float(np.mean([r["worst10"] for r in rs])),
+            "worst10_values": [r["worst10"] for r in rs]}
            for (split, method), rs in sorted(groups.items())]
   return {**results, "cells": cells, "subject": "FedSpa, its local model", "worst10_against": "FedSpa, m_k ⊙ w",
           "splits": {"balanced": "the group's split (dirichlet_balanced, alpha 0.3)", "dirichlet": "Dirichlet(0.3)"},
