@@ -117,6 +117,22 @@ def test_masked_biases_keep_exact_counts_and_zeros(model, data, rule):
     assert not np.any(np.asarray(local)[trained][~np.asarray(mask)[trained]])  # zeros stay zero, biases included
 
 
+def test_subfedavg_prunes_biases_only_when_asked():
+  import importlib
+
+  subfedavg = importlib.import_module("fedspa_jax.algorithms.subfedavg")
+
+  params = {"b": jnp.asarray([0.4, -0.1, 0.3, 0.2]), "k": jnp.asarray([[0.5, -0.6], [0.7, 0.8]])}
+  mask = masks.dense_mask(params)
+  # rate 0.5: ceil(0.5 * (4 - 1)) = 2 of 4 active entries dropped, the smallest |.|: b's -0.1 and 0.2, k's 0.5, -0.6
+  pruned = subfedavg.percentile_prune(mask, params, 0.5, masks.maskable_rule("all"))
+  np.testing.assert_array_equal(pruned["b"], [True, False, True, False])
+  np.testing.assert_array_equal(pruned["k"], [[False, False], [True, True]])
+  assert bool(np.all(subfedavg.percentile_prune(mask, params, 0.5)["b"]))  # kernels only: the bias stays
+  model = fj.models.get("mlp", num_classes=3, hidden=(4,))
+  assert fj.algorithms.get("subfedavg", model=model, masked_leaves="all").hparams["masked_leaves"] == "all"
+
+
 # --- the balanced Dirichlet partition ----------------------------------------------------------------------------
 
 

@@ -19,7 +19,7 @@ TABLE = {
     "ditto": {**SHARED, "weighting": "samples", "local_epochs": 2, "personal_epochs": 3, "ditto_lambda": 0.5},
     "local": {**SHARED, "clients_per_round": 100},
     "subfedavg": {**SHARED, "density": 0.5, "prune_rate": 0.05, "distance_threshold": 0.0001,
-                  "accuracy_threshold": 0.5, "clip_mode": "masked"},
+                  "accuracy_threshold": 0.5, "clip_mode": "masked", "masked_leaves": "kernels"},
     "fedrep": SHARED,
 }
 CONFIG = {"num_clients": 100, "rounds": 500, "partition": "dirichlet_balanced", "data_args": {"alpha": 0.3}}

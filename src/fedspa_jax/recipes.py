@@ -117,6 +117,7 @@ DISPFL = Recipe(
             "distance_threshold": 1e-4,  # main_subavg.py: --dist_thresh default 0.0001
             "accuracy_threshold": 0.5,  # main_subavg.py: --acc_thresh default 0.5
             "clip_mode": "masked",  # subavg/my_model_trainer.py: param.grad *= mask before clip_grad_norm_
+            "masked_leaves": "kernels",  # subavg/prune_func.py fake_prune: only "weight" tensors, not "bn"
         },
         # FedRep is not in the group's code: the shared settings above, its own defaults otherwise.
         "fedrep": {},
