@@ -2,6 +2,15 @@
 
     .venv/bin/python scripts/protocol_report.py                  # prints the section (and writes <out>/report.md)
     .venv/bin/python scripts/protocol_report.py --update-docs    # also replaces its section of docs/benchmarks.md
+    .venv/bin/python scripts/protocol_report.py --verdict        # the verdict's wording, from the results file
+    .venv/bin/python scripts/protocol_report.py --write-verdict  # ... written into docs/protocol_verdict.md
+    .venv/bin/python scripts/protocol_report.py --check          # exit 1 if docs/protocol_verdict.md disagrees
+
+The verdict's comparisons are derived, not written by hand (`verdict_block`): two methods are "tied" unless a
+two-sided Welch t-test over seeds separates their mean client accuracies at p < 0.05, and every "ahead"/"behind"
+names the test, its p and the split; worst-10% claims are made per split. The results file (`--results`, default
+`RESULTS`) holds per-seed values (`"values"`) or, where only those were kept, each cell's mean, population std and
+number of seeds.
 
 Reads what `bash scripts/study_fashion_mnist.sh start --protocols --jobs 2` writes (runs/study_protocols): each
 final unit's summary.json (mean ± std over seeds of every protocol's final accuracy) and its seeds' clients.npz
@@ -25,6 +34,9 @@ import study_fashion_mnist as study  # noqa: E402
 import study_report  # noqa: E402
 
 BEGIN, END = "<!-- protocols:begin -->", "<!-- protocols:end -->"
+VERDICT_BEGIN, VERDICT_END = "<!-- verdict:begin -->", "<!-- verdict:end -->"
+RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "protocol_study_2026-12-02.json"
+P_LEVEL = 0.05
 MISSING = "·"
 VERDICT = pathlib.Path(__file__).resolve().parents[1] / "docs" / "protocol_verdict.md"
 # (variant, the protocol's summary key without the fine-tuning, the row's label)
@@ -180,6 +192,136 @@ def report(out: pathlib.Path) -> str:
   return "\n".join(parts) + "\n"
 
 
+def cell_stats(cell: dict[str, Any]) -> tuple[float, float, int]:
+  """(mean, sample std (ddof 1), n) of a results cell: from its per-seed "values", or its mean and population std."""
+  if "values" in cell:
+    a = np.asarray(cell["values"], np.float64)
+    return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0, int(a.size)
+  n = int(cell["n"])
+  return float(cell["mean"]), float(cell["std"]) * (n / (n - 1)) ** 0.5, n
+
+
+def welch_p(a: dict[str, Any], b: dict[str, Any]) -> float:
+  """Two-sided p of Welch's t-test between two cells' seeds (NaN with fewer than 2 seeds on a side: no test; 1.0 or
+  0.0 when neither varies)."""
+  from scipy import stats
+
+  (ma, sa, na), (mb, sb, nb) = cell_stats(a), cell_stats(b)
+  if na < 2 or nb < 2:
+    return float("nan")
+  if sa == 0 and sb == 0:
+    return 1.0 if ma == mb else 0.0
+  return float(stats.ttest_ind_from_stats(ma, sa, na, mb, sb, nb, equal_var=False).pvalue)
+
+
+def compare(a: dict[str, Any], b: dict[str, Any]) -> str:
+  """"ahead of", "behind" or "tied with": a against b, at p < `P_LEVEL`."""
+  p = welch_p(a, b)
+  if not p < P_LEVEL:  # NaN (no test) too
+    return "tied with"
+  return "ahead of" if cell_stats(a)[0] > cell_stats(b)[0] else "behind"
+
+
+def short(cell: dict[str, Any]) -> str:
+  mean, _, _ = cell_stats(cell)
+  std = float(np.std(cell["values"])) if "values" in cell else float(cell["std"])
+  return f"{mean:.3f} ± {std:.3f}"
+
+
+def verdict_block(results: dict[str, Any]) -> str:
+  """The verdict's derived part: the subject against every method, per split and protocol, and worst-10% per split."""
+  cells = results["cells"]
+  subject, against = results["subject"], results["worst10_against"]
+  find = lambda split, protocol, method: next(
+      (c for c in cells if (c["split"], c["protocol"], c["method"]) == (split, protocol, method)), None)
+  n = sorted({cell_stats(c)[2] for c in cells})
+  lines = [
+      f"Derived by `scripts/protocol_report.py` from `{results.get('file', RESULTS.name)}` (do not edit by hand; "
+      f"`--check` fails when this block and the file disagree). {subject} against each method: \"ahead of\" or "
+      f"\"behind\" only where a two-sided Welch t-test over the {'/'.join(map(str, n))} seeds' mean client accuracies "
+      f"gives p < {P_LEVEL} (p in parentheses), else \"tied with\".",
+      "",
+      "| split | protocol | " + subject + " | ahead of | tied with | behind |",
+      "| --- | --- | ---: | --- | --- | --- |",
+  ]
+  for split, split_name in results["splits"].items():
+    for protocol, protocol_name in results["protocols"].items():
+      me = find(split, protocol, subject)
+      if me is None:
+        continue
+      groups: dict[str, list[str]] = {"ahead of": [], "tied with": [], "behind": []}
+      for c in cells:
+        if (c["split"], c["protocol"]) == (split, protocol) and c["method"] != subject:
+          p = welch_p(me, c)
+          groups[compare(me, c)].append(f"{c['method']} {short(c)} (p = {p:.2g})" if p == p else
+                                        f"{c['method']} {short(c)} (one seed: no test)")
+      cols = " | ".join("; ".join(groups[k]) or "none" for k in ("ahead of", "tied with", "behind"))
+      lines.append(f"| {split_name} | {protocol_name} | {short(me)} | {cols} |")
+  per_seed = all("worst10_values" in c for c in cells)
+  how = ("a Welch t-test over seeds as above: \"rises\"/\"falls\" only at p < 0.05, else \"tied\"" if per_seed else
+         "per-seed values were not kept, so no test, and the direction is stated per split")
+  lines += ["", f"Worst 10% of clients, {subject} against {against} (the mean over seeds of each run's worst-10% "
+                f"mean; {how}):", ""]
+  for protocol, protocol_name in results["protocols"].items():
+    parts = []
+    for split, split_name in results["splits"].items():
+      me, other = find(split, protocol, subject), find(split, protocol, against)
+      if me is None or other is None or me.get("worst10") is None or other.get("worst10") is None:
+        continue
+      a, b = other["worst10"], me["worst10"]
+      if per_seed:
+        word = compare({"values": me["worst10_values"]}, {"values": other["worst10_values"]})
+        p = welch_p({"values": me["worst10_values"]}, {"values": other["worst10_values"]})
+        word = {"ahead of": "rises", "behind": "falls", "tied with": "tied"}[word]
+        parts.append(f"{split_name} {a:.3f} -> {b:.3f} ({word}, " + (f"p = {p:.2g})" if p == p else "one seed: no test)"))
+      else:
+        parts.append(f"{split_name} {a:.3f} -> {b:.3f} ({'rises' if b > a else 'falls' if b < a else 'unchanged'})")
+    if parts:
+      lines.append(f"- {protocol_name}: " + "; ".join(parts) + ".")
+  return "\n".join(lines) + "\n"
+
+
+def cells_of_records(results: dict[str, Any]) -> dict[str, Any]:
+  """A per-seed results file of `scripts/study_recipe.py` ("records") as cells of per-seed values (of its longest
+  runs, when it holds runs of several lengths)."""
+  rounds = max((r.get("rounds", 0) for r in results["records"]), default=0)
+  groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+  for r in results["records"]:
+    if r.get("rounds", 0) == rounds:
+      groups.setdefault((r["split"], r["method"]), []).append(r)
+  cells = [{"split": split, "protocol": "as_scored", "method": method, "values": [r["accuracy"] for r in rs],
+            "seeds": [r["seed"] for r in rs], "worst10": float(np.mean([r["worst10"] for r in rs])),
+            "worst10_values": [r["worst10"] for r in rs]}
+           for (split, method), rs in sorted(groups.items())]
+  return {**results, "cells": cells, "subject": "FedSpa, its local model", "worst10_against": "FedSpa, m_k ⊙ w",
+          "splits": {"balanced": "the group's split (dirichlet_balanced, alpha 0.3)", "dirichlet": "Dirichlet(0.3)"},
+          "protocols": {"as_scored": "as each method scores itself (FedAvg-FT: after its 5 fine-tuning epochs)"}}
+
+
+def read_results(path: pathlib.Path) -> dict[str, Any]:
+  results = json.loads(path.read_text())
+  if "records" in results:
+    results = cells_of_records(results)
+  results["file"] = f"scripts/results/{path.name}"
+  return results
+
+
+def replace_block(text: str, block: str) -> str:
+  if VERDICT_BEGIN not in text or VERDICT_END not in text:
+    raise SystemExit(f"{VERDICT} has no {VERDICT_BEGIN} ... {VERDICT_END} block")
+  head, rest = text.split(VERDICT_BEGIN, 1)
+  return head + f"{VERDICT_BEGIN}\n{block}{VERDICT_END}" + rest.split(VERDICT_END, 1)[1]
+
+
+def check_verdict(docs: pathlib.Path, block: str) -> bool:
+  """Whether `docs` holds exactly `block` between the verdict markers, and docs/benchmarks.md's protocol section
+  (which includes the verdict, `report`) holds the verdict as it is."""
+  text = docs.read_text()
+  benchmarks = docs.parent / "benchmarks.md"
+  copied = not benchmarks.is_file() or BEGIN not in benchmarks.read_text() or text.strip() in benchmarks.read_text()
+  return replace_block(text, block) == text and copied
+
+
 def jax_version(units: list[dict[str, Any]]) -> str:
   try:
     import jax
@@ -206,7 +348,25 @@ def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--out", default=study.PROTOCOLS_OUT)
   parser.add_argument("--update-docs", action="store_true")
+  parser.add_argument("--results", default=str(RESULTS), help="the per-seed (or per-cell) results file")
+  parser.add_argument("--verdict", action="store_true", help="print the verdict's derived block")
+  parser.add_argument("--write-verdict", action="store_true", help="write it into docs/protocol_verdict.md")
+  parser.add_argument("--check", action="store_true", help="exit 1 if docs/protocol_verdict.md and the file disagree")
   args = parser.parse_args(argv)
+  if args.verdict or args.write_verdict or args.check:
+    block = verdict_block(read_results(pathlib.Path(args.results).resolve()))
+    if args.write_verdict:
+      old = VERDICT.read_text()
+      VERDICT.write_text(replace_block(old, block))
+      benchmarks = VERDICT.parent / "benchmarks.md"  # its copy in the protocol section too
+      if benchmarks.is_file() and old.strip() in benchmarks.read_text():
+        benchmarks.write_text(benchmarks.read_text().replace(old.strip(), VERDICT.read_text().strip()))
+    if args.check and not check_verdict(VERDICT, block):
+      print(f"{VERDICT} disagrees with {args.results}: run scripts/protocol_report.py --write-verdict", file=sys.stderr)
+      return 1
+    if args.verdict:
+      print(block)
+    return 0
   out = pathlib.Path(args.out)
   section = report(out)
   out.mkdir(parents=True, exist_ok=True)

@@ -43,6 +43,8 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
   group = parser.add_argument_group("experiment (a config file, then flags, then --set, each overriding the last)")
   group.add_argument("--config", help="shipped config name (see `fedspa-jax list`) or path to a .py config file "
                                       "with get_config(); default: 'default'")
+  group.add_argument("--recipe", help="a named recipe (fedspa_jax.recipes, e.g. 'dispfl'): the settings a published code "
+                                      "base runs the algorithm with, after the config file and before the flags")
   for flag, field, kind in _FLAGS:
     group.add_argument(flag, dest=field, type=kind, default=None, help=f"config key {field}")
   group.add_argument(
@@ -157,6 +159,13 @@ def resolve_config(args: argparse.Namespace, *, algorithm_names: tuple[str, ...]
   else:
     config = config_lib.load(args.config or "default", smoke=bool(smoke))
   changes = [(field, getattr(args, field)) for _, field, _ in _FLAGS if getattr(args, field) is not None] + overrides
+  if getattr(args, "recipe", None):
+    from fedspa_jax import recipes
+
+    if algorithm_names:
+      raise config_lib.ConfigError("--recipe sets one algorithm's settings: use it with run or sweep")
+    name = next((value for key, value in reversed(changes) if key == "algorithm"), config.algorithm)
+    changes = [("algorithm", name)] + recipes.get(args.recipe).overrides(name) + changes
   if not algorithm_names:  # compare gives each of its algorithms the hyperparameters it takes itself
     config = switch_algorithm(config, changes, quiet=getattr(args, "quiet", False))
   return config_lib.apply_overrides(config, changes), per_algorithm

@@ -154,6 +154,7 @@ def local_train(
     preprocess: Callable[[jax.Array], jax.Array] = lambda x: x,
     trainable: Any | None = None,
     regularizer: Callable[[Params], jax.Array] | None = None,
+    dense_clip_norm: float | None = None,
 ) -> TrainResult:
   """Local SGD of one client from `params` over its own data; coordinates outside `mask` stay exactly 0.
 
@@ -171,6 +172,9 @@ def local_train(
     trainable: bool pytree (per leaf: a bool or an array like the leaf); leaves or entries marked False are frozen
       (unchanged, though unlike masked entries not zeroed). None trains everything.
     regularizer: params -> scalar added to the loss (e.g. Ditto's proximal term); not part of the reported loss.
+    dense_clip_norm: clip each step's gradient of every coordinate, the inactive ones included, to this global norm
+      before it is masked (`Common.clip_mode="dense"`, as rong-dai/DisPFL's trainer does); None: no such clipping
+      (a `clip_norm` in `optimizer` clips the masked gradient).
 
   Returns:
     A `TrainResult`; `steps` and `samples` count exactly the work done.
@@ -184,6 +188,10 @@ def local_train(
 
   loss_and_grad = jax.value_and_grad(objective, has_aux=True)
   mask_tree = apply_mask if mask is not None else (lambda tree, _: tree)
+  if dense_clip_norm is None:
+    clip = lambda grads: grads
+  else:
+    clip = lambda grads: optax.clip_by_global_norm(dense_clip_norm).update(grads, optax.EmptyState())[0]
   if trainable is None:
     freeze = lambda new, old: new
   else:
@@ -193,7 +201,7 @@ def local_train(
     p, opt_state, loss_sum, correct_sum, labels_sum, seen_sum = carry
     x, y, w = draw_batch(data, key, s, batch_size)
     (_, (loss, correct, labels)), grads = loss_and_grad(p, x, y, w)
-    updates, opt_state = optimizer.update(mask_tree(grads, mask), opt_state, p)
+    updates, opt_state = optimizer.update(mask_tree(clip(grads), mask), opt_state, p)
     p = freeze(mask_tree(optax.apply_updates(p, updates), mask), p)
     seen = jnp.sum(w)
     return p, opt_state, loss_sum + loss * labels, correct_sum + correct, labels_sum + labels, seen_sum + seen

@@ -36,10 +36,16 @@ from fedspa_jax.client import ApplyFn, ClientData, label_weights
 
 
 class Personal(NamedTuple):
-  """A model a client is scored with, and the mask that stays fixed if it is fine-tuned (None: dense)."""
+  """A model a client is scored with, and the mask that stays fixed if it is fine-tuned (None: dense).
+
+  `trained_round` (int32 [], optional): for a model a client trained and kept (FedSpa's "local"), the number of
+  rounds done when it was trained (0: never; such a client is scored with another model); the evaluation reports
+  the models' ages from it (`staleness`).
+  """
 
   params: Any
   mask: Any | None = None
+  trained_round: Any | None = None
 
 
 # (server params, client state, train data, key) -> {protocol name: Personal}, the method's own protocol first
@@ -186,6 +192,8 @@ def make_evaluate_clients(
         out[f"accuracy{suffix}"] = jnp.where(diverged, nan, scored["accuracy"])
         if i == 0:
           out.update(count=scored["count"], client_diverged=diverged)
+          if personal.trained_round is not None:
+            out["trained_round"] = jnp.asarray(personal.trained_round, jnp.int32)
         if forward_flops is not None:
           flops += forward_flops(personal) * (test_k.count + 3 * tuned).astype(jnp.float32)
       if forward_flops is not None:
@@ -231,6 +239,39 @@ def summaries(ids: jax.Array, out: dict[str, jax.Array], participated: jax.Array
   if "flops" in out:
     result["flops"] = jnp.sum(out["flops"])
   return result
+
+
+def staleness(trained_round: jax.Array, round: jax.Array) -> dict[str, jax.Array]:
+  """Ages in rounds of the kept models an evaluation after `round` rounds scores (`Personal.trained_round`).
+
+  A model trained in the last round done has age 0. With partial participation a client's kept model is as old as
+  the rounds since it was last sampled (about K / S - 1 on average at S of K per round), while a method whose
+  clients all train every round (as in rong-dai/DisPFL) scores models of age 0: compare such methods knowing that.
+
+  Args:
+    trained_round: int32 [C] per evaluated client, 0 for a client that never trained (left out: it is scored with
+      another model).
+    round: the rounds done (the state's round counter).
+
+  Returns:
+    {"mean": float32 (NaN when no client trained), "max": int32 (0 then), "scored": int32, the clients counted}.
+  """
+  scored = trained_round > 0
+  age = jnp.asarray(round, jnp.int32) - trained_round
+  n = jnp.sum(scored, dtype=jnp.int32)
+  total = jnp.sum(jnp.where(scored, age, 0)).astype(jnp.float32)
+  return {
+      "mean": jnp.where(n > 0, total / jnp.maximum(n, 1).astype(jnp.float32), jnp.nan),
+      "max": jnp.max(jnp.where(scored, age, 0)),
+      "scored": n,
+  }
+
+
+def with_staleness(result: dict[str, Any], round: jax.Array) -> dict[str, Any]:
+  """`result` with its "staleness" (`staleness`) when its clients' models carry `trained_round`."""
+  if "trained_round" not in result:
+    return result
+  return {**result, "staleness": staleness(result["trained_round"], round)}
 
 
 def make_evaluate(

@@ -30,6 +30,24 @@ def is_maskable(path: tuple, leaf: Any) -> bool:
   return np.ndim(leaf) >= 2
 
 
+def is_parameter(path: tuple, leaf: Any) -> bool:
+  """Every parameter with at least one dimension is sparsified, biases and norm scales included (as rong-dai/DisPFL
+  masks and applies ERK over all of a model's parameters, `my_model_trainer.py`)."""
+  del path
+  return np.ndim(leaf) >= 1
+
+
+# Which leaves a sparse method masks (`masked_leaves`): "kernels" (`is_maskable`, the default) or "all" (`is_parameter`).
+MASKED_LEAVES = {"kernels": is_maskable, "all": is_parameter}
+
+
+def maskable_rule(masked_leaves: str) -> Maskable:
+  """The `Maskable` rule named by `masked_leaves` ("kernels" or "all"); ValueError for any other name."""
+  if masked_leaves not in MASKED_LEAVES:
+    raise ValueError(f"masked_leaves must be one of {tuple(MASKED_LEAVES)}, got {masked_leaves!r}")
+  return MASKED_LEAVES[masked_leaves]
+
+
 def check_density(density: float) -> None:
   """Raises ValueError unless 0 < density <= 1."""
   if not isinstance(density, (int, float)) or not 0.0 < float(density) <= 1.0:

@@ -101,6 +101,8 @@ def eval_record(round: int, ev: dict[str, Any], train: dict[str, float], totals:
       eval_clients=int(ev["evaluated"]), eval_with_test_data=int(ev["with_test_data"]),
       eval_diverged=int(ev["diverged"]), eval_participating=int(ev["participating"]),
   )
+  if "staleness" in ev:  # the age in rounds of the kept models scored (FedSpa "local"; evaluation.staleness)
+    record.update(staleness_mean=float(ev["staleness"]["mean"]), staleness_max=int(ev["staleness"]["max"]))
   if ev.get("finetuned") is not None:
     record["finetune_epochs"] = finetune_epochs
     record.update(protocol_record(ev["finetuned"], "finetuned_"))
@@ -167,6 +169,7 @@ def run_summary(config: Config, algo: Any, data: data_lib.FederatedData, ev: dic
       "clients_with_test_data": int(ev["with_test_data"]),
       "clients_diverged": int(ev["diverged"]),
       "clients_participating": int(ev["participating"]),
+      **({"staleness": {k: float(v) for k, v in ev["staleness"].items()}} if "staleness" in ev else {}),
       "final_loss_mean": float(ev["loss_summary"]["mean"]),
       "best_accuracy_mean": best["accuracy_mean"],
       "best_round": best["round"],

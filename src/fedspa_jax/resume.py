@@ -35,6 +35,10 @@ CHECKPOINT_FORMAT = 3
 
 _START_OVER = "pass --overwrite to start over"
 
+# Hyperparameters added after runs were checkpointed, with the values those runs trained with: a checkpoint whose
+# record lacks one resumes into a run that resolves it to this value (and into no other).
+ADDED_HPARAMS = {"clip_mode": "masked", "finetune_lr": None, "masked_leaves": "kernels"}
+
 
 def sampling(config: Config, hparams: dict[str, Any]) -> dict[str, Any]:
   """How the run draws its cohorts: {"cohort_sampling": mode} and, for "stratified", the number of strata T."""
@@ -89,6 +93,7 @@ def check(meta: dict[str, Any], expected: dict[str, Any], config: Config, where:
         f"resume with the run's own setting on as many devices as it had, or {_START_OVER}"
     )
   saved, now = meta.get("algorithm_hparams", {}), expected["algorithm_hparams"]
+  saved = {**{k: v for k, v in ADDED_HPARAMS.items() if k in now}, **saved}
   differ = [f"{k}: {saved.get(k, '<unset>')!r} -> {now.get(k, '<unset>')!r}"
             for k in sorted(set(saved) | set(now)) if saved.get(k, "<unset>") != now.get(k, "<unset>")]
   if differ:

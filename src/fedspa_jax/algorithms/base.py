@@ -17,7 +17,7 @@ from fedspa_jax import accounting, inflight, population
 from fedspa_jax import store as store_lib
 from fedspa_jax.client import local_train, make_preprocess
 from fedspa_jax.data.federated import FederatedData
-from fedspa_jax.evaluation import Personal, make_evaluate, make_evaluate_clients, summaries
+from fedspa_jax.evaluation import Personal, make_evaluate, make_evaluate_clients, summaries, with_staleness
 from fedspa_jax.models import flops
 from fedspa_jax.population import CLIENT_AXIS, PlacedData
 from fedspa_jax.round import SimState, check_aggregation, check_mesh, make_round
@@ -72,9 +72,13 @@ class Common:
     lr, momentum, weight_decay: the clients' SGD (ignored when `optimizer` is given).
     lr_decay: the clients' lr at round t is lr * lr_decay^t, in (0, 1] (1: constant; with `optimizer`, its updates
       are scaled by lr_decay^t).
-    clip_norm: each local step's (masked) gradient is clipped to this global norm before the optimizer (None: no
-      clipping).
+    clip_norm: each local step's gradient is clipped to this global norm before the optimizer (None: no clipping).
+    clip_mode: which gradient `clip_norm` measures, for sparse methods: "masked" (default: the gradient of the active
+      coordinates) or "dense" (every coordinate's, the inactive ones included, then masked: as rong-dai/DisPFL's
+      `my_model_trainer.py` clips before masking). Dense methods train with no mask: both are the same.
     optimizer: an optax transformation for local training.
+    finetune_lr: the lr of fine-tuning at evaluation (`evaluate(..., finetune_epochs=E)`, FedAvg-FT), constant;
+      None (default): the clients' lr at the evaluated round, lr * lr_decay^t. Needs the built-in SGD.
     rounds: planned rounds T (schedules use it).
     weighting: "samples" (aggregate weighted by client sample counts) or "uniform" (1 per client). Every algorithm
       sets its own default (`with_defaults`; docs/algorithms.md says why), recorded in its hparams.
@@ -109,7 +113,9 @@ class Common:
   weight_decay: float = 0.0
   lr_decay: float = 1.0
   clip_norm: float | None = None
+  clip_mode: str = "masked"
   optimizer: optax.GradientTransformation | None = None
+  finetune_lr: float | None = None
   rounds: int = 100
   weighting: str | None = None
   server_lr: float = 1.0
@@ -139,6 +145,9 @@ class Common:
     make_optimizer(self.optimizer, self.lr, self.momentum, self.weight_decay)  # validates lr and momentum
     check_lr_decay(self.lr_decay)
     check_clip_norm(self.clip_norm)
+    if self.clip_mode not in CLIP_MODES:
+      raise ValueError(f"clip_mode must be one of {CLIP_MODES}, got {self.clip_mode!r}")
+    check_finetune_lr(self.finetune_lr, self.optimizer)
 
   @classmethod
   def with_defaults(cls, common: dict[str, Any], **defaults: Any) -> "Common":
@@ -149,13 +158,24 @@ class Common:
     """Keywords for `client.local_train` in round `round`: optimizer (lr decayed to that round), batch size, epochs
     or steps. `round` may be traced; None: the undecayed lr."""
     scale = None if round is None or self.lr_decay == 1.0 else jnp.float32(self.lr_decay) ** round
+    dense = self.clip_mode == "dense"
     return dict(
-        optimizer=make_optimizer(self.optimizer, self.lr, self.momentum, self.weight_decay, clip_norm=self.clip_norm,
-                                 lr_scale=scale),
+        optimizer=make_optimizer(self.optimizer, self.lr, self.momentum, self.weight_decay,
+                                 clip_norm=None if dense else self.clip_norm, lr_scale=scale),
         batch_size=self.batch_size,
         local_epochs=self.local_epochs,
         local_steps=self.local_steps,
+        dense_clip_norm=self.clip_norm if dense else None,
     )
+
+  def finetune_kwargs(self, round: jax.Array | int, epochs: int) -> dict[str, Any]:
+    """Keywords for `client.local_train` when a client fine-tunes `epochs` epochs at evaluation after `round` rounds:
+    `finetune_lr` if set, else round `round`'s lr."""
+    kwargs = {**self.train_kwargs(round), "local_epochs": epochs, "local_steps": None}
+    if self.finetune_lr is not None:
+      kwargs["optimizer"] = make_optimizer(None, self.finetune_lr, self.momentum, self.weight_decay,
+                                           clip_norm=None if self.clip_mode == "dense" else self.clip_norm)
+    return kwargs
 
   def as_dict(self) -> dict[str, Any]:
     """The hyperparameters a run records. Not the mesh or platform: they say where the programs run, and results
@@ -163,6 +183,9 @@ class Common:
     return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
             if f.name not in ("optimizer", "mesh", "platform")}
 
+
+# Which gradient `clip_norm` measures (`Common.clip_mode`).
+CLIP_MODES = ("masked", "dense")
 
 # The platforms a program can be built for: jax.export's names, and "gpu" as `jax.default_backend()` says on CUDA.
 PLATFORMS = ("cpu", "cuda", "rocm", "gpu", "tpu")
@@ -260,6 +283,15 @@ def check_clip_norm(clip_norm: Any) -> None:
     return
   if isinstance(clip_norm, bool) or not isinstance(clip_norm, (int, float)) or not clip_norm > 0:
     raise ValueError(f"clip_norm must be a number > 0 (or null: no clipping), got {clip_norm!r}")
+
+
+def check_finetune_lr(finetune_lr: Any, optimizer: Any) -> None:
+  if finetune_lr is None:
+    return
+  if isinstance(finetune_lr, bool) or not isinstance(finetune_lr, (int, float)) or not finetune_lr > 0:
+    raise ValueError(f"finetune_lr must be a number > 0 (or null: the clients' lr at that round), got {finetune_lr!r}")
+  if optimizer is not None:
+    raise ValueError("finetune_lr sets the lr of the built-in SGD; with an optax `optimizer`, leave it None")
 
 
 def check_local_work(batch_size: int, local_epochs: int | None, local_steps: int | None) -> None:
@@ -499,7 +531,7 @@ def assemble(
 
     finetune = None
     if epochs:
-      kwargs = {**common.train_kwargs(state.round), "local_epochs": epochs, "local_steps": None}
+      kwargs = common.finetune_kwargs(state.round, epochs)
 
       def finetune(personal: Personal, train_k, key):
         result = local_train(personal.params, personal.mask, train_k, key, apply_fn=apply_fn, preprocess=preprocess,
@@ -524,13 +556,13 @@ def assemble(
     key = jax.random.fold_in(jax.random.fold_in(state.key, state.round), 2)  # 0: cohort, 1: clients
     options = evaluate_options(state, data, preprocess, epochs)
     if mesh is not None:
-      return evaluate_sharded(state, data, clients, layout, preprocess, key, options)
+      return with_staleness(evaluate_sharded(state, data, clients, layout, preprocess, key, options), state.round)
     evaluate_clients = make_evaluate(**options)
     ids = jnp.arange(data.num_clients, dtype=jnp.int32) if clients is None else jnp.asarray(clients, jnp.int32)
-    return evaluate_clients(
+    return with_staleness(evaluate_clients(
         state.server.params, lambda i: layout.gather(state.clients, i), ids, state.participation, data.train,
         data.test, key, preprocess,
-    )
+    ), state.round)
 
   def evaluate_sharded(state, data, clients, layout, preprocess, key, options):
     # Each device evaluates the clients it holds; the per-client results are gathered, replicated.

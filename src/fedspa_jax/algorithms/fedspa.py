@@ -44,12 +44,15 @@ class LocalModelState(NamedTuple):
     local_mask: the mask its local model was trained under.
     local: the sparse model it ended its last local training with (zeros before it first trains).
     trained: bool []: it has trained at least once.
+    trained_round: int32 []: the number of rounds done when it last trained (round index + 1; 0: never), so an
+      evaluation after t rounds scores a local model t - trained_round rounds old (its staleness).
   """
 
   mask: Any
   local_mask: Any
   local: Any
   trained: jax.Array
+  trained_round: jax.Array
 
 
 # FedSpa's objective is (1/K) sum_k f_k(m_k ⊙ w). Uniform sampling, and stratified sampling (equal strata only,
@@ -58,16 +61,16 @@ class LocalModelState(NamedTuple):
 DEFAULT_WEIGHTING = "uniform"
 
 
-def make_densities(params: Any, density: float, rule: str) -> Any:
-  """Per-leaf densities by rule ("erk" or "uniform")."""
+def make_densities(params: Any, density: float, rule: str, maskable: masks.Maskable = masks.is_maskable) -> Any:
+  """Per-leaf densities by rule ("erk" or "uniform") over the leaves `maskable` picks."""
   if rule not in DENSITY_RULES:
     raise ValueError(f"density_rule must be one of {DENSITY_RULES}, got {rule!r}")
-  return (masks.erk_densities if rule == "erk" else masks.uniform_densities)(params, density)
+  return (masks.erk_densities if rule == "erk" else masks.uniform_densities)(params, density, maskable=maskable)
 
 
 def make_client_update(
     *, apply_fn, preprocess, train_kwargs: dict | Callable[[jax.Array], dict], alpha: float, t_end: int, regrow: str,
-    update_masks: bool, keep_local: bool = False,
+    update_masks: bool, keep_local: bool = False, maskable: masks.Maskable = masks.is_maskable,
 ):
   """One FedSpa client: (w, mask, data, key, round) -> ClientOutput(U_k, coverage=mask, state=new mask, metrics).
 
@@ -91,7 +94,7 @@ def make_client_update(
               result.params, data, k_grad, apply_fn=apply_fn, batch_size=kwargs["batch_size"],
               preprocess=preprocess,
           )
-        return prune_and_regrow(mask, result.params, grads, rate, k_mask, regrow)
+        return prune_and_regrow(mask, result.params, grads, rate, k_mask, regrow, maskable=maskable)
 
       # The rate depends on the round alone, which the round passes unbatched (the same for the whole cohort), so
       # this stays a real branch under vmap: after t_end no regrowth gradient is computed.
@@ -99,7 +102,8 @@ def make_client_update(
     update = jax.tree.map(jnp.subtract, x0, result.params)
     metrics = {"loss": result.loss, "accuracy": result.accuracy, "steps": result.steps, "samples": result.samples}
     if keep_local:
-      new_state = LocalModelState(new_mask, mask, result.params, jnp.ones((), bool))
+      done = jnp.asarray(round, jnp.int32) + 1
+      new_state = LocalModelState(new_mask, mask, result.params, jnp.ones((), bool), done)
     else:
       new_state = new_mask
     return ClientOutput(update=update, coverage=mask, state=new_state, metrics=metrics)
@@ -119,6 +123,7 @@ def fedspa(
     aggregation: str = "mean",
     shared_init_mask: bool = False,
     personal_model: str = "masked_global",
+    masked_leaves: str = "kernels",
     **common: Any,
 ) -> Algorithm:
   """Builds FedSpa.
@@ -135,6 +140,8 @@ def fedspa(
     shared_init_mask: give every client the same initial mask.
     personal_model: what a client is scored with: "masked_global" (m_k ⊙ w) or "local" (the model it ended its last
       local training with; costs the model's values per client); see the module docstring.
+    masked_leaves: which leaves are sparse: "kernels" (ndim >= 2; biases and scales stay dense) or "all" (every
+      parameter, biases included, with the density rule over all of them, as rong-dai/DisPFL does).
     **common: the hyperparameters every algorithm shares (`base.Common`): clients_per_round, local_epochs,
       local_steps, batch_size, lr, momentum, weight_decay, optimizer, rounds, weighting (default "uniform": the
       objective's (1/K) sum_k f_k), server_lr, mesh, ...
@@ -154,7 +161,8 @@ def fedspa(
   if personal_model not in PERSONAL_MODELS:
     raise ValueError(f"personal_model must be one of {PERSONAL_MODELS}, got {personal_model!r}")
   keep_local = personal_model == "local"
-  densities_of = lambda params: make_densities(params, density, density_rule)
+  maskable = masks.maskable_rule(masked_leaves)
+  densities_of = lambda params: make_densities(params, density, density_rule, maskable)
   apply_fn = lambda params, x: model.apply({"params": params}, x)
 
   def init_clients(key, params, ids):
@@ -162,12 +170,12 @@ def fedspa(
     if not keep_local:
       return client_masks
     zeros = jax.tree.map(lambda a: jnp.zeros((ids.shape[0], *a.shape), a.dtype), params)
-    return LocalModelState(client_masks, client_masks, zeros, jnp.zeros(ids.shape, bool))
+    return LocalModelState(client_masks, client_masks, zeros, jnp.zeros(ids.shape, bool), jnp.zeros(ids.shape, jnp.int32))
 
   def make_client_fn(preprocess):
     return make_client_update(
         apply_fn=apply_fn, preprocess=preprocess, train_kwargs=common.train_kwargs, alpha=alpha, t_end=t_end,
-        regrow=regrow, update_masks=update_masks, keep_local=keep_local,
+        regrow=regrow, update_masks=update_masks, keep_local=keep_local, maskable=maskable,
     )
 
   def personalize(w, state, train_k, key):
@@ -175,18 +183,19 @@ def fedspa(
     masked_global = Personal(masks.apply_mask(w, mask), mask)
     if not keep_local:
       return {"masked_global": masked_global}
-    trained = Personal(state.local, state.local_mask)
-    local = jax.tree.map(lambda a, b: jnp.where(state.trained, a, b), trained, masked_global)
+    pick = lambda a, b: jax.tree.map(lambda x, y: jnp.where(state.trained, x, y), a, b)
+    local = Personal(pick(state.local, masked_global.params), pick(state.local_mask, mask), state.trained_round)
     return {"local": local, "masked_global": masked_global}
 
   def client_state_bytes(params):
     """Bytes per leaf of one client's stored state: its mask (the store keeps the whole mask, dense leaves
-    included); with "local" a second mask, the local model's values, and the `trained` flag's word (on leaf 0)."""
+    included); with "local" a second mask, the local model's values, the `trained` flag's word and `trained_round`
+    (on leaf 0)."""
     every_leaf = jax.tree.map(lambda _: True, params)
     mask = accounting.state_bytes(params, mask_bits=every_leaf)
     if not keep_local:
       return mask
-    return (2 * mask + accounting.state_bytes(params, values=every_leaf)).at[0].add(4)
+    return (2 * mask + accounting.state_bytes(params, values=every_leaf)).at[0].add(8)
 
   def account(params, metrics, real, round, sample_shape):
     densities = densities_of(params)
@@ -213,6 +222,7 @@ def fedspa(
   hparams = dict(
       density=density, density_rule=density_rule, alpha=alpha, t_end=t_end, regrow=regrow,
       update_masks=update_masks, shared_init_mask=shared_init_mask, personal_model=personal_model,
+      masked_leaves=masked_leaves,
   )
   return assemble(
       name="fedspa", hparams=hparams, model=model, common=common, init_clients=init_clients,

@@ -5,7 +5,7 @@ Heterogeneity" (ICDCS workshops 2021); reference code github.com/MMorafah/Sub-Fe
 src/client/client_u.py, src/sub_fedavg/sub_fedavg_u.py, src/pruning/unstructured.py). The rules, as that code runs
 them:
 
-1. Client k keeps a mask m_k (dense at first; only kernels are pruned, biases never) and its own network v_k (w_0
+1. Client k keeps a mask m_k (dense at first; only kernels are pruned, biases never, unless `masked_leaves="all"`) and its own network v_k (w_0
    at first), which is what it is evaluated with.
 2. A sampled client starts from m_k ⊙ w and trains `local_epochs` with masked gradients.
 3. Two pruning candidates, one from the weights after the first local epoch and one after the last: in every kernel,
@@ -84,7 +84,7 @@ class PruneDecision(NamedTuple):
   candidate: Any
 
 
-def percentile_prune(mask: Any, params: Any, rate: Any) -> Any:
+def percentile_prune(mask: Any, params: Any, rate: Any, maskable: masks.Maskable = masks.is_maskable) -> Any:
   """In every maskable leaf, drops the active weights below the `rate` percentile of the active magnitudes.
 
   np.percentile's linear interpolation puts that percentile above exactly ceil(rate * (n - 1)) of n distinct active
@@ -92,7 +92,7 @@ def percentile_prune(mask: Any, params: Any, rate: Any) -> Any:
   """
 
   def leaf(path, m, p):
-    if not masks.is_maskable(path, m):
+    if not maskable(path, m):
       return m
     active = jnp.sum(m, dtype=jnp.int32)
     count = jnp.ceil(rate * (active - 1).astype(jnp.float32)).astype(jnp.int32)
@@ -101,11 +101,11 @@ def percentile_prune(mask: Any, params: Any, rate: Any) -> Any:
   return jax.tree_util.tree_map_with_path(leaf, mask, params)
 
 
-def mask_distance(mask_a: Any, mask_b: Any) -> jax.Array:
+def mask_distance(mask_a: Any, mask_b: Any, maskable: masks.Maskable = masks.is_maskable) -> jax.Array:
   """Mean over the maskable leaves of the share of entries where two masks differ (0 with no maskable leaf)."""
   shares = [
       jnp.mean(a != b) for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(mask_a)[0], jax.tree.leaves(mask_b))
-      if masks.is_maskable(path, a)
+      if maskable(path, a)
   ]
   return jnp.mean(jnp.stack(shares)) if shares else jnp.zeros((), jnp.float32)
 
@@ -128,6 +128,7 @@ def decide_pruning(
     density: float,
     distance_threshold: float,
     accuracy_threshold: float,
+    maskable: masks.Maskable = masks.is_maskable,
 ) -> PruneDecision:
   """The reference's prune-or-revert rule for one client.
 
@@ -140,12 +141,14 @@ def decide_pruning(
     density: target share of parameters kept (the pruning target is 1 - density, over all parameters).
     distance_threshold: prune only when the early and late candidates differ by more than this.
     accuracy_threshold: keep the pruned network only when its accuracy exceeds this.
+    maskable: which leaves are pruned (default: kernels).
   """
-  distance = mask_distance(percentile_prune(mask, early, rate), percentile_prune(mask, late, rate))
+  prune = lambda m, p, r: percentile_prune(m, p, r, maskable)
+  distance = mask_distance(prune(mask, early, rate), prune(mask, late, rate), maskable)
   pruned = pruned_share(mask)
   gap = (1.0 - density) - pruned
   step = jnp.where(gap < rate, jnp.minimum(gap / (1.0 - pruned), FINAL_STEP_CAP), rate)
-  candidate = percentile_prune(mask, late, step)
+  candidate = prune(mask, late, step)
   pruned_params = masks.apply_mask(late, candidate)
   tried = (distance > distance_threshold) & (gap > 0)
   kept = tried & (accuracy_of(pruned_params) > accuracy_threshold)
@@ -175,6 +178,7 @@ def subfedavg(
     prune_rate: float = 0.1,
     distance_threshold: float = 1e-4,
     accuracy_threshold: float = 0.5,
+    masked_leaves: str = "kernels",
     **common: Any,
 ) -> Algorithm:
   """Builds Sub-FedAvg (unstructured) as its reference code runs it (see the module docstring).
@@ -186,6 +190,7 @@ def subfedavg(
     prune_rate: share of each kernel's active weights one pruning step removes (reference: 10%).
     distance_threshold: the early/late candidate mask distance a client must exceed to prune (reference: 1e-4).
     accuracy_threshold: accuracy the pruned network must exceed to be kept (reference: 50%).
+    masked_leaves: which leaves are pruned: "kernels" (the reference's "weight" tensors) or "all" (biases too).
     **common: the shared hyperparameters (`base.Common`); `weighting` defaults to "uniform" (the reference's plain
       average).
 
@@ -198,6 +203,7 @@ def subfedavg(
   check_rate(accuracy_threshold, "accuracy_threshold")
   if not isinstance(distance_threshold, (int, float)) or not distance_threshold >= 0:
     raise ValueError(f"distance_threshold must be a number >= 0, got {distance_threshold!r}")
+  maskable = masks.maskable_rule(masked_leaves)
   apply_fn = make_apply_fn(model)
   epochs = common.local_epochs if common.local_steps is None else None
   two_phase = epochs is not None and epochs >= 2
@@ -223,7 +229,7 @@ def subfedavg(
       accuracy_of = lambda p: evaluate_client(apply_fn, p, data, preprocess=preprocess)["accuracy"]
       decision = decide_pruning(
           state.mask, early, late, accuracy_of, rate=prune_rate, density=density,
-          distance_threshold=distance_threshold, accuracy_threshold=accuracy_threshold,
+          distance_threshold=distance_threshold, accuracy_threshold=accuracy_threshold, maskable=maskable,
       )
       per_sample = functools.partial(accounting.mask_training_flops, forward_flops(data.x.shape[1:]))
       trained = _combined(results)
@@ -263,7 +269,7 @@ def subfedavg(
 
   hparams = dict(
       density=density, prune_rate=prune_rate, distance_threshold=distance_threshold,
-      accuracy_threshold=accuracy_threshold,
+      accuracy_threshold=accuracy_threshold, masked_leaves=masked_leaves,
   )
   return assemble(
       name="subfedavg", hparams=hparams, model=model, common=common, init_clients=init_clients,

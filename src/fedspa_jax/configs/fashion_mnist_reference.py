@@ -10,6 +10,11 @@ clipped to global norm 10, density 0.5, prune rate alpha 0.5; Dirichlet(0.3) ove
 code's default split). Here on our data (Fashion-MNIST, LeNet-5), 100 rounds; each client is scored with the sparse
 model it ended its last local training with ("local"), with m_k ⊙ w beside it, and after 1 epoch of fine-tuning
 at the final evaluation.
+
+This is the group's optimizer only. Their method and baseline settings (random regrowth, different initial masks,
+masked-mean aggregation, dense clipping, masked biases, their balanced Dirichlet split, Ditto's 2 + 3 epochs,
+FedAvg-FT's 5 epochs, ...) are the `dispfl` recipe: `fedspa-jax run --recipe dispfl --algorithm A`
+(`fedspa_jax.recipes`).
 """
 
 from fedspa_jax.config import Config

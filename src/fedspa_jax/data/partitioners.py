@@ -11,6 +11,12 @@
   "Federated Learning on Non-IID Data Silos", ICDE 2022, a client that already holds N/K samples gets no more).
   Drawn up to `max_tries` times until every client has `min_samples`; then the best draw is repaired
   deterministically, moving samples from the largest clients to the ones short of the minimum.
+- `dirichlet_balanced`: each client draws its own class mix ~ Dir(alpha) over the classes and gets an equal share
+  N / K of the samples, dealt one at a time in a random order from its mix (a class that has run out is redrawn
+  among those left), as rong-dai/DisPFL's `fedml_api/data_preprocessing/cifar10/data_loader.py` ("dir") does.
+  With `test_mode="global"` each client's test set follows its own label mix (`holdout.draw_global`), equal in
+  size up to rounding when the classes' test/train ratios are equal (the group draws M / K test samples per client
+  by its label mix, with overlaps between clients; here the test sets are disjoint).
 
 Every partitioner returns one sorted int64 index array per client; each sample goes to at most one client (iid
 and the Dirichlet split use every sample; pathological too, unless a class is too small to get a shard).
@@ -259,10 +265,57 @@ def dirichlet(
   return group_by_owner(_repair(best, labels, num_clients, min_samples), num_clients)
 
 
+def dirichlet_balanced(labels: np.ndarray, num_clients: int, *, alpha: float = 0.3, seed: int = 0) -> list[np.ndarray]:
+  """Equal-sized clients, each with its own class mix ~ Dir(alpha) (the DisPFL group's "dir" split).
+
+  Args:
+    labels: [N] integer labels.
+    num_clients: K.
+    alpha: concentration (> 0) of each client's class mix.
+    seed: numpy seed.
+
+  Returns:
+    K sorted int64 index arrays that together hold every index once, their sizes N // K or N // K + 1.
+
+  Raises:
+    ValueError: alpha <= 0, or more clients than samples.
+  """
+  labels = _check_common(labels, num_clients)
+  if not alpha > 0:
+    raise ValueError(f"alpha must be > 0, got {alpha}")
+  if num_clients > len(labels):
+    raise ValueError(f"more clients ({num_clients}) than samples ({len(labels)})")
+  rng = make_rng(seed, 0)
+  classes = np.unique(labels)
+  left = np.array([np.sum(labels == c) for c in classes], dtype=np.int64)
+  mix = rng.dirichlet(np.full(len(classes), alpha), size=num_clients)  # [K, C]
+  slots = rng.permutation(np.repeat(np.arange(num_clients), apportion(len(labels), np.ones(num_clients))))
+  drawn = np.empty(len(slots), dtype=np.int64)
+  u = rng.random(len(slots))
+  start = 0
+  while start < len(slots):  # one pass per class that runs out: at most C + 1
+    p = mix[slots[start:]] * (left > 0)
+    empty = p.sum(axis=1) <= 0  # a mix all on classes that ran out (or underflowed): the classes left, uniformly
+    p[empty] = (left > 0).astype(np.float64)
+    cdf = np.cumsum(p, axis=1) / p.sum(axis=1, keepdims=True)
+    c = np.minimum((u[start:, None] > cdf).sum(axis=1), len(classes) - 1)
+    taken = np.cumsum(np.eye(len(classes), dtype=np.int64)[c], axis=0)  # [n, C] running counts
+    over = np.flatnonzero((taken > left).any(axis=1))
+    stop = len(c) if not len(over) else int(over[0])  # the first draw from a class that has run out is redrawn
+    drawn[start:start + stop] = c[:stop]
+    left -= taken[stop - 1] if stop else 0
+    start += stop
+  owner = np.empty(len(labels), dtype=np.int64)
+  for i, cls in enumerate(classes):
+    owner[rng.permutation(np.flatnonzero(labels == cls))] = slots[drawn == i]
+  return group_by_owner(owner, num_clients)
+
+
 PARTITIONERS: dict[str, Callable[..., list[np.ndarray]]] = {
     "iid": iid,
     "pathological": pathological,
     "dirichlet": dirichlet,
+    "dirichlet_balanced": dirichlet_balanced,
 }
 
 
@@ -299,7 +352,7 @@ def partition(labels: np.ndarray, num_clients: int, method: str, *, seed: int = 
   Args:
     labels: [N] integer labels.
     num_clients: K.
-    method: `iid`, `pathological` or `dirichlet`.
+    method: `iid`, `pathological`, `dirichlet` or `dirichlet_balanced`.
     seed: numpy seed.
     **args: the method's options (`classes_per_client`; `alpha`, `min_samples`, `max_tries`, `balance`).
 

@@ -1,0 +1,86 @@
+"""Recipes (issue 28): the DisPFL group's settings, held against a table written from its files, and --recipe."""
+
+import pytest
+
+import fedspa_jax as fj
+from fedspa_jax import cli, recipes
+from fedspa_jax.config import ConfigError
+
+# Read off rong-dai/DisPFL by hand: fedml_experiments/standalone/<m>/cifar10.sh, main_<m>.py's argparse defaults and
+# fedml_api/standalone/<m>/{my_model_trainer.py, <m>_api.py}. A change to the recipe must change this table too.
+SHARED = {"clients_per_round": 10, "local_epochs": 5, "batch_size": 128, "lr": 0.1, "lr_decay": 0.998,
+          "momentum": 0.0, "weight_decay": 0.0005, "clip_norm": 10.0}
+TABLE = {
+    "fedspa": {**SHARED, "density": 0.5, "density_rule": "erk", "alpha": 0.5, "regrow": "random",
+               "shared_init_mask": False, "aggregation": "masked_mean", "weighting": "uniform", "clip_mode": "dense",
+               "masked_leaves": "all", "personal_model": "local"},
+    "fedavg": {**SHARED, "weighting": "samples"},
+    "fedavg_ft": {**SHARED, "weighting": "samples", "finetune_epochs": 5, "finetune_lr": 0.1 / 0.998},
+    "ditto": {**SHARED, "weighting": "samples", "local_epochs": 2, "personal_epochs": 3, "ditto_lambda": 0.5},
+    "local": {**SHARED, "clients_per_round": 100},
+    "subfedavg": {**SHARED, "density": 0.5, "prune_rate": 0.05, "distance_threshold": 0.0001,
+                  "accuracy_threshold": 0.5, "clip_mode": "masked", "masked_leaves": "kernels"},
+    "fedrep": SHARED,
+}
+CONFIG = {"num_clients": 100, "rounds": 500, "partition": "dirichlet_balanced", "data_args": {"alpha": 0.3}}
+
+
+@pytest.mark.parametrize("algorithm", sorted(TABLE))
+def test_dispfl_recipe_matches_the_table(algorithm):
+  base = fj.config.load("default")
+  config = recipes.apply(base, "dispfl", algorithm)
+  assert {k: config.hparams[k] for k in TABLE[algorithm]} == TABLE[algorithm]
+  assert set(config.hparams) - set(base.hparams) <= set(TABLE[algorithm])  # nothing the table does not hold
+  for key, value in CONFIG.items():
+    assert getattr(config, key) == value
+  fj.algorithms.check_hparam_types(algorithm, {k: config.hparams[k] for k in TABLE[algorithm]})
+
+
+def test_every_recipe_value_builds_its_algorithm():
+  model = fj.models.get("mlp", num_classes=3, hidden=(4,))
+  for algorithm, hparams in TABLE.items():
+    algo = fj.algorithms.get(algorithm, model=model, **{**hparams, "rounds": 500})
+    assert {k: algo.hparams[k] for k in hparams} == hparams
+
+
+def test_unknown_recipes_and_methods_are_clear_errors():
+  with pytest.raises(ConfigError, match="unknown recipe 'fedml'; known: dispfl"):
+    recipes.get("fedml")
+  with pytest.raises(ConfigError, match="recipe 'dispfl' has no settings for 'fedper'"):
+    recipes.get("dispfl").overrides("fedper")
+
+
+def test_cli_recipe_sits_between_the_config_and_the_flags():
+  args = cli.make_parser().parse_args(["run", "--recipe", "dispfl", "--algorithm", "ditto", "--rounds", "7",
+                                       "--set", "ditto_lambda=0.25"])
+  config, _ = cli.resolve_config(args)
+  assert config.algorithm == "ditto" and config.rounds == 7  # the flag wins over the recipe's 500
+  assert config.hparams["ditto_lambda"] == 0.25 and config.hparams["personal_epochs"] == 3
+  assert config.partition == "dirichlet_balanced" and config.data_args == {"alpha": 0.3}
+  args = cli.make_parser().parse_args(["run", "--recipe", "dispfl", "--algorithm", "fedper"])
+  with pytest.raises(ConfigError, match="no settings for 'fedper'"):
+    cli.resolve_config(args)
+
+
+def test_study_units_run_each_method_at_the_recipe():
+  import importlib.util
+  import pathlib
+  import sys
+
+  path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "study_recipe.py"
+  spec = importlib.util.spec_from_file_location("study_recipe", path)
+  study = importlib.util.module_from_spec(spec)
+  sys.modules["study_recipe"] = study
+  spec.loader.exec_module(study)
+  units = study.units("full")
+  assert len(units) == 2 * 6 * 3  # 2 splits x 6 runs (FedAvg's gives FedAvg-FT too) x 3 seeds
+  for unit in units:
+    config = study.unit_config(unit, "full")
+    algorithm = study.METHODS[unit.method][0]
+    table = TABLE[algorithm] if unit.method != "fedavg" else {**TABLE["fedavg"], "finetune_lr": 0.1 / 0.998}
+    assert {k: config.hparams[k] for k in table} == table
+    assert (config.rounds, config.num_clients, config.seed, config.dataset, config.model) == (
+        100, 100, unit.seed, "fashion_mnist", "lenet5")
+    assert config.partition == {"balanced": "dirichlet_balanced", "dirichlet": "dirichlet"}[unit.split]
+    assert config.data_args == {"alpha": 0.3}
+    assert config.eval_finetune_epochs == (5 if unit.method == "fedavg" else 0)
