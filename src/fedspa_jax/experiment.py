@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 import jax
 
-from fedspa_jax import distributed, paths, plots, preemption
+from fedspa_jax import distributed, paths, plots, preemption, privacy
 from fedspa_jax import config as config_lib
 from fedspa_jax import data as data_lib
 from fedspa_jax import records, runner
@@ -110,6 +110,10 @@ def run(
     except TypeError as e:  # an option the data source does not take
       raise ConfigError(f"bad data options {config.data_args}: {e}") from e
     _, algo = build(config, data)
+    budget = privacy.last_round_within(algo, data.num_clients, config.rounds)  # dp_target_epsilon's last round
+    if budget == 0:
+      raise ValueError(f"dp_target_epsilon={config.hparams.get('dp_target_epsilon')} is below the epsilon of one "
+                       f"round ({privacy.epsilon_record(algo, data.num_clients, 1)['dp_epsilon']:.3g})")
     state = algo.init(jax.random.key(config.seed), data)
   except (ValueError, FileNotFoundError) as e:
     if fresh and primary and workdir.is_dir() and not any(workdir.iterdir()):
@@ -138,6 +142,8 @@ def run(
     one.tensorboard = TensorBoardLog.create(workdir / "tensorboard")
   start = int(state.round)
   end = config.rounds if stop_after is None else max(start, min(config.rounds, stop_after))
+  spent = budget is not None and budget < end  # the privacy budget ends the run first
+  end = max(start, budget) if spent else end
   say(f"{algo.name} on {data.name}: {data.num_clients} clients, rounds {start + 1}..{end} of {config.rounds} "
       f"-> {workdir}")
   batch = runner.Batch(
@@ -158,6 +164,12 @@ def run(
     state, ev = runner.loop(batch, end=end, save=save, on_eval=on_eval, say=say, progress=progress, stopper=stopper)
     if end < config.rounds:
       path = ckpt.path(ckpt.latest_round())
+      if spent:
+        eps = privacy.epsilon_record(algo, data.num_clients, end)
+        say(f"stopped after round {end}, the last within dp_target_epsilon={config.hparams['dp_target_epsilon']} "
+            f"(epsilon {eps['dp_epsilon']:.3f} at delta {eps['dp_delta']:g}); checkpoint {path}")
+        return {"status": "stopped", "reason": "dp_target_epsilon", "round": end, **eps, "checkpoint": str(path),
+                "run_dir": str(workdir)}
       say(f"stopped after round {end}; checkpoint {path}; continue with --resume")
       return {"status": "stopped", "round": end, "checkpoint": str(path), "run_dir": str(workdir)}
     [summary] = runner.finish(batch, state, ev)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedspa_jax import algorithms, distributed, models, paths, preemption
+from fedspa_jax import algorithms, distributed, models, paths, preemption, privacy
 from fedspa_jax import config as config_lib
 from fedspa_jax import data as data_lib
 from fedspa_jax.config import Config, ConfigError
@@ -299,6 +299,7 @@ def loop(
         ev_j = batch.pick(ev, j)
         add_eval_flops(run.totals, ev_j)
         record = eval_record(r, ev_j, run.train, run.totals, finetune_epochs=run.config.eval_finetune_epochs)
+        record.update(privacy.epsilon_record(run.algo, run.data.num_clients, r))
         try:
           check_diverged(record)
         except TrainingDiverged as e:
@@ -367,6 +368,7 @@ def finish(batch: Batch, state: Any, ev: dict[str, Any] | None) -> list[dict[str
     else:
       ev_j, state_j = batch.pick(ev, j), batch.run_state(state, j)
       summary = run_summary(run.config, run.algo, run.data, ev_j, run.history, run.totals, run.workdir, state_j)
+      summary.update(privacy.epsilon_record(run.algo, run.data.num_clients, int(state.round)))
       clients = client_arrays(run.algo, state_j, run.data, ev_j)  # every process: a collective
       if distributed.is_primary():
         paths.save_npz(run.workdir / "clients.npz", **clients)
