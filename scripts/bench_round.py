@@ -43,8 +43,7 @@ def load_data(num_clients: int) -> fj.data.FederatedData:
 
 
 DEFAULT_OPTIONS = ("dp_clip=1.0", "dp_noise_multiplier=1.0", "dp_quantile=0.5", "dp_count_noise=2.0",
-                   "straggler_fraction=0.3",
-                   "straggler_work=0.5")
+                   "straggler_fraction=0.3", "straggler_work=0.5")
 
 
 def interleaved(args) -> None:
