@@ -221,3 +221,9 @@ def test_bad_options_are_one_line_errors_before_compiling(changes, message, monk
   hparams = {**tiny(**changes).hparams}
   with pytest.raises(ValueError, match="^[^\n]*$"):
     fj.algorithms.get("fedspa", model=model, **hparams)
+
+
+def test_a_sweep_refuses_a_target_epsilon(tmp_path):
+  with pytest.raises(ConfigError, match="a sweep runs all its rounds"):
+    experiment.sweep(tiny(dp_target_epsilon=5.0), [0, 1], tmp_path / "s", echo=None, progress=False)
+  assert not (tmp_path / "s").exists()
