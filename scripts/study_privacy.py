@@ -171,7 +171,8 @@ def report(args) -> None:
         "hparams": cell["hparams"], "final_accuracy_mean_per_seed": accuracy,
         "final_accuracy_mean": float(np.mean(accuracy)) if accuracy else None,
         "final_accuracy_std": float(np.std(accuracy)) if accuracy else None,
-        "dp_epsilon": runs[0].get("dp_epsilon") if runs else None, "dp_delta": runs[0].get("dp_delta") if runs else None,
+        "dp_epsilon": runs[0].get("dp_epsilon") if runs else None,
+        "dp_delta": runs[0].get("dp_delta") if runs else None,
         "wall_time": cell["wall_time"],
     })
   docs.mkdir(parents=True, exist_ok=True)
