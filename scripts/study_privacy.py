@@ -26,8 +26,10 @@ std 0.013 C per coordinate).
 
 Cells: (group, method, setting); 4 x 6 Fashion-MNIST cells and 2 x 2 Synthetic ones, 28 in all, 84 runs. Each cell
 writes `<out>/<group>/<method>/<setting>/` (the sweep's folder) and `cell.json` when it finishes; `run` skips cells
-with a cell.json. Estimated cost: ~5-7 CPU hours on the 2-core machine of docs/benchmarks.md (the seeded study's
-final units, 3 seeds x 100 rounds at 2 epochs, took 6-15 min each; Ditto trains twice, DP adds little).
+with a cell.json. Estimated cost: ~4.5 hours of one core of the 2-core machine of docs/benchmarks.md (~2.5 h with
+`--shard 0/2` and `1/2` on both cores), from the seeded study's measured rates there: 1.45 s per round of one seed
+for FedSpa and FedAvg, 1.7 for Sub-FedAvg, 2.75 for Ditto, 3 vmapped seeds at ~1.08x per seed, so ~40 min per
+Fashion-MNIST setting of the four methods, x 6 settings, plus ~15 min for the Synthetic cells and compilation.
 `report` writes `<docs>/study_privacy.json` (every cell's hyperparameters, per-seed final accuracy and epsilon), the
 figures `<docs>/img/study_privacy_epsilon.png` and `study_privacy_dropout.png`, and prints the table for
 docs/benchmarks.md.
