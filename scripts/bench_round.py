@@ -1,6 +1,12 @@
 """Throughput of whole federated rounds: rounds/s and training samples/s, one compiled program per round.
 
     .venv/bin/python scripts/bench_round.py --algorithms fedspa fedavg --model lenet5 --cohorts 10 50 --rounds 5
+    .venv/bin/python scripts/bench_round.py --interleave --rounds 20      # plain FedSpa vs DP + 30% stragglers
+
+`--interleave` times, per algorithm and cohort, the plain round against the same round with `--options` (default:
+client-level DP with adaptive clipping and 30% stragglers at half their work, issue 30), alternating one round of
+each so that both see the same machine load; it prints the median time per round of each, their ratio, and the
+samples/s (stragglers train fewer samples, so the two rates differ by more than the times).
 
 Uses real Fashion-MNIST (100 clients, pathological 2 classes) when its files are found, else random uint8 images of
 the same shape. Times exclude compilation (one warm-up round) and block on the results. Prints one Markdown row per
@@ -36,6 +42,47 @@ def load_data(num_clients: int) -> fj.data.FederatedData:
     return fj.data.from_arrays(x, y, num_clients=num_clients, partition="iid", seed=0)
 
 
+DEFAULT_OPTIONS = ("dp_clip=1.0", "dp_noise_multiplier=1.0", "dp_quantile=0.5", "dp_count_noise=2.0",
+                   "straggler_fraction=0.3", "straggler_work=0.5")
+
+
+def interleaved(args) -> None:
+  """Plain round vs the round with `args.options`, one round of each in turn; median seconds per round."""
+  from fedspa_jax.config import split_override
+
+  options = dict(split_override(item) for item in args.options)
+  data = load_data(args.num_clients)
+  device_data = jax.device_put(data)
+  model = fj.models.get(args.model, num_classes=data.num_classes)
+  print(f"# {datetime.date.today()} | {jax.devices()[0].platform}: {bench_models.cpu_model()} x{os.cpu_count()} | "
+        f"jax {jax.__version__} | {data.name}, {data.num_clients} clients, {args.model}, batch {args.batch_size}, "
+        f"1 local epoch | interleaved, {args.rounds} rounds each | options: {' '.join(args.options)}")
+  print("| algorithm | cohort | cohort run | plain s/round | with options s/round | ratio | plain samples/s | "
+        "with options samples/s |")
+  print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+  for name in args.algorithms:
+    for cohort, grouping in itertools.product(args.cohorts, args.cohort_batches):
+      cohort_batch = None if grouping == "vmap" else int(grouping)
+      common = dict(model=model, clients_per_round=cohort, batch_size=args.batch_size, lr=0.05,
+                    rounds=args.rounds + 1, cohort_batch=cohort_batch)
+      variants = [fj.algorithms.get(name, **common), fj.algorithms.get(name, **common, **options)]
+      states = [algo.init(jax.random.key(0), data) for algo in variants]
+      times, samples = [[], []], [0.0, 0.0]
+      for r in range(args.rounds + 1):  # round 0 compiles both
+        for v, algo in enumerate(variants):
+          start = time.perf_counter()
+          states[v], metrics = algo.round(states[v], device_data)
+          jax.block_until_ready((states[v], metrics))
+          if r:
+            times[v].append(time.perf_counter() - start)
+            samples[v] += float(np.sum(metrics["samples"]))
+      plain, other = (float(np.median(t)) for t in times)
+      label = "vmap" if cohort_batch is None else f"lax.map of {cohort_batch}"
+      rates = [samples[v] / sum(times[v]) for v in range(2)]
+      print(f"| {name} | {cohort} | {label} | {plain:.4f} | {other:.4f} | {other / plain:.3f} | {rates[0]:,.0f} | "
+            f"{rates[1]:,.0f} |", flush=True)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--algorithms", nargs="+", default=["fedspa", "fedavg"])
@@ -46,7 +93,13 @@ def main() -> None:
   parser.add_argument("--batch-size", type=int, default=32)
   parser.add_argument("--cohort-batches", nargs="+", default=["vmap"],
                       help="'vmap' (whole cohort vmapped) and/or group sizes k for lax.map over k clients")
+  parser.add_argument("--interleave", action="store_true",
+                      help="time the plain round against the round with --options, alternating rounds")
+  parser.add_argument("--options", nargs="+", default=list(DEFAULT_OPTIONS), metavar="KEY=VALUE",
+                      help=f"hyperparameters of the compared round (default: {' '.join(DEFAULT_OPTIONS)})")
   args = parser.parse_args()
+  if args.interleave:
+    return interleaved(args)
 
   data = load_data(args.num_clients)
   device_data = jax.device_put(data)

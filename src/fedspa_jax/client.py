@@ -31,16 +31,18 @@ ApplyFn = Callable[[Params, jax.Array], jax.Array]
 
 class ClientData(NamedTuple):
   """One client's view of a flat split: x [N_total, ...] and y [N_total] (or [N_total, L] sequence labels) shared,
-  offset [] and count [] its own."""
+  offset [] and count [] its own; `work` [] (float32, optional) the share of its local steps it runs this round
+  (a straggler's < 1, a client that never starts 0; None: all of them)."""
 
   x: jax.Array
   y: jax.Array
   offset: jax.Array
   count: jax.Array
+  work: jax.Array | None = None
 
 
-# How `ClientData` is vmapped over clients: the flat sample arrays are shared, offsets and counts are per client.
-CLIENT_DATA_AXES = ClientData(None, None, 0, 0)
+# How `ClientData` is vmapped over clients: the flat sample arrays are shared, offsets, counts and work per client.
+CLIENT_DATA_AXES = ClientData(None, None, 0, 0, 0)
 
 
 class TrainResult(NamedTuple):
@@ -121,6 +123,17 @@ def num_local_steps(
   return jnp.int32(local_epochs) * steps_per_epoch(count, batch_size)
 
 
+def scale_steps(steps: jax.Array, work: jax.Array | None) -> jax.Array:
+  """round(work * steps): the steps a client that does the share `work` of its local work runs (None: all).
+
+  A straggler's shorter loop is the same compiled loop with a smaller traced trip count: under vmap the lanes past
+  their own count are masked, and a group of one stops early.
+  """
+  if work is None:
+    return steps
+  return jnp.round(jnp.asarray(work, jnp.float32) * steps.astype(jnp.float32)).astype(jnp.int32)
+
+
 def draw_batch(
     data: ClientData, key: jax.Array, step: jax.Array, batch_size: int
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -179,7 +192,7 @@ def local_train(
   Returns:
     A `TrainResult`; `steps` and `samples` count exactly the work done.
   """
-  num_steps = num_local_steps(data.count, batch_size, local_epochs, local_steps)
+  num_steps = scale_steps(num_local_steps(data.count, batch_size, local_epochs, local_steps), data.work)
 
   def objective(p, x, y, w):
     loss, correct, labels = weighted_loss(apply_fn, p, preprocess(x), y, w)

@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 import jax
 
-from fedspa_jax import distributed, paths, plots, preemption
+from fedspa_jax import distributed, paths, plots, preemption, privacy
 from fedspa_jax import config as config_lib
 from fedspa_jax import data as data_lib
 from fedspa_jax import job as job_lib
@@ -107,6 +107,10 @@ def run(
     except TypeError as e:  # an option the data source does not take
       raise ConfigError(f"bad data options {config.data_args}: {e}") from e
     _, algo = build(config, data)
+    budget = privacy.last_round_within(algo, data.num_clients, config.rounds)  # dp_target_epsilon's last round
+    if budget == 0:
+      raise ValueError(f"dp_target_epsilon={config.hparams.get('dp_target_epsilon')} is below the epsilon of one "
+                       f"round ({privacy.epsilon_record(algo, data.num_clients, 1)['dp_epsilon']:.3g})")
     state = algo.init(jax.random.key(config.seed), data)
   except (ValueError, FileNotFoundError) as e:
     if fresh and primary and workdir.is_dir() and not any(workdir.iterdir()):
@@ -133,7 +137,8 @@ def run(
 
   job = job_lib.Job(
       config, workdir, batch, expected=resume_lib.record(config, algo.hparams),  # after init: FedRep's head
-      write_configs=write_configs,
+      write_configs=write_configs, budget=budget,
+      budget_record=lambda r: privacy.epsilon_record(algo, data.num_clients, r),
       describe=lambda start, end: (f"{algo.name} on {data.name}: {data.num_clients} clients, rounds "
                                    f"{start + 1}..{end} of {config.rounds} -> {workdir}"))
   result = job_lib.execute(job, resume=resume, stop_after=stop_after, stopper=stopper, on_eval=on_eval, say=say,

@@ -43,6 +43,9 @@ class Job:
     write_configs: writes the config.json files and opens every run's `log` (and `tensorboard`); called by the
       first process, after a resume restored the runs' histories (metrics.jsonl is rewritten from them).
     describe: the line said before the rounds start, given the first round to run and the last.
+    budget: the last round within the run's privacy budget (`dp_target_epsilon`; `privacy.last_round_within`), or
+      None without one: the job stops there with a checkpoint, as `stop_after` would.
+    budget_record: the privacy record ({"dp_epsilon", "dp_delta"}) after a given round, for the stop's message.
   """
 
   config: Config
@@ -51,6 +54,8 @@ class Job:
   expected: dict[str, Any]
   write_configs: Callable[[], None]
   describe: Callable[[int, int], str]
+  budget: int | None = None
+  budget_record: Callable[[int], dict[str, Any]] | None = None
 
 
 def _single(batch: runner.Batch) -> bool:
@@ -136,6 +141,8 @@ def execute(
       job.write_configs()
     start = int(batch.state.round)
     end = config.rounds if stop_after is None else max(start, min(config.rounds, stop_after))
+    spent = job.budget is not None and job.budget < end  # the privacy budget ends the run first
+    end = max(start, job.budget) if spent else end
     say(job.describe(start, end))
 
     def save(r: int, state: Any) -> None:
@@ -160,6 +167,12 @@ def execute(
       ) from None
     if end < config.rounds:
       path = ckpt.path(ckpt.latest_round())
+      if spent:
+        eps = job.budget_record(end) if job.budget_record is not None else {}
+        say(f"stopped after round {end}, the last within dp_target_epsilon={config.hparams.get('dp_target_epsilon')} "
+            f"(epsilon {eps.get('dp_epsilon', float('nan')):.3f} at delta {eps.get('dp_delta')}); checkpoint {path}")
+        return {"status": "stopped", "reason": "dp_target_epsilon", "round": end, **eps, "checkpoint": str(path),
+                "run_dir": str(job.workdir)}
       say(f"stopped after round {end}; checkpoint {path}; continue with --resume")
       return {"status": "stopped", "round": end, "checkpoint": str(path), "run_dir": str(job.workdir)}
     ckpt.wait()  # the last checkpoint is complete before the final analysis, which may need the memory

@@ -44,6 +44,8 @@ class Totals:
   samples: int = 0
   wall_time: float = 0.0
   eval_flops: float = 0.0
+  dropped: int | None = None  # sampled clients dropped out, and stragglers, so far (with dropouts or stragglers)
+  stragglers: int | None = None
 
 
 def consume(metrics: dict[str, Any], first_round: int, totals: Totals, params: Any) -> dict[str, float]:
@@ -68,6 +70,9 @@ def consume(metrics: dict[str, Any], first_round: int, totals: Totals, params: A
         setattr(totals, key, (getattr(totals, key) or 0.0) + float(metrics[key][j]))
     if "samples" in metrics:
       totals.samples += int(np.sum(metrics["samples"][j][real]))
+    for key, total in (("dropped", "dropped"), ("straggler", "stragglers")):
+      if key in metrics:
+        setattr(totals, total, (getattr(totals, total) or 0) + int(np.sum(metrics[key][j])))
     train = {"train_loss": float(np.mean(loss)), "train_accuracy": float(np.mean(metrics["accuracy"][j][real]))}
   return train
 
@@ -111,6 +116,8 @@ def eval_record(round: int, ev: dict[str, Any], train: dict[str, float], totals:
   record.update(bytes_up=totals.bytes_up, bytes_down=totals.bytes_down, samples=totals.samples)
   if totals.flops is not None:
     record.update(flops=totals.flops, flops_dense=totals.flops_dense)
+  if totals.dropped is not None:
+    record.update(clients_dropped=totals.dropped, clients_straggling=totals.stragglers)
   record["wall_time"] = round_time(totals.wall_time)
   return record
 

@@ -15,6 +15,11 @@ round's work is exactly the cohort's samples; with one group (`cohort_batch=None
 largest client. The algorithms' default ("auto") is groups of one on CPU and one group on accelerators. With a
 `jax.sharding.Mesh`, each group's client axis is sharded over the mesh's "clients" axis (groups padded to a
 multiple of its size with weight-0 clients).
+
+Options, off by default (the round is then exactly the plain one): clients that drop out or straggle
+(`fedspa_jax.availability`: a dropped client weighs 0, a straggler runs part of its steps), and client-level
+differential privacy of the aggregate (`server.DPSpec`: clipping, noise). The round key's children: 0 the cohort,
+1 the clients, 2 evaluation, 3 the DP noise, 4 the clients' availability.
 """
 
 from __future__ import annotations
@@ -30,9 +35,10 @@ from jax.sharding import AbstractMesh, AxisType, Mesh, PartitionSpec
 from fedspa_jax.population import (CLIENT_AXIS, Placement, make_placement, sample_cohort, sample_strata,
                                    sample_stratified)
 
+from fedspa_jax.availability import AvailabilitySpec, ClientFate, draw_fate, expected_reports
 from fedspa_jax.client import CLIENT_DATA_AXES, ClientData
-from fedspa_jax.server import (AGGREGATIONS, WEIGHTINGS, ServerState, aggregate, aggregate_parts, finish_aggregate,
-                               server_update)
+from fedspa_jax.server import (AGGREGATIONS, WEIGHTINGS, DPSpec, ServerState, aggregate, aggregate_parts, dp_parts,
+                               dp_release, finish_aggregate, server_update)
 
 
 class SimState(NamedTuple):
@@ -135,7 +141,7 @@ def client_weights(count: jax.Array, weighting: str) -> jax.Array:
 def run_groups(
     client_fn: ClientFn,
     params: Any,
-    per_client: tuple[Any, jax.Array, jax.Array, jax.Array],
+    per_client: tuple[Any, jax.Array, jax.Array, jax.Array] | tuple[Any, jax.Array, jax.Array, jax.Array, jax.Array],
     x: jax.Array,
     y: jax.Array,
     round: jax.Array,
@@ -146,7 +152,8 @@ def run_groups(
   Args:
     client_fn: one client's update.
     params: the server params.
-    per_client: (state [S, ...], offset [S], count [S], keys [S]), S a multiple of `group_size`.
+    per_client: (state [S, ...], offset [S], count [S], keys [S]) and optionally work [S] (the share of its local
+      steps each client runs), S a multiple of `group_size`.
     x, y: the flat samples the offsets point into.
     round: int32 round index.
     group_size: clients vmapped together; a group of one runs unbatched.
@@ -156,16 +163,17 @@ def run_groups(
   """
 
   def run_group(group):
-    state_g, offset_g, count_g, keys_g = group
+    state_g, offset_g, count_g, keys_g, *work_g = group
+    work_g = work_g[0] if work_g else None
     if group_size == 1:
       # One client: call it unbatched, so its loops and conds stay scalar (a vmapped lane of one would turn every
       # loop step into a select over the whole carry, and every cond into both branches).
-      one = lambda a: a[0]
-      out = client_fn(params, jax.tree.map(one, state_g), ClientData(x, y, one(offset_g), one(count_g)),
+      one = lambda a: None if a is None else a[0]
+      out = client_fn(params, jax.tree.map(one, state_g), ClientData(x, y, one(offset_g), one(count_g), one(work_g)),
                       one(keys_g), round)
       return jax.tree.map(lambda a: a[None], out)
     return jax.vmap(client_fn, in_axes=(None, 0, CLIENT_DATA_AXES, 0, None))(
-        params, state_g, ClientData(x, y, offset_g, count_g), keys_g, round
+        params, state_g, ClientData(x, y, offset_g, count_g, work_g), keys_g, round
     )
 
   num_groups = per_client[1].shape[0] // group_size
@@ -188,6 +196,9 @@ def run_cohort(
     aggregation: str,
     server_optimizer: optax.GradientTransformation,
     group_size: int,
+    dp: DPSpec | None = None,
+    dp_key: jax.Array | None = None,
+    expected: jax.Array | None = None,
 ) -> tuple[ServerState, Any, dict[str, jax.Array]]:
   """The cohort's part of a round on one device: client updates in groups, aggregation and the server step.
 
@@ -195,21 +206,40 @@ def run_cohort(
     client_fn: one client's update.
     server: server state.
     cohort_state: the cohort's client state, leaves [S, ...] (S a multiple of `group_size`).
-    cohort_data: the flat training split's x and y, with the cohort's offset [S] and count [S].
+    cohort_data: the flat training split's x and y, with the cohort's offset [S], count [S] and optionally work [S].
     weights: [S] aggregation weights (0 for padding clients).
     keys: [S] client keys.
     round: int32 round index.
     aggregation: "mean" or "masked_mean".
     server_optimizer: optax transformation applied to the aggregated update.
     group_size: clients vmapped together; groups run one after another (`lax.map`), in one program.
+    dp: client-level DP of the aggregate (None: the aggregation rule); the clients with weight > 0 report.
+    dp_key: the round's noise key (with `dp`).
+    expected: the expected number of reporting clients, the DP estimator's denominator (with `dp`).
 
   Returns:
     (new server state, new cohort state [S, ...], per-client metrics [S]).
   """
-  x, y, offset, count = cohort_data
-  out = run_groups(client_fn, server.params, (cohort_state, offset, count, keys), x, y, round, group_size)
-  delta = aggregate(aggregation, out.update, out.coverage, weights)
-  return server_update(server, delta, server_optimizer), out.state, out.metrics
+  x, y, offset, count, work = cohort_data
+  per_client = (cohort_state, offset, count, keys) + (() if work is None else (work,))
+  out = run_groups(client_fn, server.params, per_client, x, y, round, group_size)
+  if dp is None:
+    delta = aggregate(aggregation, out.update, out.coverage, weights)
+    return server_update(server, delta, server_optimizer), out.state, out.metrics
+  (total, below), norms = dp_parts(out.update, weights > 0, server.clip)
+  delta, clip = dp_release(total, below, server.clip, dp_key, dp, expected)
+  metrics = {**out.metrics, "update_norm": norms, "dp_clip": server.clip}
+  return server_update(server._replace(clip=clip), delta, server_optimizer), out.state, metrics
+
+
+def keep_unstarted(new_rows: Any, old_rows: Any, started: jax.Array) -> Any:
+  """The cohort's state rows, with those of clients that never started put back as they were."""
+  return jax.tree.map(lambda n, o: jnp.where(started.reshape((-1,) + (1,) * (n.ndim - 1)), n, o), new_rows, old_rows)
+
+
+def fate_metrics(fate: ClientFate, real: jax.Array) -> dict[str, jax.Array]:
+  """Per-client round metrics [S] of dropouts and stragglers (0 for padding)."""
+  return {"dropped": (real & ~fate.reports).astype(jnp.int32), "straggler": fate.straggler.astype(jnp.int32)}
 
 
 def identity(tree: Any) -> Any:
@@ -230,6 +260,8 @@ def make_round(
     strata: int | None = None,
     encode: Callable[[Any], Any] = identity,
     decode: Callable[[Any], Any] = identity,
+    dp: DPSpec | None = None,
+    availability: AvailabilitySpec | None = None,
 ) -> Callable[[SimState, Any], tuple[SimState, dict[str, jax.Array]]]:
   """Builds `round(state, train) -> (state, metrics)`, pure and jit-able.
 
@@ -248,17 +280,21 @@ def make_round(
     strata: strata of the stratified sampling (default: the mesh's client axis size, 1 without a mesh).
     encode: decoded state rows -> stored rows (e.g. mask bits packed into words).
     decode: stored rows -> decoded rows.
+    dp: client-level DP of the aggregate (`server.DPSpec`; the state's server must carry its clip: `init_server`).
+    availability: dropouts and stragglers (`fedspa_jax.availability`).
 
   Returns:
     A function of (SimState, flat training split with x, y, offset, count) returning the new state and metrics:
-    "cohort" [S_pad] (ids in execution order; K marks padding), "weight" [S_pad], and each client metric [S_pad].
+    "cohort" [S_pad] (ids in execution order; K marks padding), "weight" [S_pad], and each client metric [S_pad];
+    with `availability` also "dropped" and "straggler" [S_pad]; with `dp` "update_norm" [S_pad] (before clipping)
+    and "dp_clip" (the clip norm of the round).
   """
   placement = make_placement(num_clients, mesh, strata)
   if mesh is not None:
     return make_sharded_round(
         client_fn, placement=placement, mesh=mesh, cohort_size=cohort_size, aggregation=aggregation,
         weighting=weighting, server_optimizer=server_optimizer, cohort_batch=cohort_batch, sampling=sampling,
-        encode=encode, decode=decode,
+        encode=encode, decode=decode, dp=dp, availability=availability,
     )
   group = group_size_for(cohort_size, cohort_batch)
   padded = padded_size(cohort_size, group)
@@ -272,25 +308,34 @@ def make_round(
     cohort, count = cohort[order], count[order]
     offset = jnp.take(train.offset, cohort, mode="clip")
     weights = client_weights(count, weighting)
+    fate = draw_fate(jax.random.fold_in(key, 4), cohort, state.round, availability, num_clients)
+    weights = jnp.where(fate.reports, weights, 0.0)
     keys = client_keys(jax.random.fold_in(key, 1), cohort)
+    old_rows = decode(gather_clients(state.clients, cohort))
     server, cohort_state, metrics = run_cohort(
         client_fn,
         state.server,
-        decode(gather_clients(state.clients, cohort)),
-        ClientData(train.x, train.y, offset, count),
+        old_rows,
+        ClientData(train.x, train.y, offset, count, None if availability is None else fate.work),
         weights,
         keys,
         state.round,
         aggregation=aggregation,
         server_optimizer=server_optimizer,
         group_size=group,
+        dp=dp,
+        dp_key=jax.random.fold_in(key, 3),
+        expected=expected_reports(availability, state.round, cohort_size),
     )
+    if availability is not None:
+      cohort_state = keep_unstarted(cohort_state, old_rows, fate.started)
+      metrics = {**metrics, **fate_metrics(fate, cohort < num_clients)}
     new_state = SimState(
         server=server,
         clients=scatter_clients(state.clients, cohort, encode(cohort_state)),
         round=state.round + 1,
         key=state.key,
-        participation=state.participation.at[cohort].add(1, mode="drop"),
+        participation=state.participation.at[cohort].add(fate.started.astype(jnp.int32), mode="drop"),
     )
     return new_state, {"cohort": cohort, "weight": weights, **metrics}
 
@@ -321,6 +366,8 @@ def make_sharded_round(
     sampling: str,
     encode: Callable[[Any], Any],
     decode: Callable[[Any], Any],
+    dp: DPSpec | None = None,
+    availability: AvailabilitySpec | None = None,
 ) -> Callable[[SimState, Any], tuple[SimState, dict[str, jax.Array]]]:
   """The round over a population sharded on `mesh` (see `make_round` and `fedspa_jax.population`).
 
@@ -328,7 +375,8 @@ def make_sharded_round(
   trains L = S_pad / D cohort clients. "uniform": every device draws the same cohort, the cohort is sorted by size
   and dealt out in snake order, each client's stored row and padded samples go to its device by an all-to-all, and
   the new rows come back by an all-gather. "stratified": each device draws S / D clients from its own strata and
-  nothing moves. Aggregation: partial sums per device, one all-reduce.
+  nothing moves. Aggregation: partial sums per device, one all-reduce (with DP, of the clipped sums; the noise is
+  drawn once from the replicated key, so every device adds the same).
   """
   num_clients, shards, block = placement.num_clients, placement.shards, placement.block
   stratified = sampling == "stratified"
@@ -382,13 +430,31 @@ def make_sharded_round(
               jnp.arange(local, dtype=jnp.int32) * count_max, mine)
 
     weights = client_weights(mine, weighting)
+    fate = draw_fate(jax.random.fold_in(key, 4), ids, round, availability, num_clients)
+    weights = jnp.where(fate.reports, weights, 0.0)
     keys = client_keys(k_clients, ids)
     x_d, y_d, offset_d, count_d = data
-    out = run_groups(client_fn, server.params, (decode(state_rows), offset_d, count_d, keys), x_d, y_d, round, group)
-    numerator, denominator = aggregate_parts(aggregation, out.update, out.coverage, weights)
-    numerator, denominator = jax.lax.psum((numerator, denominator), CLIENT_AXIS)
-    new_server = server_update(server, finish_aggregate(numerator, denominator), server_optimizer)
-    new_rows = encode(out.state)
+    old_rows = decode(state_rows)
+    per_client = (old_rows, offset_d, count_d, keys) + (() if availability is None else (fate.work,))
+    out = run_groups(client_fn, server.params, per_client, x_d, y_d, round, group)
+    extra = {}
+    if dp is None:
+      numerator, denominator = aggregate_parts(aggregation, out.update, out.coverage, weights)
+      numerator, denominator = jax.lax.psum((numerator, denominator), CLIENT_AXIS)
+      new_server = server_update(server, finish_aggregate(numerator, denominator), server_optimizer)
+    else:
+      (total, below), norms = dp_parts(out.update, weights > 0, server.clip)
+      total, below = jax.lax.psum((total, below), CLIENT_AXIS)
+      released, clip = dp_release(total, below, server.clip, jax.random.fold_in(key, 3), dp,
+                                  expected_reports(availability, round, cohort_size))
+      new_server = server_update(server._replace(clip=clip), released, server_optimizer)
+      extra = {"update_norm": norms}
+    client_state = out.state
+    if availability is not None:
+      client_state = keep_unstarted(client_state, old_rows, fate.started)
+      extra.update(fate_metrics(fate, ids < num_clients))
+    new_rows = encode(client_state)
+    gathered = lambda a: jax.lax.all_gather(a, CLIENT_AXIS, tiled=True)
     if stratified:
       write = jnp.where(ids < num_clients, ids - first, block)
       new_rows_all = new_rows
@@ -397,10 +463,13 @@ def make_sharded_round(
       write = jnp.where((every >= first) & (every < first + block), every - first, block)
       new_rows_all = jax.tree.map(lambda r: jax.lax.all_gather(r, CLIENT_AXIS, tiled=True), new_rows)
     store = jax.tree.map(lambda a, r: a.at[write].set(r.astype(a.dtype), mode="drop"), store, new_rows_all)
-    participation = participation.at[write].add(1, mode="drop")
-    gathered = lambda a: jax.lax.all_gather(a, CLIENT_AXIS, tiled=True)
-    metrics = {"cohort": jnp.where(ids < num_clients, ids, num_clients), "weight": weights, **out.metrics}
-    return new_server, store, participation, jax.tree.map(gathered, metrics)
+    started = fate.started.astype(jnp.int32)
+    participation = participation.at[write].add(started if stratified else gathered(started), mode="drop")
+    metrics = {"cohort": jnp.where(ids < num_clients, ids, num_clients), "weight": weights, **out.metrics, **extra}
+    metrics = jax.tree.map(gathered, metrics)
+    if dp is not None:
+      metrics["dp_clip"] = server.clip
+    return new_server, store, participation, metrics
 
   def round_fn(state: SimState, train: Any) -> tuple[SimState, dict[str, jax.Array]]:
     key = jax.random.fold_in(state.key, state.round)

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedspa_jax import algorithms, distributed, models, paths, preemption
+from fedspa_jax import algorithms, distributed, models, paths, preemption, privacy
 from fedspa_jax import config as config_lib
 from fedspa_jax import data as data_lib
 from fedspa_jax.config import Config, ConfigError
@@ -302,6 +302,7 @@ def loop(
         ev_j = batch.pick(ev, j)
         add_eval_flops(run.totals, ev_j)
         record = eval_record(r, ev_j, run.train, run.totals, finetune_epochs=run.config.eval_finetune_epochs)
+        record.update(privacy.epsilon_record(run.algo, run.data.num_clients, r))
         try:
           check_diverged(record)
         except TrainingDiverged as e:
@@ -376,8 +377,10 @@ def finish(batch: Batch, state: Any, ev: dict[str, Any] | None,
       summary = {"status": "diverged", "error": run.diverged, "seed": run.config.seed,
                  "lr": run.config.hparams.get("lr"), "final_accuracy_mean": None, "run_dir": str(run.workdir)}
     else:
+      state_j = batch.run_state(state, j)
       summary = run_summary(run.config, run.algo, run.data, batch.pick(ev, j), run.history, run.totals, run.workdir,
-                            batch.run_state(state, j))
+                            state_j)
+      summary.update(privacy.epsilon_record(run.algo, run.data.num_clients, int(state_j.round)))
       complete.append(j)
     if distributed.is_primary():
       paths.write_text(run.workdir / "summary.json", json.dumps(summary, indent=2) + "\n")

@@ -3,6 +3,17 @@
 Updates arrive stacked on a leading cohort axis [S, ...] with one weight per client; a padding client has weight 0
 and so changes nothing. `mean` is the (sample-weighted or uniform) average of FedAvg and of FedSpa's convergence
 analysis; `masked_mean` averages each coordinate over the clients whose mask covered it (DisPFL, Sub-FedAvg).
+
+Client-level differential privacy (`DPSpec`) replaces the aggregation rule by the DP-FedAvg estimator (McMahan,
+Ramage, Talwar, Zhang, "Learning Differentially Private Recurrent Language Models", ICLR 2018): every reporting
+client's update, exactly what it sends, is clipped to L2 norm C, the clipped updates are summed with weight 1 each,
+Gaussian noise of std z * C is added to the sum, and the sum is divided by the expected number of reporting clients
+(a number fixed before the round, so the division leaks nothing). With adaptive clipping (Andrew, Thakkar, McMahan,
+Ramaswamy, "Differentially Private Learning with Adaptive Clipping", NeurIPS 2021) the clients also report whether
+their norm was at most C; the noisy share b of those moves C towards the target quantile gamma geometrically,
+C <- C * exp(-eta_C * (b - gamma)), and the noise on the sum is z_delta = (z^-2 - (2 sigma_b)^-2)^-1/2, so that the
+two releases together cost what one Gaussian release of multiplier z does. The accountant lives outside the round
+(`fedspa_jax.privacy`).
 """
 
 from __future__ import annotations
@@ -19,10 +30,96 @@ WEIGHTINGS = ("samples", "uniform")
 
 
 class ServerState(NamedTuple):
-  """The shared model w and the server optimizer's state."""
+  """The shared model w, the server optimizer's state, and with client-level DP the current clip norm (float32 [];
+  () without DP)."""
 
   params: Params
   opt_state: Any
+  clip: Any = ()
+
+
+class DPSpec(NamedTuple):
+  """Client-level DP of the aggregate (see the module docstring); hyperparameters, fixed for a run.
+
+  Attributes:
+    clip: the clip norm C (with adaptive clipping, its initial value).
+    noise_multiplier: z: the released sum carries Gaussian noise of std z * C (in total, with adaptive clipping).
+    quantile: adaptive clipping's target quantile gamma of the update norms; None: C stays fixed.
+    clip_lr: adaptive clipping's geometric step eta_C.
+    count_noise: adaptive clipping's sigma_b, the std of the noise on the count of clients at or below C (Andrew
+      et al. recommend the expected number of reporting clients / 20); it must exceed z / 2.
+  """
+
+  clip: float
+  noise_multiplier: float
+  quantile: float | None = None
+  clip_lr: float = 0.2
+  count_noise: float = 0.0
+
+
+def sum_noise_multiplier(spec: DPSpec) -> float:
+  """The noise multiplier on the sum: z, or with adaptive clipping z_delta = (z^-2 - (2 sigma_b)^-2)^-1/2."""
+  z = spec.noise_multiplier
+  if spec.quantile is None or z == 0:
+    return z
+  return (z ** -2.0 - (2.0 * spec.count_noise) ** -2.0) ** -0.5
+
+
+def clip_update(update: Params, clip: Any) -> tuple[Params, jax.Array]:
+  """(update scaled to L2 norm at most `clip`, its norm before clipping), over all leaves together (one client)."""
+  norm = jnp.sqrt(sum(jnp.sum(jnp.square(u.astype(jnp.float32))) for u in jax.tree.leaves(update)))
+  scale = jnp.minimum(1.0, clip / jnp.maximum(norm, jnp.finfo(jnp.float32).tiny))
+  return jax.tree.map(lambda u: u * scale.astype(u.dtype), update), norm
+
+
+def dp_parts(updates: Params, reporting: jax.Array, clip: Any) -> tuple[tuple[Params, jax.Array], jax.Array]:
+  """The sums a DP release adds noise to, additive over clients (partial sums per device add up), and the norms.
+
+  Args:
+    updates: pytree with leaves [S, ...], what each client sends.
+    reporting: [S] bool, the clients whose update reaches the server (not padding, not dropped, with data).
+    clip: the clip norm C (a traced scalar with adaptive clipping).
+
+  Returns:
+    ((sum of the reporting clients' clipped updates, number of reporting clients with norm <= C), norms [S]).
+  """
+  clipped, norms = jax.vmap(clip_update, in_axes=(0, None))(updates, clip)
+  weights = reporting.astype(jnp.float32)
+  below = jnp.sum(jnp.where(reporting & (norms <= clip), 1.0, 0.0))
+  return (_weighted_sum(clipped, weights), below), norms
+
+
+def gaussian_like(key: jax.Array, tree: Params) -> Params:
+  """Standard normal noise shaped like `tree`, one key per leaf."""
+  leaves, treedef = jax.tree.flatten(tree)
+  keys = jax.random.split(key, max(len(leaves), 1))
+  return jax.tree.unflatten(treedef, [jax.random.normal(k, a.shape, a.dtype) for k, a in zip(keys, leaves)])
+
+
+def dp_release(
+    total: Params, below: jax.Array, clip: Any, key: jax.Array, spec: DPSpec, expected: jax.Array
+) -> tuple[Params, Any]:
+  """The released aggregate and the next clip norm.
+
+  Args:
+    total: sum of the reporting clients' clipped updates (`dp_parts`).
+    below: number of reporting clients with norm <= clip.
+    clip: the clip norm used this round.
+    key: this round's noise key (from the run's keys: resume and sweeps stay exact).
+    spec: the DP hyperparameters.
+    expected: the expected number of reporting clients (fixed before the round).
+
+  Returns:
+    ((total + N(0, (z_delta C)^2)) / expected, the next C).
+  """
+  k_sum, k_count = jax.random.split(key)
+  std = sum_noise_multiplier(spec) * clip
+  denominator = jnp.maximum(expected, 1e-12)
+  noisy = jax.tree.map(lambda t, n: (t + std * n) / denominator.astype(t.dtype), total, gaussian_like(k_sum, total))
+  if spec.quantile is None:
+    return noisy, clip
+  share = (below + spec.count_noise * jax.random.normal(k_count, ())) / denominator
+  return noisy, clip * jnp.exp(-spec.clip_lr * (share - spec.quantile))
 
 
 def _weighted_sum(tree: Any, weights: jax.Array) -> Any:
@@ -94,11 +191,12 @@ def aggregate(rule: str, updates: Params, coverage: Any | None, weights: jax.Arr
   return finish_aggregate(*aggregate_parts(rule, updates, coverage, weights))
 
 
-def init_server(params: Params, optimizer: optax.GradientTransformation) -> ServerState:
-  return ServerState(params=params, opt_state=optimizer.init(params))
+def init_server(params: Params, optimizer: optax.GradientTransformation, dp: DPSpec | None = None) -> ServerState:
+  clip = () if dp is None else jnp.float32(dp.clip)
+  return ServerState(params=params, opt_state=optimizer.init(params), clip=clip)
 
 
 def server_update(state: ServerState, delta: Params, optimizer: optax.GradientTransformation) -> ServerState:
   """Treats the aggregated update as a pseudo-gradient: with optax.sgd(lr), w <- w - lr * delta."""
   updates, opt_state = optimizer.update(delta, state.opt_state, state.params)
-  return ServerState(params=optax.apply_updates(state.params, updates), opt_state=opt_state)
+  return state._replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state)

@@ -354,6 +354,8 @@ def sweep(
     raise ConfigError("a sweep does not support shard_clients (run the seeds separately to shard their cohorts)")
   if lr_list is not None and config.hparams.get("optimizer") is not None:
     raise ConfigError("a sweep over lrs needs the default SGD optimizer (hparams.optimizer is set)")
+  if config.hparams.get("dp_target_epsilon") is not None:  # a sweep records epsilon but has no early stop
+    raise ConfigError("a sweep runs all its rounds: set rounds for the privacy budget instead of dp_target_epsilon")
   grid = [None] if lr_list is None else list(lr_list)  # the lr axis; None: the config's lr, no axis
   workdir = paths.as_path(workdir) if workdir is not None else default_workdir(
       dataclasses.replace(config, algorithm=f"{config.algorithm}-sweep"))

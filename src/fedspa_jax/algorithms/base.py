@@ -13,7 +13,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fedspa_jax import accounting, inflight, population
+from fedspa_jax import accounting, availability, inflight, population, privacy
 from fedspa_jax import store as store_lib
 from fedspa_jax.client import local_train, make_preprocess
 from fedspa_jax.data.federated import FederatedData
@@ -58,6 +58,7 @@ class Algorithm:
   evaluate_fn: Callable[..., Any] | None = None
   place: Callable[..., Any] = jax.device_put
   protocol: str = "own"
+  strata: Callable[[int], int] = lambda num_clients: 1  # sampling strata for K clients (the DP accountant's event)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +103,19 @@ class Common:
     platform: the platform the programs are built for, one of `PLATFORMS`; only `cohort_batch="auto"` reads it.
       None (default): the mesh's devices' (an `AbstractMesh`'s `abstract_device`), else `jax.default_backend()`.
       Set it to export (`jax.export`) or cross-compile a program on one platform for another.
+    dp_clip, dp_noise_multiplier, dp_delta: client-level DP (`fedspa_jax.privacy`, docs/privacy.md): each
+      reporting client's update is clipped to L2 norm `dp_clip`, the sum gets Gaussian noise of std
+      `dp_noise_multiplier * dp_clip` and is divided by the expected number of reporting clients (every client
+      weighs 1, whatever `weighting` and `aggregation` say); epsilon at `dp_delta` is recorded. None: no DP.
+    dp_quantile, dp_clip_lr, dp_count_noise: adaptive clipping (Andrew et al. 2021): the clip follows this
+      quantile of the update norms with geometric step `dp_clip_lr`; `dp_count_noise` sigma_b (default S / 20).
+    dp_target_epsilon: a run stops, with a checkpoint, at the last round whose epsilon stays within this.
+    dropout, dropout_mode: each sampled client drops out with this probability, its update "lost" (it trains) or
+      it "never_starts" (`fedspa_jax.availability`).
+    straggler_fraction, straggler_work: an available client straggles with this probability and runs
+      round(straggler_work * steps) of its local steps.
+    availability: a .npy or .csv file of per-client availability probabilities ([K] or [K, rounds]) instead of
+      `dropout`.
   """
 
   clients_per_round: int = 10
@@ -125,6 +139,18 @@ class Common:
   cohort_sampling: str = "uniform"
   cohort_strata: int | None = None
   platform: str | None = None
+  dp_clip: float | None = None
+  dp_noise_multiplier: float = 0.0
+  dp_delta: float = 1e-5
+  dp_quantile: float | None = None
+  dp_clip_lr: float = 0.2
+  dp_count_noise: float | None = None
+  dp_target_epsilon: float | None = None
+  dropout: float = 0.0
+  dropout_mode: str = "lost"
+  straggler_fraction: float = 0.0
+  straggler_work: float = 0.5
+  availability: str | None = None
 
   def __post_init__(self):
     check_positive_int("clients_per_round", self.clients_per_round)
@@ -148,6 +174,21 @@ class Common:
     if self.clip_mode not in CLIP_MODES:
       raise ValueError(f"clip_mode must be one of {CLIP_MODES}, got {self.clip_mode!r}")
     check_finetune_lr(self.finetune_lr, self.optimizer)
+    privacy.check_options(self.dp_clip, self.dp_noise_multiplier, self.dp_delta, self.dp_quantile, self.dp_clip_lr,
+                          self.dp_count_noise, self.dp_target_epsilon)
+    self.dp_spec()  # adaptive clipping's noise split
+    availability.check_options(self.dropout, self.dropout_mode, self.straggler_fraction, self.straggler_work,
+                               self.availability)
+
+  def dp_spec(self):
+    """The round's `server.DPSpec`, or None without DP."""
+    return privacy.make_spec(self.dp_clip, self.dp_noise_multiplier, self.dp_quantile, self.dp_clip_lr,
+                             self.dp_count_noise, self.clients_per_round)
+
+  def availability_spec(self):
+    """The round's `availability.AvailabilitySpec` (reads the availability file), or None."""
+    return availability.make_spec(self.dropout, self.dropout_mode, self.straggler_fraction, self.straggler_work,
+                                  self.availability)
 
   @classmethod
   def with_defaults(cls, common: dict[str, Any], **defaults: Any) -> "Common":
@@ -415,6 +456,8 @@ def assemble(
   own_finetune_epochs = finetune_epochs
   clients_per_round = common.clients_per_round
   mesh = common.mesh
+  dp = common.dp_spec()
+  fates = common.availability_spec()
   server_optimizer = optax.sgd(common.server_lr)
   apply_fn = make_apply_fn(model)
   layout_of = lambda params: store_lib.make_layout(init_clients, params)
@@ -432,7 +475,7 @@ def assemble(
       k_params, k_clients, k_sim = jax.random.split(key, 3)
       params = init_params(model, k_params, data)
       return SimState(
-          server=init_server(params, server_optimizer),
+          server=init_server(params, server_optimizer, dp),
           clients=store_lib.init_store(init_clients, layout_of(params), k_clients, params, data.num_clients),
           round=jnp.zeros((), jnp.int32),
           key=k_sim,
@@ -463,7 +506,7 @@ def assemble(
           params, k_clients
       )
       return SimState(
-          server=init_server(params, server_optimizer),
+          server=init_server(params, server_optimizer, dp),
           clients=store,
           round=jnp.zeros((), jnp.int32),
           key=k_sim,
@@ -493,6 +536,7 @@ def assemble(
     check_model_fits(model, data)
     check_cohort(clients_per_round, data)
     check_population(data)
+    availability.check_clients(fates, data.num_clients)
     layout = layout_of(state.server.params)
     check_state_matches(state, data, layout, placement_of(data).padded if mesh is not None else data.num_clients)
     return layout
@@ -513,6 +557,8 @@ def assemble(
         strata=common.cohort_strata,
         encode=layout.encode,
         decode=layout.decode,
+        dp=dp,
+        availability=fates,
     )
     new_state, metrics = run(state, data.train)
     real = jnp.sum(metrics["cohort"] < data.num_clients)
@@ -629,6 +675,7 @@ def assemble(
       evaluate_fn=evaluate_fn,
       place=place,
       protocol=protocol,
+      strata=lambda num_clients: population.make_placement(num_clients, mesh, common.cohort_strata).strata,
   )
 
 

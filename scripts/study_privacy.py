@@ -1,0 +1,245 @@
+"""Privacy and unreliable clients (issue 30): personalized accuracy against epsilon, and against dropout.
+
+    python scripts/study_privacy.py run                      # the full study, resumable (skips finished cells)
+    python scripts/study_privacy.py run --shard 0/2 &        # or split over two cores: --shard 0/2 and 1/2
+    python scripts/study_privacy.py report                   # results file, figures, the Markdown table
+    python scripts/study_privacy.py run --tier tiny --out /tmp/privacy_tiny && \
+      python scripts/study_privacy.py report --tier tiny --out /tmp/privacy_tiny --docs /tmp/privacy_tiny  # check
+
+Setting ("full"): Fashion-MNIST, Dirichlet(0.3) split (`fashion_mnist_dirichlet`), 100 clients, 10 per round,
+LeNet-5, SGD (momentum 0, batch 32), 2 local epochs, 100 rounds, evaluation every 10 rounds; seeds 1, 2, 3 as one
+vmapped program per cell (`experiment.sweep`); each method at the learning rate the seeded Fashion-MNIST study
+selected for it on this split (`study_fashion_mnist.SELECTED_LRS`). Methods: FedSpa (d=0.5), FedAvg, Ditto and
+Sub-FedAvg (d=0.5). Settings of each method:
+- no DP, no dropouts (the reference);
+- client-level DP at epsilon 8, 4 and 1 (delta 1e-5, after the 100 rounds): adaptive clipping to the median update
+  norm (initial clip 0.5, `dp_quantile` 0.5), the noise multiplier z of `NOISE` (found with the accountant,
+  `fedspa_jax.privacy`, by bisection: the smallest z, to 3 decimals, whose epsilon after 100 rounds is at most the
+  target; `report` recomputes every epsilon from the runs' summaries), count noise sigma_b = z (Andrew et al.'s
+  S / 20 = 0.5 is below the z / 2 they need here);
+- dropout 0.3 and 0.6 (a dropped client's update is lost), no DP.
+With 100 clients and 10 per round, epsilon 8 already needs z = 3.04: noise of std 0.30 C on every coordinate of the
+mean update, whose own norm is at most C; over LeNet-5's 61,706 weights that noise has norm ~75 C. Realistic epsilons
+need far more clients, which the "synthetic" group shows: Synthetic(1, 1) with 10,000 clients, 100 per round, the
+MLP, 1 local epoch at lr 0.05, 100 rounds, FedSpa and FedAvg without DP and at epsilon 4 (z = 1.348: noise of
+std 0.013 C per coordinate).
+
+Cells: (group, method, setting); 4 x 6 Fashion-MNIST cells and 2 x 2 Synthetic ones, 28 in all, 84 runs. Each cell
+writes `<out>/<group>/<method>/<setting>/` (the sweep's folder) and `cell.json` when it finishes; `run` skips cells
+with a cell.json. Estimated cost: ~4.5 hours of one core of the 2-core machine of docs/benchmarks.md (~2.5 h with
+`--shard 0/2` and `1/2` on both cores), from the seeded study's measured rates there: 1.45 s per round of one seed
+for FedSpa and FedAvg, 1.7 for Sub-FedAvg, 2.75 for Ditto, 3 vmapped seeds at ~1.08x per seed, so ~40 min per
+Fashion-MNIST setting of the four methods, x 6 settings, plus ~15 min for the Synthetic cells and compilation.
+`report` writes `<docs>/study_privacy.json` (every cell's hyperparameters, per-seed final accuracy and epsilon), the
+figures `<docs>/img/study_privacy_epsilon.png` and `study_privacy_dropout.png`, and prints the table for
+docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import sys
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+DELTA = 1e-5
+# Noise multipliers for epsilon 8, 4, 1 at delta 1e-5 after 100 rounds: sampling 10 of 100, and 100 of 10,000
+# (fedspa_jax.privacy.epsilon, replace-one neighbours; computed 2026-12-07 by bisection, rounded up).
+NOISE = {(100, 10): {8: 3.037, 4: 5.024, 1: 16.819}, (10000, 100): {8: 1.090, 4: 1.348, 1: 2.418}}
+METHODS = {"fedspa": {"density": 0.5}, "fedavg": {}, "ditto": {}, "subfedavg": {"density": 0.5}}
+LABELS = {"fedspa": "FedSpa (d=0.5)", "fedavg": "FedAvg", "ditto": "Ditto", "subfedavg": "Sub-FedAvg (d=0.5)"}
+FASHION_SETTINGS = ("none", "eps8", "eps4", "eps1", "drop0.3", "drop0.6")
+
+
+def tiers() -> dict[str, dict[str, Any]]:
+  """Each tier's groups: {group: dict(config, overrides, methods, settings, lrs, seeds)}."""
+  from study_fashion_mnist import SELECTED_LRS
+
+  fashion = dict(config="fashion_mnist_dirichlet", smoke=False, seeds=[1, 2, 3], methods=list(METHODS),
+                 settings=list(FASHION_SETTINGS), population=(100, 10),
+                 lrs={m: SELECTED_LRS[f"dirichlet/{m}"] for m in METHODS},
+                 overrides={"rounds": 100, "eval_every": 10, "rounds_per_dispatch": 10, "checkpoint_every": 0,
+                            "eval_clients": None, "hparams.local_epochs": 2, "hparams.momentum": 0.0,
+                            "hparams.clients_per_round": 10, "hparams.batch_size": 32})
+  synthetic = dict(config="default", smoke=False, seeds=[1, 2, 3], methods=["fedspa", "fedavg"],
+                   settings=["none", "eps4"], population=(10000, 100), lrs={"fedspa": 0.05, "fedavg": 0.05},
+                   overrides={"num_clients": 10000, "rounds": 100, "eval_every": 10, "rounds_per_dispatch": 10,
+                              "checkpoint_every": 0, "eval_clients": 1000, "hparams.clients_per_round": 100,
+                              "hparams.local_epochs": 1})
+  tiny = dict(config="default", smoke=True, seeds=[1, 2], methods=["fedspa", "fedavg"],
+              settings=["none", "eps8", "drop0.3"], population=(20, 4), lrs={"fedspa": 0.05, "fedavg": 0.05},
+              overrides={"num_clients": 20, "rounds": 4, "eval_every": 2, "rounds_per_dispatch": 2,
+                         "checkpoint_every": 0, "hparams.clients_per_round": 4})
+  return {"full": {"fashion_mnist": fashion, "synthetic": synthetic}, "tiny": {"tiny": tiny}}
+
+
+def noise_for(population: tuple[int, int], target: float, rounds: int) -> float:
+  """z for `target` epsilon: the pinned value for the full study, else found now by bisection."""
+  pinned = NOISE.get(population, {}).get(target)
+  if pinned is not None and rounds == 100:
+    return pinned
+  from fedspa_jax import privacy
+
+  low, high = 0.1, 1000.0
+  while high - low > 1e-3:
+    mid = (low + high) / 2
+    low, high = (mid, high) if privacy.epsilon(*population, mid, rounds, DELTA) > target else (low, mid)
+  return round(high + 5e-4, 3)
+
+
+def setting_hparams(setting: str, population: tuple[int, int], rounds: int) -> dict[str, Any]:
+  """The hyperparameters of a setting ("none", "eps<E>", "drop<p>")."""
+  if setting == "none":
+    return {}
+  if setting.startswith("drop"):
+    return {"dropout": float(setting[4:])}
+  z = noise_for(population, float(setting[3:]), rounds)
+  return {"dp_clip": 0.5, "dp_quantile": 0.5, "dp_noise_multiplier": z, "dp_delta": DELTA,
+          "dp_count_noise": max(population[1] / 20.0, z)}
+
+
+def cells(tier: str) -> list[tuple[str, str, str]]:
+  groups = tiers()[tier]
+  return [(g, m, s) for g, spec in groups.items() for s in spec["settings"] for m in spec["methods"]]
+
+
+def make_config(tier: str, group: str, method: str, setting: str):
+  from fedspa_jax import compare
+  from fedspa_jax import config as config_lib
+
+  spec = tiers()[tier][group]
+  config = config_lib.load(spec["config"], smoke=spec["smoke"])
+  config = config_lib.apply_overrides(config, {**spec["overrides"], "seed": spec["seeds"][0],
+                                               "hparams.lr": spec["lrs"][method]})
+  hparams = {**METHODS[method], **setting_hparams(setting, spec["population"], config.rounds)}
+  config, _ = compare.for_algorithm(config, method, hparams)
+  return config
+
+
+def log(line: str) -> None:
+  print(f"[privacy study {datetime.datetime.now():%Y-%m-%d %H:%M:%S}] {line}", flush=True)
+
+
+def run(args) -> None:
+  from fedspa_jax import experiment
+
+  out = pathlib.Path(args.out)
+  index, count = (int(v) for v in args.shard.split("/"))
+  todo = [c for i, c in enumerate(cells(args.tier)) if i % count == index]
+  for group, method, setting in todo:
+    folder = out / group / method / setting
+    if (folder / "cell.json").exists():
+      continue
+    config = make_config(args.tier, group, method, setting)
+    seeds = tiers()[args.tier][group]["seeds"]
+    log(f"{group}/{method}/{setting}: seeds {seeds}, {config.rounds} rounds, hparams {config.hparams}")
+    start = time.time()
+    try:
+      summary = experiment.sweep(config, seeds, folder / "runs", overwrite=True, progress=False)
+      cell = {"status": "complete", "per_seed": summary["final_accuracy_mean_per_seed"]}
+    except experiment.TrainingDiverged as e:
+      cell = {"status": "diverged", "error": str(e)}
+    cell.update(group=group, method=method, setting=setting, seeds=seeds, hparams=config.hparams,
+                wall_time=round(time.time() - start, 1), finished=datetime.datetime.now().isoformat(timespec="seconds"))
+    (folder / "cell.json").write_text(json.dumps(cell, indent=2) + "\n")
+    log(f"{group}/{method}/{setting}: {cell['status']} in {cell['wall_time']:.0f} s")
+
+
+def seed_summaries(folder: pathlib.Path) -> list[dict[str, Any]]:
+  return [json.loads(p.read_text()) for p in sorted(folder.glob("runs/**/summary.json"))
+          if json.loads(p.read_text()).get("status") == "complete" and "seed" in json.loads(p.read_text())]
+
+
+def report(args) -> None:
+  import numpy as np
+
+  out, docs = pathlib.Path(args.out), pathlib.Path(args.docs)
+  results = []
+  for group, method, setting in cells(args.tier):
+    folder = out / group / method / setting
+    if not (folder / "cell.json").exists():
+      continue
+    cell = json.loads((folder / "cell.json").read_text())
+    runs = seed_summaries(folder)
+    accuracy = [r["final_accuracy_mean"] for r in runs]
+    results.append({
+        "group": group, "method": method, "setting": setting, "status": cell["status"], "seeds": cell["seeds"],
+        "hparams": cell["hparams"], "final_accuracy_mean_per_seed": accuracy,
+        "final_accuracy_mean": float(np.mean(accuracy)) if accuracy else None,
+        "final_accuracy_std": float(np.std(accuracy)) if accuracy else None,
+        "dp_epsilon": runs[0].get("dp_epsilon") if runs else None,
+        "dp_delta": runs[0].get("dp_delta") if runs else None,
+        "wall_time": cell["wall_time"],
+    })
+  docs.mkdir(parents=True, exist_ok=True)
+  stamp = {"command": f"python scripts/study_privacy.py run --tier {args.tier}",
+           "date": datetime.date.today().isoformat()}
+  (docs / "study_privacy.json").write_text(json.dumps({**stamp, "cells": results}, indent=2) + "\n")
+  print("| group | method | setting | epsilon (delta 1e-5) | final accuracy (mean ± std over seeds) |")
+  print("| --- | --- | --- | --- | --- |")
+  for r in results:
+    eps = "-" if r["dp_epsilon"] is None else f"{r['dp_epsilon']:.2f}"
+    acc = r["status"] if r["final_accuracy_mean"] is None else (
+        f"{r['final_accuracy_mean']:.3f} ± {r['final_accuracy_std']:.3f}")
+    print(f"| {r['group']} | {LABELS.get(r['method'], r['method'])} | {r['setting']} | {eps} | {acc} |")
+  plot(results, docs / "img")
+
+
+def plot(results: list[dict[str, Any]], folder: pathlib.Path) -> None:
+  """Accuracy against epsilon (no DP drawn at the right) and against dropout, one line per method and group."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  folder.mkdir(parents=True, exist_ok=True)
+  for kind, axis_label, name in (("eps", "epsilon at delta 1e-5 (no DP at the right)", "epsilon"),
+                                 ("drop", "dropout", "dropout")):
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for group in sorted({r["group"] for r in results}):
+      for method in METHODS:
+        rows = [r for r in results if r["group"] == group and r["method"] == method
+                and r["final_accuracy_mean"] is not None and (r["setting"] == "none" or r["setting"].startswith(kind))]
+        if not rows:
+          continue
+        if kind == "eps":
+          xs = [float(r["setting"][3:]) if r["setting"] != "none" else 16.0 for r in rows]
+        else:
+          xs = [float(r["setting"][4:]) if r["setting"] != "none" else 0.0 for r in rows]
+        order = sorted(range(len(xs)), key=xs.__getitem__)
+        ax.errorbar([xs[i] for i in order], [rows[i]["final_accuracy_mean"] for i in order],
+                    yerr=[rows[i]["final_accuracy_std"] for i in order], marker="o", capsize=3,
+                    label=f"{LABELS[method]} ({group})")
+    if kind == "eps":
+      ax.set_xscale("log", base=2)
+      ax.set_xticks([1, 2, 4, 8, 16], ["1", "2", "4", "8", "no DP"])
+    ax.set_xlabel(axis_label)
+    ax.set_ylabel("final personalized accuracy (mean over clients)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(folder / f"study_privacy_{name}.png", dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("command", choices=("run", "report"))
+  parser.add_argument("--tier", choices=("full", "tiny"), default="full")
+  parser.add_argument("--out", default="runs/study_privacy")
+  parser.add_argument("--docs", default="docs", help="report: where study_privacy.json and img/ go")
+  parser.add_argument("--shard", default="0/1", help="I/N: run every N-th cell, starting with the I-th")
+  args = parser.parse_args(argv)
+  index, _, count = args.shard.partition("/")
+  if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+    parser.error(f"--shard must be I/N with 0 <= I < N, got {args.shard!r}")
+  run(args) if args.command == "run" else report(args)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,162 @@
+"""Dropouts and stragglers inside the round: a straggler trains exactly round(f * steps) steps, a dropped client
+weighs 0 (and never changes its state when it never starts), traces from files, the sharded round agrees."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import fedspa_jax as fj
+from fedspa_jax.availability import AvailabilitySpec
+from fedspa_jax.client import ClientData, local_train
+from fedspa_jax.round import make_client_mesh
+
+NUM_CLIENTS = 16
+HPARAMS = dict(density=0.5, clients_per_round=8, local_epochs=2, batch_size=8, lr=0.05, rounds=5)
+
+
+def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
+  jax.tree.map(lambda u, v: np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=rtol, atol=atol), a, b)
+
+
+@pytest.fixture(scope="module")
+def data():
+  return fj.data.synthetic(1.0, 1.0, num_clients=NUM_CLIENTS, max_samples_per_client=60, seed=1)
+
+
+@pytest.fixture(scope="module")
+def model():
+  return fj.models.get("mlp", num_classes=10, hidden=(16,))
+
+
+def one_round(model, data, **options):
+  algo = fj.algorithms.get("fedspa", model=model, **HPARAMS, **options)
+  state = algo.init(jax.random.key(0), data)
+  before = algo.client_states(state, data)
+  state, metrics = algo.round(state, algo.place(data))
+  return algo, state, jax.device_get(metrics), before, algo.client_states(state, data)
+
+
+@pytest.fixture(scope="module")
+def plain(model, data):
+  return one_round(model, data)
+
+
+@pytest.mark.parametrize("work", [0.3, 0.5, 0.75])
+def test_a_straggler_trains_exactly_round_f_steps(model, data, work):
+  apply_fn = lambda p, x: model.apply({"params": p}, x)
+  params = model.init(jax.random.key(1), jnp.zeros((1, *data.sample_shape)))["params"]
+  train = data.train
+  k = int(np.argmax(train.count))  # the largest client: several steps per epoch
+  steps = 2 * -(-int(train.count[k]) // 8)
+  client = lambda w: ClientData(jnp.asarray(train.x), jnp.asarray(train.y), jnp.int32(train.offset[k]),
+                                jnp.int32(train.count[k]), w)
+  kwargs = dict(apply_fn=apply_fn, optimizer=optax.sgd(0.05), batch_size=8)
+  partial = local_train(params, None, client(jnp.float32(work)), jax.random.key(2), local_epochs=2, **kwargs)
+  exact = local_train(params, None, client(None), jax.random.key(2), local_epochs=None,
+                      local_steps=round(work * steps), **kwargs)
+  assert int(partial.steps) == round(work * steps)
+  assert_trees_close(partial.params, exact.params, rtol=0, atol=0)  # the same steps, on the same batches
+
+
+def test_stragglers_in_the_round_run_their_share_and_keep_their_weight(model, data, plain):
+  _, _, full, _, _ = plain
+  _, _, metrics, _, _ = one_round(model, data, straggler_fraction=0.5, straggler_work=0.3)
+  assert np.array_equal(metrics["cohort"], full["cohort"])  # the cohort's draw does not depend on the options
+  slow = metrics["straggler"].astype(bool)
+  assert 0 < slow.sum() < len(slow)
+  expected = np.where(slow, [round(0.3 * s) for s in full["steps"]], full["steps"])
+  assert np.array_equal(metrics["steps"], expected)
+  assert np.array_equal(metrics["weight"], full["weight"])  # aggregated as FedAvg's implementations do
+  assert metrics["dropped"].sum() == 0
+
+
+@pytest.mark.parametrize("mode", ["lost", "never_starts"])
+def test_a_dropped_client_weighs_zero_and_never_starting_leaves_its_state(model, data, plain, mode):
+  _, _, full, before, after_plain = plain
+  _, state, metrics, before2, after = one_round(model, data, dropout=0.5, dropout_mode=mode)
+  dropped = metrics["dropped"].astype(bool)
+  assert 0 < dropped.sum() < len(dropped)
+  assert np.all(metrics["weight"][dropped] == 0) and np.all(metrics["weight"][~dropped] > 0)
+  ids = metrics["cohort"]
+  same = lambda tree, i: all(np.array_equal(np.asarray(a)[i], np.asarray(b)[i])
+                             for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(before)))
+  for i, d in zip(ids, dropped):
+    if d and mode == "never_starts":
+      assert same(after, i)  # no work, no new mask
+    else:  # it trained: its mask moved as in the plain round
+      assert all(np.array_equal(np.asarray(a)[i], np.asarray(b)[i])
+                 for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(after_plain)))
+  steps = metrics["steps"]
+  if mode == "never_starts":
+    assert np.all(steps[dropped] == 0)
+    participation = np.asarray(state.participation)
+    assert np.array_equal(participation[ids], (~dropped).astype(np.int32))
+  else:
+    assert np.array_equal(steps, full["steps"])
+
+
+def test_the_aggregate_leaves_out_dropped_clients(model, data):
+  """The server's new w is the plain round's rule applied to the reporting clients only."""
+  algo, state, metrics, _, _ = one_round(model, data, dropout=0.4, aggregation="mean")
+  reporting = metrics["weight"] > 0
+  # Same cohort without dropouts, but each dropped client's data removed: it weighs 0 there too (no data).
+  base = fj.algorithms.get("fedspa", model=model, **HPARAMS)
+  state0 = base.init(jax.random.key(0), data)
+  count = np.asarray(data.train.count).copy()
+  count[metrics["cohort"][~reporting]] = 0
+  emptied = dataclasses.replace(data, train=dataclasses.replace(data.train, count=count))
+  state1, m1 = base.round(state0, base.place(emptied))
+  reported = lambda m: set(np.asarray(m["cohort"])[np.asarray(m["weight"]) > 0].tolist())
+  assert reported(m1) == reported(metrics) and set(np.asarray(m1["cohort"])) == set(metrics["cohort"])
+  assert_trees_close(state.server.params, state1.server.params)
+
+
+def test_availability_trace_from_a_file_decides_by_client_and_round(model, data, tmp_path):
+  rng = np.random.default_rng(0)
+  trace = (rng.random((NUM_CLIENTS, 3)) < 0.5).astype(np.float32)  # 0 or 1: the draws do not matter
+  np.save(tmp_path / "trace.npy", trace)
+  np.savetxt(tmp_path / "trace.csv", trace, delimiter=",")
+  for path in (tmp_path / "trace.npy", tmp_path / "trace.csv"):
+    algo = fj.algorithms.get("fedspa", model=model, **HPARAMS, availability=str(path))
+    state = algo.init(jax.random.key(0), data)
+    placed = algo.place(data)
+    for t in range(4):
+      state, metrics = algo.round(state, placed)
+      expected = trace[metrics["cohort"], t % 3] == 0
+      assert np.array_equal(metrics["dropped"].astype(bool), expected)
+  np.save(tmp_path / "short.npy", trace[:5])
+  algo = fj.algorithms.get("fedspa", model=model, **HPARAMS, availability=str(tmp_path / "short.npy"))
+  with pytest.raises(ValueError, match="has 5 rows but the dataset has 16 clients"):
+    algo.round(algo.init(jax.random.key(0), data), algo.place(data))
+  with pytest.raises(ValueError, match="either dropout or an availability file"):
+    fj.algorithms.get("fedspa", model=model, **HPARAMS, availability=str(path), dropout=0.1)
+
+
+def test_off_by_default(plain):
+  algo, _, metrics, _, _ = plain
+  assert "dropped" not in metrics and "update_norm" not in metrics
+  assert algo.hparams["dropout"] == 0.0 and algo.hparams["dp_clip"] is None
+
+
+def test_sharded_round_equals_one_device_with_dp_dropouts_and_stragglers(model, data):
+  options = dict(dropout=0.3, dropout_mode="never_starts", straggler_fraction=0.4, dp_clip=1.0,
+                 dp_noise_multiplier=0.5, dp_quantile=0.5)
+  outs = []
+  for mesh in (None, make_client_mesh()):
+    algo = fj.algorithms.get("fedspa", model=model, **HPARAMS, **options, mesh=mesh)
+    state = algo.init(jax.random.key(0), algo.place(data) if mesh is not None else data)
+    placed = algo.place(data)
+    for _ in range(2):
+      state, metrics = algo.round(state, placed)
+    order = np.argsort(np.asarray(metrics["cohort"]))
+    picked = {k: np.asarray(metrics[k])[order] for k in ("cohort", "dropped", "straggler", "steps", "weight")}
+    outs.append((jax.device_get(state.server), picked, np.asarray(state.participation)[:NUM_CLIENTS]))
+  (server_a, m_a, p_a), (server_b, m_b, p_b) = outs
+  for k in m_a:
+    assert np.array_equal(m_a[k], m_b[k]), k
+  assert np.array_equal(p_a, p_b)
+  assert_trees_close(server_a, server_b, rtol=1e-4, atol=1e-5)
