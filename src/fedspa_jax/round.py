@@ -71,6 +71,22 @@ class ClientOutput(NamedTuple):
 
 # (server params, client state, data, key, round) -> ClientOutput
 ClientFn = Callable[[Any, Any, ClientData, jax.Array, jax.Array], ClientOutput]
+# (key, client ids [L]) -> the ids [L, N] of the other clients whose stored state each of them reads (DisPFL's
+# neighbours); client k's from fold_in(key, k), so they do not depend on its cohort position or device.
+PeersFn = Callable[[jax.Array, jax.Array], jax.Array]
+# The key `peers` draws from: fold_in(round key, PEERS_STREAM) (0: cohort, 1: clients, 2: evaluation).
+PEERS_STREAM = 3
+
+
+def with_peers(own: Any, peer_rows: Any, peer_ids: jax.Array) -> tuple[Any, Any]:
+  """(own [L, ...], peers [L, N, ...]): the client state a round hands a client function when it reads its peers.
+
+  Args:
+    own: the cohort's decoded state, leaves [L, ...].
+    peer_rows: the peers' decoded state, leaves [L * N, ...], row-major over `peer_ids`.
+    peer_ids: int32 [L, N].
+  """
+  return own, jax.tree.map(lambda a: a.reshape(peer_ids.shape + a.shape[1:]), peer_rows)
 
 
 def client_keys(key: jax.Array, cohort: jax.Array) -> jax.Array:
@@ -230,6 +246,7 @@ def make_round(
     strata: int | None = None,
     encode: Callable[[Any], Any] = identity,
     decode: Callable[[Any], Any] = identity,
+    peers: PeersFn | None = None,
 ) -> Callable[[SimState, Any], tuple[SimState, dict[str, jax.Array]]]:
   """Builds `round(state, train) -> (state, metrics)`, pure and jit-able.
 
@@ -248,6 +265,10 @@ def make_round(
     strata: strata of the stratified sampling (default: the mesh's client axis size, 1 without a mesh).
     encode: decoded state rows -> stored rows (e.g. mask bits packed into words).
     decode: stored rows -> decoded rows.
+    peers: optional; each cohort client then also reads the stored state of the clients `peers` names for it, as
+      the store holds them at the start of the round (before any cohort client writes): the client function's
+      state argument is the pair (own state, peers' states [N, ...]) (`with_peers`), and it returns its own new
+      state. With a mesh the peers' rows are gathered from the devices that hold them (one psum of S * N rows).
 
   Returns:
     A function of (SimState, flat training split with x, y, offset, count) returning the new state and metrics:
@@ -258,7 +279,7 @@ def make_round(
     return make_sharded_round(
         client_fn, placement=placement, mesh=mesh, cohort_size=cohort_size, aggregation=aggregation,
         weighting=weighting, server_optimizer=server_optimizer, cohort_batch=cohort_batch, sampling=sampling,
-        encode=encode, decode=decode,
+        encode=encode, decode=decode, peers=peers,
     )
   group = group_size_for(cohort_size, cohort_batch)
   padded = padded_size(cohort_size, group)
@@ -273,10 +294,15 @@ def make_round(
     offset = jnp.take(train.offset, cohort, mode="clip")
     weights = client_weights(count, weighting)
     keys = client_keys(jax.random.fold_in(key, 1), cohort)
+    cohort_rows = decode(gather_clients(state.clients, cohort))
+    if peers is not None:
+      peer_ids = peers(jax.random.fold_in(key, PEERS_STREAM), jnp.minimum(cohort, num_clients - 1))
+      peer_rows = decode(gather_clients(state.clients, peer_ids.reshape(-1)))
+      cohort_rows = with_peers(cohort_rows, peer_rows, peer_ids)
     server, cohort_state, metrics = run_cohort(
         client_fn,
         state.server,
-        decode(gather_clients(state.clients, cohort)),
+        cohort_rows,
         ClientData(train.x, train.y, offset, count),
         weights,
         keys,
@@ -321,6 +347,7 @@ def make_sharded_round(
     sampling: str,
     encode: Callable[[Any], Any],
     decode: Callable[[Any], Any],
+    peers: PeersFn | None = None,
 ) -> Callable[[SimState, Any], tuple[SimState, dict[str, jax.Array]]]:
   """The round over a population sharded on `mesh` (see `make_round` and `fedspa_jax.population`).
 
@@ -384,7 +411,12 @@ def make_sharded_round(
     weights = client_weights(mine, weighting)
     keys = client_keys(k_clients, ids)
     x_d, y_d, offset_d, count_d = data
-    out = run_groups(client_fn, server.params, (decode(state_rows), offset_d, count_d, keys), x_d, y_d, round, group)
+    cohort_rows = decode(state_rows)
+    if peers is not None:
+      peer_ids = peers(jax.random.fold_in(key, PEERS_STREAM), jnp.minimum(ids, num_clients - 1))  # [L, N]
+      cohort_rows = with_peers(cohort_rows, decode(gather_rows_anywhere(store, peer_ids.reshape(-1), first, block)),
+                               peer_ids)
+    out = run_groups(client_fn, server.params, (cohort_rows, offset_d, count_d, keys), x_d, y_d, round, group)
     numerator, denominator = aggregate_parts(aggregation, out.update, out.coverage, weights)
     numerator, denominator = jax.lax.psum((numerator, denominator), CLIENT_AXIS)
     new_server = server_update(server, finish_aggregate(numerator, denominator), server_optimizer)
@@ -420,6 +452,25 @@ def make_sharded_round(
     return new_state, metrics
 
   return round_fn
+
+
+def gather_rows_anywhere(store: Any, ids: jax.Array, first: jax.Array, block: int) -> Any:
+  """Inside a `shard_map` over the client axis: stored rows `ids` [R] (mine) of a store sharded in blocks.
+
+  Every device asks for its own ids; each row is taken by the one device that holds it (zeros elsewhere) and one
+  psum hands every device every asked row, of which it keeps its own: O(D * R) rows per device.
+  """
+  every = jax.lax.all_gather(ids, CLIENT_AXIS, tiled=True)  # [D * R], device-major
+  held = (every >= first) & (every < first + block)
+  rows = jnp.where(held, every - first, 0)
+
+  def leaf(a):
+    taken = jnp.take(a, rows, axis=0)
+    kept = jnp.where(held.reshape((-1,) + (1,) * (a.ndim - 1)), taken, jnp.zeros((), a.dtype))
+    total = jax.lax.psum(kept, CLIENT_AXIS)
+    return jax.lax.dynamic_slice_in_dim(total, jax.lax.axis_index(CLIENT_AXIS) * ids.shape[0], ids.shape[0])
+
+  return jax.tree.map(leaf, store)
 
 
 def check_aggregation(aggregation: str, weighting: str) -> None:

@@ -362,6 +362,7 @@ def assemble(
     aggregation: str = "mean",
     protocol: str = "own",
     finetune_epochs: int = 0,
+    make_peers: Callable[[int], Any] | None = None,
 ) -> Algorithm:
   """Builds an `Algorithm` from the parts that differ between methods.
 
@@ -377,6 +378,8 @@ def assemble(
     aggregation: "mean" or "masked_mean".
     protocol: the name of the method's own evaluation protocol (the first model `make_personalize` returns).
     finetune_epochs: the fine-tuning epochs of the method's own protocol (FedAvg-FT's; `evaluate`'s default).
+    make_peers: K -> the clients each cohort client reads (`round.make_round`'s `peers`; DisPFL's neighbours), or
+      None: a client reads only its own state.
   """
   check_aggregation(aggregation, common.weighting)
   check_finetune_epochs(finetune_epochs)
@@ -481,6 +484,7 @@ def assemble(
         strata=common.cohort_strata,
         encode=layout.encode,
         decode=layout.decode,
+        peers=None if make_peers is None else make_peers(data.num_clients),
     )
     new_state, metrics = run(state, data.train)
     real = jnp.sum(metrics["cohort"] < data.num_clients)
