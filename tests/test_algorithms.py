@@ -73,7 +73,9 @@ def test_reports_accounting(run):
   for key in ("values_up", "values_down", "client_state_bytes", "loss"):
     assert key in history[-1], (algo.name, key)
   for key in ("values_up", "values_down"):  # int32 counts per client and leaf; bytes come on the host
-    assert history[-1][key].shape == (COHORT, leaves) and history[-1][key].dtype == np.int32, (algo.name, key)
+    # DisPFL's clients each receive their 3 neighbours' models (10% of the 30 clients): one count per message.
+    shape = (COHORT, 3, leaves) if (algo.name, key) == ("dispfl", "values_down") else (COHORT, leaves)
+    assert history[-1][key].shape == shape and history[-1][key].dtype == np.int32, (algo.name, key)
   assert history[-1]["client_state_bytes"].shape == (leaves,)
   assert all(np.isfinite(np.asarray(m["loss"])).all() for m in history)
 
