@@ -92,7 +92,7 @@ def split(tree):
 
 def snapshot(algo, state, data):
   decoded = algo.client_states(state, data)
-  kernel, bias = split(decoded.model)
+  kernel, bias = split(decoded.local)
   return {"mask": np.asarray(split(decoded.mask)[0]), "trained": np.asarray(split(decoded.trained_mask)[0]),
           "kernel": np.asarray(kernel, np.float64), "bias": np.asarray(bias, np.float64)}
 

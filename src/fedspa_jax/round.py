@@ -204,6 +204,7 @@ def run_cohort(
     aggregation: str,
     server_optimizer: optax.GradientTransformation,
     group_size: int,
+    server_view: Callable[[ServerState], Any] | None = None,
 ) -> tuple[ServerState, Any, dict[str, jax.Array]]:
   """The cohort's part of a round on one device: client updates in groups, aggregation and the server step.
 
@@ -218,12 +219,14 @@ def run_cohort(
     aggregation: "mean" or "masked_mean".
     server_optimizer: optax transformation applied to the aggregated update.
     group_size: clients vmapped together; groups run one after another (`lax.map`), in one program.
+    server_view: what the client functions get from the server (default: its params).
 
   Returns:
     (new server state, new cohort state [S, ...], per-client metrics [S]).
   """
   x, y, offset, count = cohort_data
-  out = run_groups(client_fn, server.params, (cohort_state, offset, count, keys), x, y, round, group_size)
+  shared = server.params if server_view is None else server_view(server)
+  out = run_groups(client_fn, shared, (cohort_state, offset, count, keys), x, y, round, group_size)
   delta = aggregate(aggregation, out.update, out.coverage, weights)
   return server_update(server, delta, server_optimizer), out.state, out.metrics
 
@@ -247,6 +250,7 @@ def make_round(
     encode: Callable[[Any], Any] = identity,
     decode: Callable[[Any], Any] = identity,
     peers: PeersFn | None = None,
+    server_view: Callable[[ServerState], Any] | None = None,
 ) -> Callable[[SimState, Any], tuple[SimState, dict[str, jax.Array]]]:
   """Builds `round(state, train) -> (state, metrics)`, pure and jit-able.
 
@@ -269,6 +273,8 @@ def make_round(
       the store holds them at the start of the round (before any cohort client writes): the client function's
       state argument is the pair (own state, peers' states [N, ...]) (`with_peers`), and it returns its own new
       state. With a mesh the peers' rows are gathered from the devices that hold them (one psum of S * N rows).
+    server_view: ServerState -> what the client functions get as their first argument (default: the params; FedDST
+      also hands them the global mask its server optimizer's state keeps).
 
   Returns:
     A function of (SimState, flat training split with x, y, offset, count) returning the new state and metrics:
@@ -279,7 +285,7 @@ def make_round(
     return make_sharded_round(
         client_fn, placement=placement, mesh=mesh, cohort_size=cohort_size, aggregation=aggregation,
         weighting=weighting, server_optimizer=server_optimizer, cohort_batch=cohort_batch, sampling=sampling,
-        encode=encode, decode=decode, peers=peers,
+        encode=encode, decode=decode, peers=peers, server_view=server_view,
     )
   group = group_size_for(cohort_size, cohort_batch)
   padded = padded_size(cohort_size, group)
@@ -310,6 +316,7 @@ def make_round(
         aggregation=aggregation,
         server_optimizer=server_optimizer,
         group_size=group,
+        server_view=server_view,
     )
     new_state = SimState(
         server=server,
@@ -348,6 +355,7 @@ def make_sharded_round(
     encode: Callable[[Any], Any],
     decode: Callable[[Any], Any],
     peers: PeersFn | None = None,
+    server_view: Callable[[ServerState], Any] | None = None,
 ) -> Callable[[SimState, Any], tuple[SimState, dict[str, jax.Array]]]:
   """The round over a population sharded on `mesh` (see `make_round` and `fedspa_jax.population`).
 
@@ -416,7 +424,8 @@ def make_sharded_round(
       peer_ids = peers(jax.random.fold_in(key, PEERS_STREAM), jnp.minimum(ids, num_clients - 1))  # [L, N]
       cohort_rows = with_peers(cohort_rows, decode(gather_rows_anywhere(store, peer_ids.reshape(-1), first, block)),
                                peer_ids)
-    out = run_groups(client_fn, server.params, (cohort_rows, offset_d, count_d, keys), x_d, y_d, round, group)
+    shared = server.params if server_view is None else server_view(server)
+    out = run_groups(client_fn, shared, (cohort_rows, offset_d, count_d, keys), x_d, y_d, round, group)
     numerator, denominator = aggregate_parts(aggregation, out.update, out.coverage, weights)
     numerator, denominator = jax.lax.psum((numerator, denominator), CLIENT_AXIS)
     new_server = server_update(server, finish_aggregate(numerator, denominator), server_optimizer)

@@ -76,12 +76,12 @@ class DisPFLState(NamedTuple):
   Attributes:
     mask: m_k, the mask it trains with next (bool, params structure).
     trained_mask: m'_k, the mask its model was trained under (what its neighbours' averages count).
-    model: v_k, its sparse model (zero outside `trained_mask`).
+    local: v_k, its sparse model (zero outside `trained_mask`; the name `client_stats` reads local models by).
   """
 
   mask: Any
   trained_mask: Any
-  model: Any
+  local: Any
 
 
 def resolve_neighbours(neighbours: int | None, topology: str, num_clients: int) -> int:
@@ -119,7 +119,7 @@ def neighbourhood_average(own: DisPFLState, peers: DisPFLState) -> Any:
     peers: its neighbours' states (leaves [N, ...]).
   """
   stack = lambda a, b: jnp.concatenate([a[None], b], axis=0)
-  models = jax.tree.map(stack, own.model, peers.model)
+  models = jax.tree.map(stack, own.local, peers.local)
   covers = jax.tree.map(stack, own.trained_mask, peers.trained_mask)
   ones = jnp.ones((jax.tree.leaves(covers)[0].shape[0],), jnp.float32)
   return masks.apply_mask(aggregate_masked_mean(models, covers, ones), own.mask)
@@ -187,7 +187,7 @@ def dispfl(
   def init_clients(key, params, ids):
     client_masks = masks.init_client_masks(key, params, densities_of(params), ids=ids, shared=shared_init_mask)
     models = jax.vmap(masks.apply_mask, in_axes=(None, 0))(params, client_masks)
-    return DisPFLState(mask=client_masks, trained_mask=client_masks, model=models)
+    return DisPFLState(mask=client_masks, trained_mask=client_masks, local=models)
 
   def make_client_fn(preprocess):
     def client_update(w, state, data: ClientData, key, round):
@@ -217,7 +217,7 @@ def dispfl(
       }
       return ClientOutput(
           update=jax.tree.map(jnp.zeros_like, w), coverage=None,
-          state=DisPFLState(mask=new_mask, trained_mask=own.mask, model=result.params), metrics=metrics,
+          state=DisPFLState(mask=new_mask, trained_mask=own.mask, local=result.params), metrics=metrics,
       )
 
     return client_update
@@ -248,7 +248,7 @@ def dispfl(
 
   def personalize(w, state, train_k, key):
     del w, train_k, key
-    return {"local": Personal(state.model, state.trained_mask)}
+    return {"local": Personal(state.local, state.trained_mask)}
 
   hparams = dict(
       density=density, density_rule=density_rule, alpha=alpha, t_end=t_end, regrow=regrow, neighbours=neighbours,
