@@ -171,3 +171,19 @@ def test_bytes_follow_the_masks(rounds):
   cost = lambda active: 4 * (active + CLASSES) + min(-(-kernel_size // 8), active)
   assert sent["bytes_down"] == 4 * cost(9)
   assert sent["bytes_up"] == sum(cost(int(v.sum()) - CLASSES) for v in np.asarray(metrics["values_up"]))
+
+
+def test_sharded_round_equals_one_device(model, data):
+  # The global mask is replicated server state; the vote is one all-reduce of the clients' partial sums.
+  from fedspa_jax.round import make_client_mesh
+
+  one = fj.algorithms.get("feddst", model=model, **HPARAMS)
+  four = fj.algorithms.get("feddst", model=model, mesh=make_client_mesh(jax.devices()[:4]), **HPARAMS)
+  placed, on_device = four.place(data), one.place(data)
+  a, b = one.init(jax.random.key(6), on_device), four.init(jax.random.key(6), placed)
+  for _ in range(3):
+    a, _ = one.round(a, on_device)
+    b, _ = four.round(b, placed)
+  chex_equal = lambda u, v: np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-5, atol=1e-6)
+  jax.tree.map(chex_equal, a.server.params, b.server.params)
+  jax.tree.map(chex_equal, a.server.opt_state.mask, b.server.opt_state.mask)
