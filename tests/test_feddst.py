@@ -187,3 +187,15 @@ def test_sharded_round_equals_one_device(model, data):
   chex_equal = lambda u, v: np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-5, atol=1e-6)
   jax.tree.map(chex_equal, a.server.params, b.server.params)
   jax.tree.map(chex_equal, a.server.opt_state.mask, b.server.opt_state.mask)
+
+
+def test_prune_to_counts_keeps_the_largest_up_to_each_target():
+  from fedspa_jax.mask_update import prune_to_counts
+
+  params = {"k": np.array([[0.5, -3.0, 1.0], [2.0, -0.1, 4.0]], np.float32), "b": np.ones((3,), np.float32)}
+  mask = {"k": np.array([[True, True, True], [True, False, True]]), "b": np.ones((3,), bool)}
+  out = prune_to_counts(mask, params, {"k": 3, "b": 1})  # 5 active -> the 3 largest |w|: -3, 2, 4; biases stay
+  np.testing.assert_array_equal(out["k"], [[False, True, False], [True, False, True]])
+  np.testing.assert_array_equal(out["b"], [True, True, True])
+  same = prune_to_counts(mask, params, {"k": 6, "b": 3})  # at or below the target: unchanged
+  np.testing.assert_array_equal(same["k"], mask["k"])
