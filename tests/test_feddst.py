@@ -105,8 +105,8 @@ def test_initial_mask_is_the_magnitude_pruned_init(rounds):
 
 @pytest.mark.parametrize("t", [0, 1, 2])
 def test_round_equals_the_reference_round(rounds, data, t):
-  # Round 0 only trains (no readjustment); rounds 1 and 2 readjust, the union of the clients' masks is denser
-  # than the target, and the server prunes it back.
+  # With readjust_interval 1 every round readjusts ((t - 1) % 1 == 0, t = 0 included, as dst.py computes it): the
+  # union of the clients' masks is denser than the target and the server prunes it back; the rate shrinks with t.
   _, out, _ = rounds
   kernel, bias, mask = out[t][1]
   metrics, (kernel_after, bias_after, mask_after) = out[t + 1]
