@@ -199,3 +199,13 @@ def test_prune_to_counts_keeps_the_largest_up_to_each_target():
   np.testing.assert_array_equal(out["b"], [True, True, True])
   same = prune_to_counts(mask, params, {"k": 6, "b": 3})  # at or below the target: unchanged
   np.testing.assert_array_equal(same["k"], mask["k"])
+
+
+def test_flops_are_sparse_training_plus_the_regrowth_batch(rounds):
+  # Softmax regression 6 -> 3: dense forward 2 * 6 * 3 = 36 FLOPs per sample, 18 at the mask's density 9 / 18.
+  # Per client (8 samples, batch 8): 3 * 18 * 8 training, and in a readjustment round one regrowth batch of
+  # 8 * (2 * 18 + 36) (sparse forward and input gradients, dense weight gradients), as FedSpa's is counted.
+  _, out, _ = rounds
+  metrics = out[1][0]
+  assert float(metrics["flops"]) == pytest.approx(4 * (3 * 18 * 8 + 8 * (2 * 18 + 36)))
+  assert float(metrics["flops_dense"]) == pytest.approx(4 * 3 * 36 * 8)

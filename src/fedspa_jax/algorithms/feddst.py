@@ -182,11 +182,14 @@ def feddst(
       # The condition depends on the round alone (the same for the whole cohort): a real branch under vmap too.
       new_mask = jax.lax.cond(readjust, readjusted, lambda _: mask, None)
       trained = masks.apply_mask(result.params, new_mask)  # pruned weights zeroed, grown ones start at 0
-      per_sample = accounting.mask_training_flops(forward_of(data.x.shape[1:]), mask)
-      dense_batch = 3.0 * sum(forward_of(data.x.shape[1:]).values()) * kwargs["batch_size"]
+      forward = forward_of(data.x.shape[1:])
+      per_sample = accounting.mask_training_flops(forward, mask)  # 3 x the sparse forward
+      # The regrowth gradient, as FedSpa's is counted (models.flops): sparse forward and input gradients, dense
+      # weight gradients, over one batch.
+      regrowth = kwargs["batch_size"] * (2.0 * per_sample / 3.0 + sum(forward.values()))
       metrics = {
           "loss": result.loss, "accuracy": result.accuracy, "steps": result.steps, "samples": result.samples,
-          "flops": per_sample * result.samples + jnp.where(readjust, dense_batch, 0.0),
+          "flops": per_sample * result.samples + jnp.where(readjust, regrowth, 0.0),
           "values_down": accounting.count_values(mask),
           "values_up": accounting.count_values(new_mask),
           "readjusted": readjust.astype(jnp.int32),
