@@ -136,7 +136,7 @@ def test_votes_and_values_are_weighted_by_samples(model):
   state = server.init(params)
   np.testing.assert_array_equal(state.mask["k"], [[False, False], [True, True]])  # the 2 largest |w|
   x0 = np.array([[0.0, 0.0], [3.0, 4.0]], np.float32)
-  uploads = [np.array([[0.0, 0.0], [5.0, 0.0]]), np.array([[7.0, 0.0], [1.0, 0.0]])]  # client 1 dropped (1,1)
+  uploads = [np.array([[0.0, 0.0], [5.0, 0.0]], np.float32), np.array([[7.0, 0.0], [1.0, 0.0]], np.float32)]
   kept = [np.array([[False, False], [True, True]]), np.array([[True, False], [True, False]])]
   n = np.array([2.0, 6.0], np.float32)
   updates = np.stack([x0 - u for u in uploads])
