@@ -73,7 +73,9 @@ def test_reports_accounting(run):
   for key in ("values_up", "values_down", "client_state_bytes", "loss"):
     assert key in history[-1], (algo.name, key)
   for key in ("values_up", "values_down"):  # int32 counts per client and leaf; bytes come on the host
-    assert history[-1][key].shape == (COHORT, leaves) and history[-1][key].dtype == np.int32, (algo.name, key)
+    # DisPFL's clients each receive their 3 neighbours' models (10% of the 30 clients): one count per message.
+    shape = (COHORT, 3, leaves) if (algo.name, key) == ("dispfl", "values_down") else (COHORT, leaves)
+    assert history[-1][key].shape == shape and history[-1][key].dtype == np.int32, (algo.name, key)
   assert history[-1]["client_state_bytes"].shape == (leaves,)
   assert all(np.isfinite(np.asarray(m["loss"])).all() for m in history)
 
@@ -81,7 +83,7 @@ def test_reports_accounting(run):
 # The default client weighting of each method (docs/algorithms.md says where each paper stands).
 WEIGHTING = {
     "fedavg": "samples", "fedavg_ft": "samples", "ditto": "samples", "fedper": "samples",
-    "fedrep": "uniform", "subfedavg": "uniform", "local": "uniform",
+    "fedrep": "uniform", "subfedavg": "uniform", "local": "uniform", "dispfl": "uniform", "feddst": "samples",
     **{name: "uniform" for name in fj.algorithms.names() if name.startswith("fedspa")},
 }
 

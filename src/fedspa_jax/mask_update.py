@@ -231,3 +231,26 @@ def prune_and_regrow(
       out[i] = m
   return jax.tree_util.tree_unflatten(treedef, out)
 
+
+
+def prune_to_counts(mask: Any, params: Any, counts: Any, *, maskable: Maskable = is_maskable) -> Any:
+  """Magnitude pruning to per-leaf targets: every maskable leaf with more than counts[leaf] active entries drops its
+  smallest |param| (ties: lowest index) down to that count; leaves at or below it are unchanged.
+
+  FedDST's server re-sparsification and its initial global mask (`layer_prune` in bibikar/feddst models.py), and
+  jaxpruner's magnitude pruning to a target.
+
+  Args:
+    mask: bool pytree shaped like params (all True: a dense start).
+    params: the weights whose magnitudes rank the active entries.
+    counts: pytree like params of int targets (Python ints or traced int32 scalars).
+    maskable: which leaves are pruned; the others are returned unchanged.
+  """
+
+  def leaf(path, m, p, c):
+    if not maskable(path, m):
+      return m
+    active = jnp.sum(m, dtype=jnp.int32)
+    return prune_smallest(m, p, jnp.maximum(active - jnp.asarray(c, jnp.int32), 0))
+
+  return jax.tree_util.tree_map_with_path(leaf, mask, params, counts)

@@ -77,6 +77,26 @@ class ClientOutput(NamedTuple):
 
 # (server params, client state, data, key, round) -> ClientOutput
 ClientFn = Callable[[Any, Any, ClientData, jax.Array, jax.Array], ClientOutput]
+# (key, client ids [L]) -> the ids [L, N] of the other clients whose stored state each of them reads (DisPFL's
+# neighbours); client k's from fold_in(key, k), so they do not depend on its cohort position or device.
+PeersFn = Callable[[jax.Array, jax.Array], jax.Array]
+# The round key's streams, fold_in(round key, i): 0 the cohort, 1 the clients, 2 evaluation, DP_STREAM the DP
+# noise (`server.dp_release`), 4 dropouts and stragglers (`availability.draw_fate`), PEERS_STREAM the neighbours
+# `peers` draws.
+DP_STREAM = 3
+FATE_STREAM = 4
+PEERS_STREAM = 5
+
+
+def with_peers(own: Any, peer_rows: Any, peer_ids: jax.Array) -> tuple[Any, Any]:
+  """(own [L, ...], peers [L, N, ...]): the client state a round hands a client function when it reads its peers.
+
+  Args:
+    own: the cohort's decoded state, leaves [L, ...].
+    peer_rows: the peers' decoded state, leaves [L * N, ...], row-major over `peer_ids`.
+    peer_ids: int32 [L, N].
+  """
+  return own, jax.tree.map(lambda a: a.reshape(peer_ids.shape + a.shape[1:]), peer_rows)
 
 
 def client_keys(key: jax.Array, cohort: jax.Array) -> jax.Array:
@@ -199,6 +219,7 @@ def run_cohort(
     dp: DPSpec | None = None,
     dp_key: jax.Array | None = None,
     expected: jax.Array | None = None,
+    server_view: Callable[[ServerState], Any] | None = None,
 ) -> tuple[ServerState, Any, dict[str, jax.Array]]:
   """The cohort's part of a round on one device: client updates in groups, aggregation and the server step.
 
@@ -216,13 +237,15 @@ def run_cohort(
     dp: client-level DP of the aggregate (None: the aggregation rule); the clients with weight > 0 report.
     dp_key: the round's noise key (with `dp`).
     expected: the expected number of reporting clients, the DP estimator's denominator (with `dp`).
+    server_view: what the client functions get from the server (default: its params).
 
   Returns:
     (new server state, new cohort state [S, ...], per-client metrics [S]).
   """
   x, y, offset, count, work = cohort_data
   per_client = (cohort_state, offset, count, keys) + (() if work is None else (work,))
-  out = run_groups(client_fn, server.params, per_client, x, y, round, group_size)
+  shared = server.params if server_view is None else server_view(server)
+  out = run_groups(client_fn, shared, per_client, x, y, round, group_size)
   if dp is None:
     delta = aggregate(aggregation, out.update, out.coverage, weights)
     return server_update(server, delta, server_optimizer), out.state, out.metrics
@@ -262,6 +285,8 @@ def make_round(
     decode: Callable[[Any], Any] = identity,
     dp: DPSpec | None = None,
     availability: AvailabilitySpec | None = None,
+    peers: PeersFn | None = None,
+    server_view: Callable[[ServerState], Any] | None = None,
 ) -> Callable[[SimState, Any], tuple[SimState, dict[str, jax.Array]]]:
   """Builds `round(state, train) -> (state, metrics)`, pure and jit-able.
 
@@ -282,6 +307,12 @@ def make_round(
     decode: stored rows -> decoded rows.
     dp: client-level DP of the aggregate (`server.DPSpec`; the state's server must carry its clip: `init_server`).
     availability: dropouts and stragglers (`fedspa_jax.availability`).
+    peers: optional; each cohort client then also reads the stored state of the clients `peers` names for it, as
+      the store holds them at the start of the round (before any cohort client writes): the client function's
+      state argument is the pair (own state, peers' states [N, ...]) (`with_peers`), and it returns its own new
+      state. With a mesh the peers' rows are gathered from the devices that hold them (one psum of S * N rows).
+    server_view: ServerState -> what the client functions get as their first argument (default: the params; FedDST
+      also hands them the global mask its server optimizer's state keeps).
 
   Returns:
     A function of (SimState, flat training split with x, y, offset, count) returning the new state and metrics:
@@ -294,7 +325,7 @@ def make_round(
     return make_sharded_round(
         client_fn, placement=placement, mesh=mesh, cohort_size=cohort_size, aggregation=aggregation,
         weighting=weighting, server_optimizer=server_optimizer, cohort_batch=cohort_batch, sampling=sampling,
-        encode=encode, decode=decode, dp=dp, availability=availability,
+        encode=encode, decode=decode, dp=dp, availability=availability, peers=peers, server_view=server_view,
     )
   group = group_size_for(cohort_size, cohort_batch)
   padded = padded_size(cohort_size, group)
@@ -308,14 +339,19 @@ def make_round(
     cohort, count = cohort[order], count[order]
     offset = jnp.take(train.offset, cohort, mode="clip")
     weights = client_weights(count, weighting)
-    fate = draw_fate(jax.random.fold_in(key, 4), cohort, state.round, availability, num_clients)
+    fate = draw_fate(jax.random.fold_in(key, FATE_STREAM), cohort, state.round, availability, num_clients)
     weights = jnp.where(fate.reports, weights, 0.0)
     keys = client_keys(jax.random.fold_in(key, 1), cohort)
     old_rows = decode(gather_clients(state.clients, cohort))
+    cohort_rows = old_rows
+    if peers is not None:
+      peer_ids = peers(jax.random.fold_in(key, PEERS_STREAM), jnp.minimum(cohort, num_clients - 1))
+      peer_rows = decode(gather_clients(state.clients, peer_ids.reshape(-1)))
+      cohort_rows = with_peers(old_rows, peer_rows, peer_ids)
     server, cohort_state, metrics = run_cohort(
         client_fn,
         state.server,
-        old_rows,
+        cohort_rows,
         ClientData(train.x, train.y, offset, count, None if availability is None else fate.work),
         weights,
         keys,
@@ -324,8 +360,9 @@ def make_round(
         server_optimizer=server_optimizer,
         group_size=group,
         dp=dp,
-        dp_key=jax.random.fold_in(key, 3),
+        dp_key=jax.random.fold_in(key, DP_STREAM),
         expected=expected_reports(availability, state.round, cohort_size),
+        server_view=server_view,
     )
     if availability is not None:
       cohort_state = keep_unstarted(cohort_state, old_rows, fate.started)
@@ -368,6 +405,8 @@ def make_sharded_round(
     decode: Callable[[Any], Any],
     dp: DPSpec | None = None,
     availability: AvailabilitySpec | None = None,
+    peers: PeersFn | None = None,
+    server_view: Callable[[ServerState], Any] | None = None,
 ) -> Callable[[SimState, Any], tuple[SimState, dict[str, jax.Array]]]:
   """The round over a population sharded on `mesh` (see `make_round` and `fedspa_jax.population`).
 
@@ -430,13 +469,19 @@ def make_sharded_round(
               jnp.arange(local, dtype=jnp.int32) * count_max, mine)
 
     weights = client_weights(mine, weighting)
-    fate = draw_fate(jax.random.fold_in(key, 4), ids, round, availability, num_clients)
+    fate = draw_fate(jax.random.fold_in(key, FATE_STREAM), ids, round, availability, num_clients)
     weights = jnp.where(fate.reports, weights, 0.0)
     keys = client_keys(k_clients, ids)
     x_d, y_d, offset_d, count_d = data
     old_rows = decode(state_rows)
-    per_client = (old_rows, offset_d, count_d, keys) + (() if availability is None else (fate.work,))
-    out = run_groups(client_fn, server.params, per_client, x_d, y_d, round, group)
+    cohort_rows = old_rows
+    if peers is not None:
+      peer_ids = peers(jax.random.fold_in(key, PEERS_STREAM), jnp.minimum(ids, num_clients - 1))  # [L, N]
+      cohort_rows = with_peers(old_rows, decode(gather_rows_anywhere(store, peer_ids.reshape(-1), first, block)),
+                               peer_ids)
+    shared = server.params if server_view is None else server_view(server)
+    per_client = (cohort_rows, offset_d, count_d, keys) + (() if availability is None else (fate.work,))
+    out = run_groups(client_fn, shared, per_client, x_d, y_d, round, group)
     extra = {}
     if dp is None:
       numerator, denominator = aggregate_parts(aggregation, out.update, out.coverage, weights)
@@ -445,7 +490,7 @@ def make_sharded_round(
     else:
       (total, below), norms = dp_parts(out.update, weights > 0, server.clip)
       total, below = jax.lax.psum((total, below), CLIENT_AXIS)
-      released, clip = dp_release(total, below, server.clip, jax.random.fold_in(key, 3), dp,
+      released, clip = dp_release(total, below, server.clip, jax.random.fold_in(key, DP_STREAM), dp,
                                   expected_reports(availability, round, cohort_size))
       new_server = server_update(server._replace(clip=clip), released, server_optimizer)
       extra = {"update_norm": norms}
@@ -489,6 +534,25 @@ def make_sharded_round(
     return new_state, metrics
 
   return round_fn
+
+
+def gather_rows_anywhere(store: Any, ids: jax.Array, first: jax.Array, block: int) -> Any:
+  """Inside a `shard_map` over the client axis: stored rows `ids` [R] (mine) of a store sharded in blocks.
+
+  Every device asks for its own ids; each row is taken by the one device that holds it (zeros elsewhere) and one
+  psum hands every device every asked row, of which it keeps its own: O(D * R) rows per device.
+  """
+  every = jax.lax.all_gather(ids, CLIENT_AXIS, tiled=True)  # [D * R], device-major
+  held = (every >= first) & (every < first + block)
+  rows = jnp.where(held, every - first, 0)
+
+  def leaf(a):
+    taken = jnp.take(a, rows, axis=0)
+    kept = jnp.where(held.reshape((-1,) + (1,) * (a.ndim - 1)), taken, jnp.zeros((), a.dtype))
+    total = jax.lax.psum(kept, CLIENT_AXIS)
+    return jax.lax.dynamic_slice_in_dim(total, jax.lax.axis_index(CLIENT_AXIS) * ids.shape[0], ids.shape[0])
+
+  return jax.tree.map(leaf, store)
 
 
 def check_aggregation(aggregation: str, weighting: str) -> None:

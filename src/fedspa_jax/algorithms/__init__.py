@@ -16,6 +16,8 @@ from typing import Any, Callable
 
 from fedspa_jax.algorithms.base import Algorithm, Common
 from fedspa_jax.algorithms.dense import ditto, fedavg, fedavg_ft, local
+from fedspa_jax.algorithms.dispfl import dispfl
+from fedspa_jax.algorithms.feddst import feddst
 from fedspa_jax.algorithms.fedspa import fedspa
 from fedspa_jax.algorithms.split import fedper, fedrep
 from fedspa_jax.algorithms.subfedavg import subfedavg
@@ -34,6 +36,8 @@ _ALGORITHMS: dict[str, tuple[Callable[..., Algorithm], dict[str, Any], str]] = {
     "fedrep": (fedrep, {}, "FedRep: shared body, personal head trained first (Collins et al. 2021)"),
     "fedper": (fedper, {}, "FedPer: shared body, personal head trained jointly (Arivazhagan et al. 2019)"),
     "subfedavg": (subfedavg, {}, "Sub-FedAvg (unstructured): pruned personal masks (Vahidian et al. 2021)"),
+    "dispfl": (dispfl, {}, "DisPFL: decentralized personal sparse models, neighbours' masked average (Dai et al. 2022)"),
+    "feddst": (feddst, {}, "FedDST: one sparse global model, clients readjust masks, server aggregates by vote (Bibikar et al. 2022)"),
 }
 
 
@@ -118,9 +122,11 @@ __all__ = [
     "Common",
     "check_hparam_types",
     "describe",
+    "dispfl",
     "ditto",
     "fedavg",
     "fedavg_ft",
+    "feddst",
     "fedper",
     "fedrep",
     "fedspa",

@@ -435,6 +435,9 @@ def assemble(
     aggregation: str = "mean",
     protocol: str = "own",
     finetune_epochs: int = 0,
+    make_peers: Callable[[int], Any] | None = None,
+    server_optimizer: optax.GradientTransformation | None = None,
+    server_view: Callable[[Any], Any] | None = None,
 ) -> Algorithm:
   """Builds an `Algorithm` from the parts that differ between methods.
 
@@ -450,6 +453,12 @@ def assemble(
     aggregation: "mean" or "masked_mean".
     protocol: the name of the method's own evaluation protocol (the first model `make_personalize` returns).
     finetune_epochs: the fine-tuning epochs of the method's own protocol (FedAvg-FT's; `evaluate`'s default).
+    make_peers: K -> the clients each cohort client reads (`round.make_round`'s `peers`; DisPFL's neighbours), or
+      None: a client reads only its own state.
+    server_optimizer: the server's step on the aggregated update (default: SGD at `server_lr`); its state is the
+      server's own state (FedDST's global mask).
+    server_view: ServerState -> what client functions and `make_personalize`'s functions get as the server's model
+      (default: its params).
   """
   check_aggregation(aggregation, common.weighting)
   check_finetune_epochs(finetune_epochs)
@@ -458,7 +467,8 @@ def assemble(
   mesh = common.mesh
   dp = common.dp_spec()
   fates = common.availability_spec()
-  server_optimizer = optax.sgd(common.server_lr)
+  server_optimizer = optax.sgd(common.server_lr) if server_optimizer is None else server_optimizer
+  view = (lambda server: server.params) if server_view is None else server_view
   apply_fn = make_apply_fn(model)
   layout_of = lambda params: store_lib.make_layout(init_clients, params)
   placement_of = lambda data: population.make_placement(data.num_clients, mesh, common.cohort_strata)
@@ -559,6 +569,8 @@ def assemble(
         decode=layout.decode,
         dp=dp,
         availability=fates,
+        peers=None if make_peers is None else make_peers(data.num_clients),
+        server_view=server_view,
     )
     new_state, metrics = run(state, data.train)
     real = jnp.sum(metrics["cohort"] < data.num_clients)
@@ -606,7 +618,7 @@ def assemble(
     evaluate_clients = make_evaluate(**options)
     ids = jnp.arange(data.num_clients, dtype=jnp.int32) if clients is None else jnp.asarray(clients, jnp.int32)
     return with_staleness(evaluate_clients(
-        state.server.params, lambda i: layout.gather(state.clients, i), ids, state.participation, data.train,
+        view(state.server), lambda i: layout.gather(state.clients, i), ids, state.participation, data.train,
         data.test, key, preprocess,
     ), state.round)
 
@@ -636,7 +648,7 @@ def assemble(
     out = jax.shard_map(
         body, mesh=mesh, in_specs=(P(), P(CLIENT_AXIS), P(CLIENT_AXIS), P(CLIENT_AXIS), P(CLIENT_AXIS), P(), P()),
         out_specs=out_spec, check_vma=False,
-    )(state.server.params, state.clients, state.participation, data.train, data.test, key, ids)
+    )(view(state.server), state.clients, state.participation, data.train, data.test, key, ids)
     if every:
       ids = jnp.arange(data.num_clients, dtype=jnp.int32)
       out = jax.tree.map(lambda a: a[: data.num_clients], out)
