@@ -159,7 +159,7 @@ MUTATIONS = [
       "Sub-FedAvg's candidates drop the weights below the prune percentile of |w|, as its reference code does"),
     # --- evaluation protocols --------------------------------------------------------------------------------------
     M("local_protocol_scores_masked_global", "algorithms/fedspa.py",
-      "local = jax.tree.map(lambda a, b: jnp.where(state.trained, a, b), trained, masked_global)",
+      "local = Personal(pick(state.local, masked_global.params), pick(state.local_mask, mask), state.trained_round)",
       "local = masked_global",
       ("test_protocols.py::test_local_scores_the_params_of_the_last_participation",),
       "personal_model='local' scores the sparse model the client last trained"),
