@@ -83,7 +83,7 @@ def test_reports_accounting(run):
 # The default client weighting of each method (docs/algorithms.md says where each paper stands).
 WEIGHTING = {
     "fedavg": "samples", "fedavg_ft": "samples", "ditto": "samples", "fedper": "samples",
-    "fedrep": "uniform", "subfedavg": "uniform", "local": "uniform", "dispfl": "uniform", "feddst": "samples",
+    "fedrep": "uniform", "subfedavg": "uniform", "local": "uniform", "dispfl": "uniform", "feddst": "samples", "prunefl": "samples",
     **{name: "uniform" for name in fj.algorithms.names() if name.startswith("fedspa")},
 }
 
