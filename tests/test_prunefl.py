@@ -229,3 +229,53 @@ def test_sharded_round_equals_one_device(model, data):
   close = lambda u, v: np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-5, atol=1e-6)
   jax.tree.map(close, a.server.params, b.server.params)
   jax.tree.map(np.testing.assert_array_equal, a.server.opt_state.mask, b.server.opt_state.mask)
+
+
+def reference_initial_pruning(kernel, bias, x, y, max_rounds, interval):
+  """adaptive.py's `initial_pruning` on one full batch: evaluate every 10 rounds, readjust every `interval` rounds
+  from the first evaluation at accuracy >= 1.5 / classes, stop after 5 readjustments in a row within 10% density."""
+  mask, importance = np.ones(kernel.shape, bool), [np.zeros_like(kernel), np.zeros_like(bias)]
+  start, previous, stable = None, None, []
+  for i in range(1, max_rounds + 1):
+    if (i - 1) % 10 == 0 and start is None:
+      accuracy = np.mean(np.argmax(x @ (kernel * mask) + bias, axis=1) == y)
+      if accuracy >= 1.5 / CLASSES:
+        start = i
+    g_w, g_b = softmax_grads(kernel * mask, bias, x, y)
+    importance = [importance[0] + g_w ** 2, importance[1] + g_b ** 2]
+    kernel, bias = (kernel - LR * g_w) * mask, bias - LR * g_b
+    if start is not None and (i - start) % interval == 0:
+      (mask,) = reference_select([(mask, kernel, importance[0], 1.0)], importance[1].sum(), MAX_DEC, 1.0)
+      importance = [np.zeros_like(kernel), np.zeros_like(bias)]
+      density = (mask.sum() + bias.size) / (mask.size + bias.size)
+      if previous is not None:
+        stable.append(abs(density / previous - 1) <= 0.1)
+      previous = density
+      if len(stable) >= 5 and all(stable[-5:]):
+        break
+  return kernel * mask, bias, mask, start
+
+
+@pytest.mark.parametrize("max_rounds, seed", [(12, 9), (40, 4), (40, 9)])
+def test_initial_pruning_equals_the_reference(model, data, max_rounds, seed):
+  # One full batch of client 0 (8 samples) per round, so the batch order does not matter; 12 rounds stop mid-way,
+  # 40 run until the density settles. Init 4 scores 0.5 on the batch at round 1 (readjustments start at once),
+  # init 9 scores 0.375 (below 1.5 / 3: they start at round 11).
+  hparams = dict(HPARAMS, initial_pruning_rounds=max_rounds, initial_pruning_batches=1)
+  dense = fj.algorithms.get("prunefl", model=model, **HPARAMS).init(jax.random.key(seed), data)
+  state = fj.algorithms.get("prunefl", model=model, **hparams).init(jax.random.key(seed), data)
+  kernel, bias, _, _ = snapshot(dense)
+  x, y, _ = client_data(data, [0])[0]
+  want_kernel, want_bias, want_mask, start = reference_initial_pruning(kernel, bias, x, y, max_rounds, INTERVAL)
+  assert start is not None  # readjustments happened
+  got_kernel, got_bias, got_mask, _ = snapshot(state)
+  np.testing.assert_array_equal(got_mask, want_mask)
+  assert not want_mask.all()
+  np.testing.assert_allclose(got_kernel * got_mask, want_kernel, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(got_bias, want_bias, rtol=1e-4, atol=1e-5)
+
+
+def test_initial_pruning_needs_enough_data_on_the_host(model, data):
+  algo = fj.algorithms.get("prunefl", model=model, **dict(HPARAMS, initial_pruning_rounds=5, initial_pruning_batches=2))
+  with pytest.raises(ValueError, match="needs 16 samples on client 0"):
+    algo.init(jax.random.key(0), data)
