@@ -148,7 +148,9 @@ def test_round_equals_the_reference_round(rounds, data, t):
   # Down: the global model's active values; up: the same, plus the dense importance in a readjustment round.
   active = int(mask.sum()) + CLASSES
   assert (np.asarray(metrics["values_down"]).sum(axis=1) == active).all()
-  assert (np.asarray(metrics["values_up"]).sum(axis=1) == active + readjust * (FEATURES + 1) * CLASSES).all()
+  up = np.asarray(metrics["values_up"])  # [S, 2 messages, L]
+  assert (up[:, 0].sum(axis=1) == active).all()
+  assert (up[:, 1].sum(axis=1) == readjust * (FEATURES + 1) * CLASSES).all()
 
 
 def test_selection_matches_the_reference_heap_across_layers():
@@ -204,16 +206,30 @@ def test_layer_costs_and_bad_hyperparameters(model):
 
 
 def test_flops_count_the_dense_gradient_of_every_step(rounds):
-  # Softmax regression: forward 2 * 6 * 3 (+ bias) per sample; every step computes the kernel's dense weight
-  # gradient. FLOPs = samples * (2/3 * 3 * sparse forward + dense forward).
+  # Softmax regression: forward 2 * 6 * 3 = 36 FLOPs per sample (a multiply and an add per kernel weight). Every
+  # step runs the forward and the input gradient at the mask's density and the kernel's weight gradient dense:
+  # per sample 2 * 36 * density + 36, for 4 clients x 2 steps x 8 samples.
   _, out, _ = rounds
-  metrics, _ = out[1]
-  from fedspa_jax.models import flops
-  model = fj.models.get("mlp", num_classes=CLASSES, hidden=())
-  forward = flops.forward_flops(model, (FEATURES,))
-  dense = sum(forward.values())
-  # Round 0: the mask is dense, so sparse = dense: per sample 2 * dense + dense.
-  assert math.isclose(float(metrics["flops"]), 4 * STEPS * SAMPLES * 3.0 * dense, rel_tol=1e-6)
+  for t in (0, 3):  # round 0: the dense mask; round 3: the mask readjusted after round 2
+    metrics, _ = out[t + 1]
+    density = out[t][1][2].mean()
+    assert t == 0 or density < 1
+    assert math.isclose(float(metrics["flops"]), 4 * STEPS * SAMPLES * (2 * 36 * density + 36), rel_tol=1e-6)
+    # The dense equivalent: 3 x 36 per sample.
+    assert math.isclose(float(metrics["flops_dense"]), 4 * STEPS * SAMPLES * 3 * 36, rel_tol=1e-6)
+
+
+def test_bytes_follow_the_mask(rounds):
+  # Round 3 (after the readjustment of round 2) sends sparse messages only; round 4 adds the dense importance.
+  _, out, state = rounds
+  kernel_size = FEATURES * CLASSES
+  active = int(out[3][1][2].sum())
+  sparse = 4 * (active + CLASSES) + min(-(-kernel_size // 8), active)  # values + the kernel's mask
+  dense = 4 * (kernel_size + CLASSES)  # no mask
+  for t, extra in ((3, 0), (4, dense)):
+    sent = accounting.round_bytes(state.server.params, out[t + 1][0])
+    assert sent["bytes_down"] == 4 * sparse
+    assert sent["bytes_up"] == 4 * (sparse + extra)
 
 
 def test_sharded_round_equals_one_device(model, data):

@@ -33,7 +33,8 @@ Where this differs from the reference, and why:
 - Importance is summed at the server every round (the sample-weighted mean of (Σ g)^2, i.e. Σ_k n_k (Σ g_k)^2 / N),
   not on the clients until a readjustment round: with every client taking part and equal N per round (the
   reference's setting: all clients, fixed local steps) the two differ by one factor, which the selection ignores.
-  The bytes are counted as the reference sends them: the dense importance goes up in readjustment rounds only.
+  The bytes are counted as the reference sends them: the dense importance goes up in readjustment rounds only, as a
+  second message (`values_up` [S, 2, L]).
 - `max_density` (the reference's optional `-m` density limit) is not built.
 """
 
@@ -289,7 +290,8 @@ def prunefl(
           "loss": loss, "accuracy": accuracy, "steps": steps, "samples": samples,
           "flops": per_sample_dense_grad * samples,
           "values_down": accounting.count_values(mask),
-          "values_up": accounting.count_values(mask) + jnp.where(readjust, dense_values, 0),
+          # Two messages: the trained values under m (with m), and the dense importance in a readjustment round.
+          "values_up": jnp.stack([accounting.count_values(mask), jnp.where(readjust, dense_values, 0)]),
       }
       every = jax.tree.map(lambda m: jnp.ones(m.shape, bool), mask)
       return ClientOutput(
@@ -307,7 +309,7 @@ def prunefl(
     seen = jnp.sum(jnp.where(metrics["weight"] > 0, metrics["samples"], 0)).astype(jnp.float32)
     return {
         "values_down": accounting.per_client(metrics["values_down"], clients),
-        "values_up": accounting.per_client(metrics["values_up"], clients),
+        "values_up": jnp.where(clients[:, None, None], metrics["values_up"], 0),  # [S, 2, L]
         "client_state_bytes": accounting.state_bytes(params),
         "flops": jnp.sum(jnp.where(clients, metrics["flops"], 0.0)),
         "flops_dense": dense * seen,
