@@ -79,6 +79,7 @@ VARIANTS = {
     "subfedavg": Variant("subfedavg", {"density": 0.5}, label="Sub-FedAvg (d=0.5)"),
     "dispfl": Variant("dispfl", {"density": 0.5}, label="DisPFL (d=0.5)"),
     "feddst": Variant("feddst", {"density": 0.5}, label="FedDST (d=0.5)"),
+    "prunefl": Variant("prunefl", label="PruneFL (adaptive density)"),
     "fedspa_d0.2": Variant("fedspa", {"density": 0.2}, lr_from="fedspa", label="FedSpa (d=0.2)"),
     "fedspa_d0.8": Variant("fedspa", {"density": 0.8}, lr_from="fedspa", label="FedSpa (d=0.8)"),
     # Not in the list: a diagnostic. Under ERK the small last layer (84 x 10) is dense, so every client shares

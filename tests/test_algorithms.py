@@ -74,7 +74,9 @@ def test_reports_accounting(run):
     assert key in history[-1], (algo.name, key)
   for key in ("values_up", "values_down"):  # int32 counts per client and leaf; bytes come on the host
     # DisPFL's clients each receive their 3 neighbours' models (10% of the 30 clients): one count per message.
-    shape = (COHORT, 3, leaves) if (algo.name, key) == ("dispfl", "values_down") else (COHORT, leaves)
+    # PruneFL's clients send two messages: their values under the mask and, in a readjustment round, the importance.
+    shape = {("dispfl", "values_down"): (COHORT, 3, leaves),
+             ("prunefl", "values_up"): (COHORT, 2, leaves)}.get((algo.name, key), (COHORT, leaves))
     assert history[-1][key].shape == shape and history[-1][key].dtype == np.int32, (algo.name, key)
   assert history[-1]["client_state_bytes"].shape == (leaves,)
   assert all(np.isfinite(np.asarray(m["loss"])).all() for m in history)
@@ -83,7 +85,7 @@ def test_reports_accounting(run):
 # The default client weighting of each method (docs/algorithms.md says where each paper stands).
 WEIGHTING = {
     "fedavg": "samples", "fedavg_ft": "samples", "ditto": "samples", "fedper": "samples",
-    "fedrep": "uniform", "subfedavg": "uniform", "local": "uniform", "dispfl": "uniform", "feddst": "samples",
+    "fedrep": "uniform", "subfedavg": "uniform", "local": "uniform", "dispfl": "uniform", "feddst": "samples", "prunefl": "samples",
     **{name: "uniform" for name in fj.algorithms.names() if name.startswith("fedspa")},
 }
 

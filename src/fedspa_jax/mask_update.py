@@ -254,3 +254,77 @@ def prune_to_counts(mask: Any, params: Any, counts: Any, *, maskable: Maskable =
     return prune_smallest(m, p, jnp.maximum(active - jnp.asarray(c, jnp.int32), 0))
 
   return jax.tree_util.tree_map_with_path(leaf, mask, params, counts)
+
+
+def select_by_importance_per_cost(
+    mask: Any,
+    params: Any,
+    importance: Any,
+    decrease: Any,
+    costs: Any,
+    time_constant: Any,
+    *,
+    maskable: Maskable = is_maskable,
+) -> Any:
+  """PruneFL's readjusted mask: the set that greedily maximizes importance kept per unit of time.
+
+  jiangyuang/PruneFL control/algorithm.py (`process_layer`, `architecture_search`): per maskable leaf, the
+  int(`decrease` * active) active weights of smallest |param| become candidates beside the inactive ones; the rest
+  are kept. With Q the importance kept (every non-maskable leaf's counted whole) and T = `time_constant` + the
+  kept weights' costs, candidates are taken in order of importance / cost, largest first, while that ratio exceeds
+  Q / T (each taken one adds its importance to Q and its cost to T); the first that does not ends the search.
+
+  Args:
+    mask: bool pytree shaped like params.
+    params: the weights whose magnitudes rank the active ones for the decrease.
+    importance: float pytree shaped like params (PruneFL: accumulated squared gradients).
+    decrease: the share of each leaf's active weights that may leave (float or traced scalar in [0, 1]).
+    costs: pytree shaped like params, a float per leaf (a leaf's cost per weight; any value for non-maskable leaves).
+    time_constant: the cost every round pays whatever the mask (float or traced scalar).
+    maskable: which leaves are readjusted; the others are returned unchanged.
+
+  Returns:
+    The new bool mask pytree. Ties in importance / cost are taken in leaf order, then in flat index order.
+  """
+  check_rate(decrease, "decrease")
+  decrease = jnp.asarray(decrease, jnp.float32)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(mask)
+  param_leaves = treedef.flatten_up_to(params)
+  score_leaves = [jnp.asarray(s, jnp.float32) for s in treedef.flatten_up_to(importance)]
+  cost_leaves = treedef.flatten_up_to(costs)
+  kept_importance = jnp.zeros((), jnp.float32)
+  time = jnp.asarray(time_constant, jnp.float32)
+  out = [m for _, m in leaves]
+  chosen, kept_of, candidate_scores, candidate_gains, candidate_costs = [], [], [], [], []
+  for i, (path, m) in enumerate(leaves):
+    if not maskable(path, m):
+      kept_importance = kept_importance + jnp.sum(score_leaves[i])
+      continue
+    cost = jnp.asarray(cost_leaves[i], jnp.float32)
+    drop = jnp.floor(decrease * jnp.sum(m, dtype=jnp.int32)).astype(jnp.int32)
+    kept = prune_smallest(m, param_leaves[i], drop)
+    kept_importance = kept_importance + jnp.sum(jnp.where(kept, score_leaves[i], 0.0))
+    time = time + cost * jnp.sum(kept, dtype=jnp.float32)
+    candidate = ~kept
+    chosen.append(i)
+    kept_of.append(kept)
+    candidate_scores.append(jnp.where(candidate, score_leaves[i] / cost, -jnp.inf).reshape(-1))
+    candidate_gains.append(score_leaves[i].reshape(-1))
+    candidate_costs.append(jnp.broadcast_to(cost, (m.size,)))
+  if not chosen:
+    return jax.tree_util.tree_unflatten(treedef, out)
+  scores = jnp.concatenate(candidate_scores)
+  order = jnp.argsort(-scores, stable=True)
+  ranked = scores[order]
+  gains_before = jnp.cumsum(jnp.concatenate(candidate_gains)[order]) - jnp.concatenate(candidate_gains)[order]
+  costs_before = jnp.cumsum(jnp.concatenate(candidate_costs)[order]) - jnp.concatenate(candidate_costs)[order]
+  # Candidate j is taken when its ratio beats Q / T after all before it were taken, and so were they.
+  beats = (ranked > -jnp.inf) & (ranked * (time + costs_before) > kept_importance + gains_before)
+  taken_sorted = jnp.cumprod(beats.astype(jnp.int32)) > 0
+  taken = jnp.zeros(scores.shape, bool).at[order].set(taken_sorted)
+  start = 0
+  for i, kept in zip(chosen, kept_of):
+    size = kept.size
+    out[i] = kept | taken[start:start + size].reshape(kept.shape)
+    start += size
+  return jax.tree_util.tree_unflatten(treedef, out)

@@ -19,6 +19,7 @@ from fedspa_jax.algorithms.dense import ditto, fedavg, fedavg_ft, local
 from fedspa_jax.algorithms.dispfl import dispfl
 from fedspa_jax.algorithms.feddst import feddst
 from fedspa_jax.algorithms.fedspa import fedspa
+from fedspa_jax.algorithms.prunefl import prunefl
 from fedspa_jax.algorithms.split import fedper, fedrep
 from fedspa_jax.algorithms.subfedavg import subfedavg
 
@@ -38,6 +39,7 @@ _ALGORITHMS: dict[str, tuple[Callable[..., Algorithm], dict[str, Any], str]] = {
     "subfedavg": (subfedavg, {}, "Sub-FedAvg (unstructured): pruned personal masks (Vahidian et al. 2021)"),
     "dispfl": (dispfl, {}, "DisPFL: decentralized personal sparse models, neighbours' masked average (Dai et al. 2022)"),
     "feddst": (feddst, {}, "FedDST: one sparse global model, clients readjust masks, server aggregates by vote (Bibikar et al. 2022)"),
+    "prunefl": (prunefl, {}, "PruneFL: one sparse global model, the server readjusts its mask by squared gradients per cost (Jiang et al. 2022)"),
 }
 
 
@@ -134,6 +136,7 @@ __all__ = [
     "known_hparams",
     "local",
     "names",
+    "prunefl",
     "register",
     "subfedavg",
 ]
