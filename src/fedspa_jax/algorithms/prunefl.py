@@ -52,7 +52,7 @@ import optax
 from fedspa_jax import accounting, masks
 from fedspa_jax.algorithms.base import Algorithm, Common, assemble, check_positive_int, make_apply_fn
 from fedspa_jax.algorithms.dense import no_client_state
-from fedspa_jax.client import ClientData, draw_batch, make_preprocess, num_local_steps, weighted_loss
+from fedspa_jax.client import ClientData, draw_batch, make_preprocess, num_local_steps, scale_steps, weighted_loss
 from fedspa_jax.data.federated import FederatedData
 from fedspa_jax.evaluation import Personal
 from fedspa_jax.mask_update import check_rate, select_by_importance_per_cost
@@ -123,13 +123,18 @@ def make_server(costs: Any, time_constant: float, readjust_interval: int, max_de
 
 
 def train_with_gradient_sum(params, mask, data: ClientData, key, *, apply_fn, optimizer, batch_size, local_epochs,
-                            local_steps, preprocess):
+                            local_steps, preprocess, dense_clip_norm=None):
   """`client.local_train` under `mask` that also returns the sum of every step's dense gradient (PruneFL's client).
+
+  As `local_train`: a straggler (`data.work`) runs its share of the steps, and `dense_clip_norm` clips each step's
+  dense gradient before it is masked (`clip_mode="dense"`); the importance sums the gradients as computed.
 
   Returns:
     (params, gradient sum (params structure), loss, accuracy, steps, samples).
   """
-  num_steps = num_local_steps(data.count, batch_size, local_epochs, local_steps)
+  num_steps = scale_steps(num_local_steps(data.count, batch_size, local_epochs, local_steps), data.work)
+  clip = (lambda g: g) if dense_clip_norm is None else (
+      lambda g: optax.clip_by_global_norm(dense_clip_norm).update(g, optax.EmptyState())[0])
 
   def objective(p, x, y, w):
     loss, correct, labels = weighted_loss(apply_fn, p, preprocess(x), y, w)
@@ -139,7 +144,7 @@ def train_with_gradient_sum(params, mask, data: ClientData, key, *, apply_fn, op
     p, opt_state, grad_sum, loss_sum, correct_sum, labels_sum, seen_sum = carry
     x, y, w = draw_batch(data, key, s, batch_size)
     (loss, (correct, labels)), grads = jax.value_and_grad(objective, has_aux=True)(p, x, y, w)
-    updates, opt_state = optimizer.update(masks.apply_mask(grads, mask), opt_state, p)
+    updates, opt_state = optimizer.update(masks.apply_mask(clip(grads), mask), opt_state, p)
     p = masks.apply_mask(optax.apply_updates(p, updates), mask)
     grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
     return (p, opt_state, grad_sum, loss_sum + loss * labels, correct_sum + correct, labels_sum + labels,
