@@ -4,6 +4,7 @@ import pytest
 
 import fedspa_jax as fj
 from fedspa_jax import cli, recipes
+from fedspa_jax import config as config_lib
 from fedspa_jax.config import ConfigError
 
 # Read off rong-dai/DisPFL by hand: fedml_experiments/standalone/<m>/cifar10.sh, main_<m>.py's argparse defaults and
@@ -60,6 +61,18 @@ def test_cli_recipe_sits_between_the_config_and_the_flags():
   args = cli.make_parser().parse_args(["run", "--recipe", "dispfl", "--algorithm", "fedper"])
   with pytest.raises(ConfigError, match="no settings for 'fedper'"):
     cli.resolve_config(args)
+
+
+@pytest.mark.parametrize("algorithm", ["fedspa", "local"])
+def test_a_smoke_run_keeps_its_size_under_a_recipe(algorithm):
+  args = cli.make_parser().parse_args(["run", "--recipe", "dispfl", "--algorithm", algorithm, "--config",
+                                       "fashion_mnist_dirichlet", "--set", "smoke=true"])
+  config, _ = cli.resolve_config(args)
+  smoke = config_lib.load("fashion_mnist_dirichlet", smoke=True)
+  assert (config.num_clients, config.rounds) == (smoke.num_clients, smoke.rounds)  # not the recipe's 100 and 500
+  assert config.partition == "dirichlet_balanced" and config.hparams["lr_decay"] == 0.998  # the method's settings
+  every = smoke.num_clients if algorithm == "local" else smoke.hparams["clients_per_round"]
+  assert config.hparams["clients_per_round"] == every  # Local trains every client, as the recipe does
 
 
 def test_study_units_run_each_method_at_the_recipe():

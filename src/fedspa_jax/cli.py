@@ -165,10 +165,25 @@ def resolve_config(args: argparse.Namespace, *, algorithm_names: tuple[str, ...]
     if algorithm_names:
       raise config_lib.ConfigError("--recipe sets one algorithm's settings: use it with run or sweep")
     name = next((value for key, value in reversed(changes) if key == "algorithm"), config.algorithm)
-    changes = [("algorithm", name)] + recipes.get(args.recipe).overrides(name) + changes
+    changes = [("algorithm", name)] + recipe_changes(recipes.get(args.recipe).overrides(name), config) + changes
   if not algorithm_names:  # compare gives each of its algorithms the hyperparameters it takes itself
     config = switch_algorithm(config, changes, quiet=getattr(args, "quiet", False))
   return config_lib.apply_overrides(config, changes), per_algorithm
+
+
+# What a recipe sets that is the experiment's size, not its method: a smoke run keeps its tiny variant's.
+_SIZE_KEYS = ("num_clients", "rounds", "hparams.clients_per_round", "hparams.local_epochs", "hparams.batch_size")
+
+
+def recipe_changes(changes: list[tuple[str, Any]], config) -> list[tuple[str, Any]]:
+  """A recipe's `(key, value)` changes for `config`: all of them, or with `smoke` all but its sizes (the smoke
+  variant's clients, rounds, cohort, epochs and batch stay; a recipe that trains every client every round, as the
+  group's Local does, trains every client of the smoke variant)."""
+  if not config.smoke:
+    return changes
+  every = dict(changes).get("hparams.clients_per_round") == dict(changes).get("num_clients")
+  kept = [(key, value) for key, value in changes if key not in _SIZE_KEYS]
+  return kept + ([("hparams.clients_per_round", config.num_clients)] if every else [])
 
 
 def switch_algorithm(config, changes: list[tuple[str, Any]], *, quiet: bool = False):
