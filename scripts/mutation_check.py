@@ -181,7 +181,7 @@ MUTATIONS = [
     M("leaf_shakespeare_label_dropped", "data/natural_formats.py",
       'np.concatenate([ids, text.encode("".join(ys))[:, None]], axis=1)',
       "np.concatenate([ids, ids[:, -1:]], axis=1)",
-      ("test_data_natural.py::test_leaf_shakespeare_round_trip",),
+      ("test_data_natural.py::test_leaf_shakespeare_is_read_as_split_data_writes_it_and_scored_as_leaf_scores_it",),
       "LEAF's Shakespeare sample is 80 characters followed by its next character y"),
     M("tff_labels_misaligned", "data/natural_formats.py",
       "_labels(labels[()], where, num_classes)", "_labels(labels[()][::-1], where, num_classes)",
@@ -252,7 +252,8 @@ MUTATIONS = [
       "the server re-prunes as soon as the union is denser than the round's target count"),
     # --- client-level DP (server.py, round.py) ---------------------------------------------------------------------
     M("dp_clip_skipped", "server.py",
-      "return (_weighted_sum(clipped, weights), below), norms", "return (_weighted_sum(updates, weights), below), norms",
+      "return (_weighted_sum(clipped, weights), below), norms",
+      "return (_weighted_sum(updates, weights), below), norms",
       ("test_privacy.py::test_released_aggregate_is_the_sum_of_clipped_updates_over_the_expected_cohort",),
       "DP-FedAvg sums the clipped updates, each of L2 norm at most C"),
     M("dp_clip_squared_norm", "server.py",
@@ -318,7 +319,8 @@ MUTATIONS = [
       "        if evaluating:\n"
       "          evaluate()\n"
       "        save(r, state)\n",
-      ("test_job.py::test_a_dispatch_longer_than_half_the_deadline_stops_at_the_first_boundary_and_saves_before_evaluating",),
+      ("test_job.py::test_a_dispatch_longer_than_half_the_deadline_stops_at_the_first_boundary_and_saves_before_"
+       "evaluating",),
       "a stop saves the checkpoint first; the round's evaluation is the resumed run's first work"),
 ]
 
