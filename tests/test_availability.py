@@ -102,7 +102,8 @@ def test_a_dropped_client_weighs_zero_and_never_starting_leaves_its_state(model,
 def test_the_aggregate_leaves_out_dropped_clients(model, data):
   """The server's new w is the plain round's rule applied to the reporting clients only."""
   algo, state, metrics, _, _ = one_round(model, data, dropout=0.4, aggregation="mean")
-  reporting = metrics["weight"] > 0
+  reporting = ~metrics["dropped"].astype(bool)  # the fates drawn, not the weights the round gave them
+  assert 0 < (~reporting).sum() < len(reporting)
   # Same cohort without dropouts, but each dropped client's data removed: it weighs 0 there too (no data).
   base = fj.algorithms.get("fedspa", model=model, **HPARAMS)
   state0 = base.init(jax.random.key(0), data)

@@ -126,6 +126,27 @@ def test_round_equals_the_reference_round(rounds, data, t):
     assert any((m != mask).any() for m in client_masks)
 
 
+def test_clients_of_unequal_sizes_weigh_by_their_samples(model):
+  # FedDST's default weighting is the reference's: each client by its training samples. Clients of 2..8 samples
+  # (at most the batch of 8: one local step is still the full-batch gradient) make the weighting visible.
+  rng = np.random.default_rng(3)
+  sizes = [2, 8, 5, 3, 8, 6, 4, 7]
+  pairs = lambda: [(rng.normal(size=(n, FEATURES)).astype(np.float32),
+                    rng.integers(0, CLASSES, n).astype(np.int32)) for n in sizes]
+  data = fj.data.from_clients(pairs(), pairs(), num_classes=CLASSES)
+  algo = fj.algorithms.get("feddst", model=model, **HPARAMS)
+  state = algo.init(jax.random.key(7), data)
+  kernel, bias, mask = global_model(state)
+  state, metrics = algo.round(state, data)
+  kernel_after, bias_after, mask_after = global_model(state)
+  cohort = np.asarray(metrics["cohort"])
+  assert len({sizes[k] for k in cohort}) > 1  # the cohort mixes sizes
+  want_kernel, want_bias, want_mask, _, _ = reference_round(0, kernel, bias, mask, client_data(data, cohort), target=9)
+  np.testing.assert_array_equal(mask_after, want_mask)
+  np.testing.assert_allclose(kernel_after, want_kernel, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(bias_after, want_bias, rtol=1e-5, atol=1e-6)
+
+
 def test_votes_and_values_are_weighted_by_samples(model):
   # Two clients of 2 and 6 samples keep different weights: where both keep a weight it is their 1:3 mean, where
   # one does it is that client's value (the other's zero does not enter), the union is the new mask.
