@@ -322,6 +322,21 @@ MUTATIONS = [
       ("test_job.py::test_a_dispatch_longer_than_half_the_deadline_stops_at_the_first_boundary_and_saves_before_"
        "evaluating",),
       "a stop saves the checkpoint first; the round's evaluation is the resumed run's first work"),
+    # --- PruneFL (issue 29) -------------------------------------------------------------------------------------------
+    M("prunefl_importance_abs", "algorithms/prunefl.py",
+      '"importance": jax.tree.map(lambda g: jnp.square(g).astype(jnp.float32), grad_sum)},',
+      '"importance": jax.tree.map(lambda g: jnp.abs(g).astype(jnp.float32), grad_sum)},',
+      ("test_prunefl.py::test_round_equals_the_reference_round",),
+      "PruneFL's importance is the squared sum of a client's gradients (|g| ranks weights differently)"),
+    M("prunefl_selection_ignores_cost", "mask_update.py",
+      "jnp.where(candidate, score_leaves[i] / cost, -jnp.inf)", "jnp.where(candidate, score_leaves[i], -jnp.inf)",
+      ("test_prunefl.py::test_selection_matches_the_reference_heap_across_layers",),
+      "PruneFL takes candidates by importance per unit of cost, not by importance alone"),
+    M("prunefl_drop_ceil", "mask_update.py",
+      "drop = jnp.floor(decrease * jnp.sum(m, dtype=jnp.int32)).astype(jnp.int32)",
+      "drop = jnp.ceil(decrease * jnp.sum(m, dtype=jnp.int32)).astype(jnp.int32)",
+      ("test_prunefl.py",),
+      "PruneFL's readjustment may drop floor(decrease * active) weights of a layer (the reference's int())"),
 ]
 
 
