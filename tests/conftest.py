@@ -43,11 +43,13 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 
 # The slowest files first. With `--dist loadfile` a file runs whole on one worker, in collection order; a slow file
 # that starts last keeps the other worker idle at the end of the suite.
-SLOW_FIRST = ("test_preemption.py", "test_protocols.py", "test_data_tfds_resnet.py", "test_sweep.py", "test_claims.py",
-              "test_data_natural.py", "test_population.py", "test_experiment.py", "test_models_train.py",
-              "test_data_tfds_configs.py", "test_char_lstm.py", "test_accelerator_check.py", "test_inflight.py",
-              "test_notebook.py", "test_multihost.py", "test_round.py", "test_gcs.py", "test_export.py", "test_cli.py",
-              "test_cli_switch.py", "test_diverged.py", "test_resume.py", "test_fedspa.py", "test_evaluation.py")
+SLOW_FIRST = ("test_preemption.py", "test_job.py", "test_protocols.py", "test_data_tfds_resnet.py", "test_sweep.py",
+              "test_claims.py", "test_data_natural.py", "test_availability.py", "test_population.py",
+              "test_experiment.py", "test_privacy.py", "test_models_train.py", "test_recipe_knobs.py",
+              "test_sparse_family.py", "test_data_tfds_configs.py", "test_char_lstm.py", "test_accelerator_check.py",
+              "test_inflight.py", "test_notebook.py", "test_dispfl.py", "test_multihost.py", "test_round.py",
+              "test_prunefl.py", "test_gcs.py", "test_export.py", "test_feddst.py", "test_cli.py", "test_cli_switch.py",
+              "test_diverged.py", "test_resume.py", "test_fedspa.py", "test_references.py", "test_evaluation.py")
 
 
 def pytest_collection_modifyitems(session, config, items):
