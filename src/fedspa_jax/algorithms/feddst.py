@@ -69,6 +69,14 @@ class FedDSTServer(NamedTuple):
   round: jax.Array
 
 
+
+def personalize_global(view, state, train_k, key):
+  """What a global-sparse method scores every client with: the server's model under its global mask, w ⊙ m
+  (`server_view` hands the pair (params, mask)); also PruneFL's."""
+  del state, train_k, key
+  params, mask = view
+  return {"global": Personal(masks.apply_mask(params, mask), mask)}
+
 def readjustment_rate(round: Any, ratio: float, t_end: int) -> jax.Array:
   """r_t = ratio * ratio / 2 * (1 + cos(pi t / t_end)) before t_end, 0 after (dst.py: ratio * `_decay(t, ratio)`)."""
   return jnp.float32(ratio) * cosine_prune_rate(round, ratio, t_end)
@@ -216,11 +224,7 @@ def feddst(
         "flops_dense": dense * seen,
     }
 
-  def personalize(view, state, train_k, key):
-    del state, train_k, key
-    params, mask = view
-    return {"global": Personal(masks.apply_mask(params, mask), mask)}
-
+  personalize = personalize_global
   hparams = dict(
       density=density, final_density=final_density, density_rule=density_rule,
       readjustment_ratio=readjustment_ratio, readjust_interval=readjust_interval, t_end=t_end,

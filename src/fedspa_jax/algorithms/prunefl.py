@@ -52,9 +52,9 @@ import optax
 from fedspa_jax import accounting, masks
 from fedspa_jax.algorithms.base import Algorithm, Common, assemble, check_positive_int, make_apply_fn
 from fedspa_jax.algorithms.dense import no_client_state
+from fedspa_jax.algorithms.feddst import personalize_global
 from fedspa_jax.client import ClientData, draw_batch, make_preprocess, num_local_steps, scale_steps, weighted_loss
 from fedspa_jax.data.federated import FederatedData
-from fedspa_jax.evaluation import Personal
 from fedspa_jax.mask_update import check_rate, select_by_importance_per_cost
 from fedspa_jax.models import flops
 from fedspa_jax.round import ClientOutput
@@ -320,11 +320,7 @@ def prunefl(
         "flops_dense": dense * seen,
     }
 
-  def personalize(view, state, train_k, key):
-    del state, train_k, key
-    params, mask = view
-    return {"global": Personal(masks.apply_mask(params, mask), mask)}
-
+  personalize = personalize_global
   hparams = dict(
       readjust_interval=readjust_interval, max_decrease=max_decrease, decrease_half_life=decrease_half_life,
       comm_cost=comm_cost, layer_costs=layer_costs, time_constant=time_constant,
