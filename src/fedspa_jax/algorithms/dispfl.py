@@ -54,10 +54,10 @@ import jax.numpy as jnp
 
 from fedspa_jax import accounting, masks
 from fedspa_jax.algorithms.base import Algorithm, Common, assemble, check_positive_int
-from fedspa_jax.algorithms.fedspa import DENSITY_RULES, make_densities
+from fedspa_jax.algorithms.fedspa import check_mask_schedule, make_densities
 from fedspa_jax.client import ClientData, batch_gradient, local_train
 from fedspa_jax.evaluation import Personal
-from fedspa_jax.mask_update import REGROW_RULES, check_rate, cosine_prune_rate, prune_and_regrow
+from fedspa_jax.mask_update import cosine_prune_rate, prune_and_regrow
 from fedspa_jax.models import flops
 from fedspa_jax.population import sample_cohort
 from fedspa_jax.round import ClientOutput
@@ -159,14 +159,7 @@ def dispfl(
     An `Algorithm` whose client state is a `DisPFLState`; the server model is w_0 and never changes.
   """
   common = Common.with_defaults(common, weighting="uniform", clip_norm=REFERENCE_CLIP_NORM)
-  masks.check_density(density)
-  if density_rule not in DENSITY_RULES:
-    raise ValueError(f"density_rule must be one of {DENSITY_RULES}, got {density_rule!r}")
-  check_rate(alpha, "alpha (initial prune rate)")
-  t_end = common.rounds if t_end is None else t_end
-  check_positive_int("t_end", t_end)
-  if regrow not in REGROW_RULES:
-    raise ValueError(f"regrow must be one of {REGROW_RULES}, got {regrow!r}")
+  t_end = check_mask_schedule(density, density_rule, alpha, t_end, regrow, common.rounds)
   if topology not in TOPOLOGIES:
     raise ValueError(f"topology must be one of {TOPOLOGIES}, got {topology!r}")
   if neighbours is not None:

@@ -68,6 +68,20 @@ def make_densities(params: Any, density: float, rule: str, maskable: masks.Maska
   return (masks.erk_densities if rule == "erk" else masks.uniform_densities)(params, density, maskable=maskable)
 
 
+def check_mask_schedule(density, density_rule, alpha, t_end, regrow, rounds) -> int:
+  """Checks the mask hyperparameters FedSpa and DisPFL share (ValueError naming the bad one); returns t_end (default:
+  all rounds)."""
+  masks.check_density(density)
+  if density_rule not in DENSITY_RULES:
+    raise ValueError(f"density_rule must be one of {DENSITY_RULES}, got {density_rule!r}")
+  check_rate(alpha, "alpha (initial prune rate)")
+  t_end = rounds if t_end is None else t_end
+  check_positive_int("t_end", t_end)
+  if regrow not in REGROW_RULES:
+    raise ValueError(f"regrow must be one of {REGROW_RULES}, got {regrow!r}")
+  return t_end
+
+
 def make_client_update(
     *, apply_fn, preprocess, train_kwargs: dict | Callable[[jax.Array], dict], alpha: float, t_end: int, regrow: str,
     update_masks: bool, keep_local: bool = False, maskable: masks.Maskable = masks.is_maskable,
@@ -150,14 +164,7 @@ def fedspa(
     An `Algorithm`; its client state is the masks (bool, stored as uint32 bit words [K, W] per leaf).
   """
   common = Common.with_defaults(common, weighting=DEFAULT_WEIGHTING)
-  masks.check_density(density)
-  if density_rule not in DENSITY_RULES:
-    raise ValueError(f"density_rule must be one of {DENSITY_RULES}, got {density_rule!r}")
-  check_rate(alpha, "alpha (initial prune rate)")
-  t_end = common.rounds if t_end is None else t_end
-  check_positive_int("t_end", t_end)
-  if regrow not in REGROW_RULES:
-    raise ValueError(f"regrow must be one of {REGROW_RULES}, got {regrow!r}")
+  t_end = check_mask_schedule(density, density_rule, alpha, t_end, regrow, common.rounds)
   if personal_model not in PERSONAL_MODELS:
     raise ValueError(f"personal_model must be one of {PERSONAL_MODELS}, got {personal_model!r}")
   keep_local = personal_model == "local"
