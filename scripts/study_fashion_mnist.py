@@ -56,6 +56,7 @@ from typing import Any, Callable, Sequence
 PARTITIONS = {"pathological": "fashion_mnist_pathological", "dirichlet": "fashion_mnist_dirichlet"}
 DEFAULT_OUT = "runs/study_fashion_mnist"
 PROTOCOLS_OUT = "runs/study_protocols"
+SPARSE_OUT = "runs/study_sparse_family"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +108,10 @@ SELECTED_LRS = {
     "dirichlet/fedspa": 0.1, "dirichlet/subfedavg": 0.1, "dirichlet/fedavg": 0.1, "dirichlet/fedavg_ft": 0.1,
     "dirichlet/local": 0.03, "dirichlet/ditto": 0.1, "dirichlet/fedrep": 0.03,
 }
+# The sparse family (issue 29): DisPFL, FedDST and PruneFL on both partitions, each with its own lr search (grid and
+# seeds as above); with `--sparse-family` the final runs also score every client after 1 epoch of local fine-tuning,
+# so one run gives both of the protocol re-run's columns (default folder runs/study_sparse_family).
+TIERS["sparse"] = tuple((p, v) for v in ("dispfl", "feddst", "prunefl") for p in PARTITIONS)
 TIERS["all"] = TIERS["core"] + tuple(
     [("dirichlet", "fedrep")]
     + [("pathological", v) for v in ("fedavg_ft", "fedspa_random", "subfedavg", "fedspa_d0.2", "fedspa_d0.8")]
@@ -117,7 +122,9 @@ TIERS["all"] = TIERS["core"] + tuple(
 # Seconds per simulated round of one seed, measured on one pinned core of the 2-core AMD EPYC (5 rounds of 2
 # local epochs, compilation excluded; 3 seeds vmapped in a sweep cost ~1.08x per seed); only for estimates.
 SECONDS_PER_ROUND = {"fedspa": 1.43, "fedspa_random": 1.43, "fedavg": 1.42, "fedavg_ft": 1.44, "local": 1.50,
-                     "ditto": 2.75, "fedrep": 3.83, "subfedavg": 1.71}
+                     "ditto": 2.75, "fedrep": 3.83, "subfedavg": 1.71,
+                     # scaled from docs/benchmarks.md's sparse-family line (1 epoch) by FedSpa's ratio
+                     "dispfl": 1.43, "feddst": 1.23, "prunefl": 1.15}
 SECONDS_PER_EVAL = {"fedavg_ft": 10.6}  # FedAvg-FT fine-tunes every client before it is evaluated
 COMPILE_SECONDS = 20.0
 SWEEP_FACTOR = 1.08
@@ -360,7 +367,7 @@ def make_config(plan: Plan, unit: Unit, lr: float):
       "seed": plan.search_seed if unit.kind == "lr" else plan.seeds[0],
       "eval_every": plan.eval_every, "eval_clients": None, "checkpoint_every": 0,
       "rounds_per_dispatch": plan.eval_every, **{f"hparams.{k}": v for k, v in common.items()},
-      "eval_finetune_epochs": plan.eval_finetune_epochs,
+      "eval_finetune_epochs": plan.eval_finetune_epochs if unit.kind == "final" else 0,
   })
   hparams = dict(variant.hparams)
   if plan.fedspa_personal_model is not None and variant.algorithm.startswith("fedspa"):
@@ -655,10 +662,15 @@ def parse_plan(argv: Sequence[str] | None) -> tuple[str, Plan, pathlib.Path, int
                       help="the protocol re-run (issue 18): the methods at the lrs already selected (no lr search), "
                       "scored as they score themselves and after 1 fine-tuning epoch, FedSpa also with its local "
                       f"model; default folder {PROTOCOLS_OUT}")
+  parser.add_argument("--sparse-family", action="store_true",
+                      help="the sparse family (issue 29): DisPFL, FedDST, PruneFL on both partitions, lr search, "
+                      f"final runs also scored after 1 fine-tuning epoch; default folder {SPARSE_OUT}")
   parser.add_argument("--smoke", action="store_true",
                       help="the configs' tiny variants (4 clients, local steps), 2 rounds: checks the plumbing only")
   args = parser.parse_args(argv)
-  cells = TIERS["protocols"] if args.protocols else TIERS[args.tier]
+  if args.protocols and args.sparse_family:
+    raise StudyError("--protocols and --sparse-family are two different studies; give one")
+  cells = TIERS["protocols"] if args.protocols else TIERS["sparse"] if args.sparse_family else TIERS[args.tier]
   if args.cells is not None:
     cells = tuple(tuple(c.split("/", 1)) if "/" in c else (c, "") for c in args.cells)
   small = args.smoke
@@ -672,7 +684,9 @@ def parse_plan(argv: Sequence[str] | None) -> tuple[str, Plan, pathlib.Path, int
   if args.protocols:
     plan = dataclasses.replace(plan, fixed_lrs=dict(SELECTED_LRS), eval_finetune_epochs=1,
                                fedspa_personal_model="local")
-  base = PROTOCOLS_OUT if args.protocols else DEFAULT_OUT
+  if args.sparse_family:
+    plan = dataclasses.replace(plan, eval_finetune_epochs=1)
+  base = PROTOCOLS_OUT if args.protocols else SPARSE_OUT if args.sparse_family else DEFAULT_OUT
   out = pathlib.Path(args.out or (base + ("-smoke" if small else "")))
   return args.command, plan, out, args.max_units
 

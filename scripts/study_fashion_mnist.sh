@@ -6,6 +6,7 @@
 #   bash scripts/study_fashion_mnist.sh status [--out DIR] # units done / left, the running unit, time left
 #   bash scripts/study_fashion_mnist.sh plan [options]     # the units and their single-core estimates
 #   bash scripts/study_fashion_mnist.sh start --protocols --jobs 2   # the protocol re-run (runs/study_protocols)
+#   bash scripts/study_fashion_mnist.sh start --sparse-family --jobs 2   # DisPFL, FedDST, PruneFL (issue 29)
 # Resumable: after a kill, `start` again with the same options; finished units are skipped. `start` refuses while
 # drivers run on the folder; the drivers of one `start --jobs N` share the units (a lock each). Report: .venv/bin/python scripts/study_report.py [--update-docs]
 set -euo pipefail
@@ -19,6 +20,7 @@ case "$cmd" in
     base=runs/study_fashion_mnist prev="" jobs=1 args=()
     for a in "$@"; do
       [ "$a" = "--protocols" ] && base=runs/study_protocols
+      [ "$a" = "--sparse-family" ] && base=runs/study_sparse_family
     done
     out=$base
     for a in "$@"; do
