@@ -1,7 +1,6 @@
 """scripts/accelerator_check.sh: --quick passes on CPU with --allow-cpu; without an accelerator it fails (exit 1);
 and the pieces its checks rest on (real-lane share, non-finite metrics, native convolutions) on hand-made inputs."""
 
-import importlib.util
 import os
 import pathlib
 import re
@@ -14,20 +13,10 @@ import numpy as np
 import pytest
 
 import fedspa_jax as fj
+from script_loader import load as _load
 
 SCRIPTS = pathlib.Path(__file__).resolve().parents[1] / "scripts"
 
-
-def _load(name):
-  before = list(sys.path)
-  try:
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-  finally:
-    sys.path[:] = before  # the script puts scripts/ on the path for its sibling bench_scale
 
 
 check = _load("accelerator_check")

@@ -1,27 +1,15 @@
 """scripts/protocol_report.py's derived verdict (issue 28): Welch t-tests over seeds, "tied" unless p < 0.05, worst-10%
 per split, and --check against docs/protocol_verdict.md."""
 
-import importlib.util
 import json
-import pathlib
-import sys
 
 import pytest
-
-SCRIPTS = pathlib.Path(__file__).resolve().parents[1] / "scripts"
+from script_loader import load
 
 
 @pytest.fixture(scope="module")
 def report():
-  sys.path.insert(0, str(SCRIPTS))
-  try:
-    spec = importlib.util.spec_from_file_location("protocol_report", SCRIPTS / "protocol_report.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["protocol_report"] = module
-    spec.loader.exec_module(module)
-    return module
-  finally:
-    sys.path.remove(str(SCRIPTS))
+  return load("protocol_report")
 
 
 def test_welch_by_hand(report):

@@ -76,15 +76,9 @@ def test_a_smoke_run_keeps_its_size_under_a_recipe(algorithm):
 
 
 def test_study_units_run_each_method_at_the_recipe():
-  import importlib.util
-  import pathlib
-  import sys
+  from script_loader import load
 
-  path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "study_recipe.py"
-  spec = importlib.util.spec_from_file_location("study_recipe", path)
-  study = importlib.util.module_from_spec(spec)
-  sys.modules["study_recipe"] = study
-  spec.loader.exec_module(study)
+  study = load("study_recipe")
   units = study.units("full")
   assert len(units) == 2 * 6 * 3  # 2 splits x 6 runs (FedAvg's gives FedAvg-FT too) x 3 seeds
   for unit in units:

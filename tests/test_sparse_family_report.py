@@ -1,27 +1,13 @@
 """scripts/sparse_family_report.py (issue 29): the run folder -> per-seed results file -> the docs' rows, and the study
 driver's --sparse-family plan."""
 
-import importlib.util
 import json
 import pathlib
 import shutil
-import sys
 
 import pytest
+from script_loader import load as _load
 
-SCRIPTS = pathlib.Path(__file__).resolve().parents[1] / "scripts"
-
-
-def _load(name):
-  sys.path.insert(0, str(SCRIPTS))
-  try:
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-  finally:
-    sys.path.remove(str(SCRIPTS))
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 resuming (finished units skipped, interrupted and failed ones rerun), lr selection, the lock, and the report on a
 synthetic study folder. No training: units run through a fake runner."""
 
-import importlib.util
 import json
 import pathlib
 import subprocess
@@ -11,20 +10,10 @@ import threading
 
 import numpy as np
 import pytest
+from script_loader import load as _load
 
 SCRIPTS = pathlib.Path(__file__).resolve().parents[1] / "scripts"
 
-
-def _load(name):
-  sys.path.insert(0, str(SCRIPTS))
-  try:
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-  finally:
-    sys.path.remove(str(SCRIPTS))
 
 
 study = _load("study_fashion_mnist")
