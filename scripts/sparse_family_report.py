@@ -126,8 +126,8 @@ def tables(results: dict[str, Any]) -> str:
   beside = beside_cells()
   costs = json.loads(BESIDE.read_text()).get("costs", {})
   header = ("| method, scored with | lr | as scored | after 1 fine-tuning epoch | worst 10%, as scored / fine-tuned | "
-            "MiB up / round | train TFLOPs | s/round in the study (3 seeds vmapped) |\n"
-            "| :--- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+            "MiB up / round | MiB down / round | train TFLOPs | s/round in the study (3 seeds vmapped) |\n"
+            "| :--- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
   parts = []
   for split, title in (("pathological", "Pathological, 2 classes per client"), ("dirichlet", "Dirichlet(0.3)")):
     lines = [f"#### {title}", "", header]
@@ -138,7 +138,7 @@ def tables(results: dict[str, Any]) -> str:
       cost = costs.get(method, {}).get(split, {})
       lines.append(f"| {method} (protocol re-run) | {cost.get('lr', '')} | {mean_std(scored)} | "
                    f"{mean_std(tuned) if tuned else '·'} | {scored['worst10']:.3f} / "
-                   f"{tuned['worst10'] if tuned else float('nan'):.3f} | {cost.get('mib_up_per_round', '')} | "
+                   f"{tuned['worst10'] if tuned else float('nan'):.3f} | {cost.get('mib_up_per_round', '')} | | "
                    f"{cost.get('train_tflops', '')} | |")
     for c in results["cells"]:
       if c["split"] != split:
@@ -146,7 +146,8 @@ def tables(results: dict[str, Any]) -> str:
       lines.append(
           f"| {c['method']}, {c['scored_with']} | {c['lr']:g} | {mean_std({'values': c['as_scored']})} | "
           f"{mean_std({'values': c['finetuned']})} | {np.mean(c['worst10']):.3f} / "
-          f"{np.mean(c['worst10_finetuned']):.3f} | {c['mib_up_per_round']:.2f} | {c['train_tflops']:.3f} | "
+          f"{np.mean(c['worst10_finetuned']):.3f} | {c['mib_up_per_round']:.2f} | "
+          f"{c['mib_down_per_round']:.2f} | {c['train_tflops']:.3f} | "
           f"{c['seconds_per_round']:.2f} |")
     parts.append("\n".join(lines))
   return "\n\n".join(parts)
@@ -201,9 +202,10 @@ def section(results: dict[str, Any]) -> str:
       f"{len(study.TIERS['sparse'])} cells finished (last {last}).", "",
       f"Setting: {results['study']}. Each method at its defaults otherwise (DisPFL: density 0.5, random neighbours; "
       "FedDST: density 0.5; PruneFL: its adaptive density). FedSpa and Sub-FedAvg are the protocol re-run's runs "
-      "(above; same setting and seeds, their accuracies from its results file, their costs from its table). "
+      "(above; same setting and seeds, their accuracies from its results file, their costs from its table, which "
+      "gives bytes up only). "
       "Accuracy: mean over all clients, then mean ± std (population) over the 3 seeds. Bytes per round summed "
-      "over the sampled clients; training FLOPs of the whole run. s/round: the final run's wall time over its "
+      "over the sampled clients (DisPFL's down: each sampled client receives its neighbours' sparse models); training FLOPs of the whole run. s/round: the final run's wall time over its "
       "rounds, 3 seeds vmapped, with the other driver on the second core (one device; evaluations included).", "",
       tables(results), "",
       "Each method against FedSpa's local model, by Welch's t-test over the seeds: the verdict's rows \"The sparse "
