@@ -68,13 +68,18 @@ def collect(out: pathlib.Path) -> dict[str, Any]:
     if unit is None or unit.get("status") != "complete":
       continue
     seeds = [read_json(unit_dir / f"seed_{s}" / "summary.json") for s in unit["seeds"]]
+    edge = study.edge_lr(study.Plan(lrs=tuple(plan["lrs"])), unit["lr"])  # the edge check's rate, if at an edge
+    edge_unit = None if edge is None else read_json(out / study.Unit("lr", partition, variant, edge).path / "unit.json")
     rounds, h = seeds[0]["rounds"], seeds[0]["hparams"]
     shape = (f"{seeds[0]['num_clients']} clients, {h['clients_per_round']} per round, {seeds[0]['model']}, "
              + (f"{rounds} rounds of {h['local_epochs']} local epochs" if h["local_epochs"] else
                 f"{rounds} rounds of {h['local_steps']} local steps") + f" at batch {h['batch_size']}")
     cells.append({
         "split": partition, "method": METHODS[variant], "algorithm": variant, "scored_with": SCORED_AS[variant],
-        "hparams": seeds[0]["hparams"], "lr": unit["lr"], "lr_search": unit["lr_search"], "seeds": unit["seeds"],
+        "hparams": seeds[0]["hparams"], "lr": unit["lr"], "lr_search": unit["lr_search"],
+        # one step past the grid's edge (`study_fashion_mnist.py edge`): shown, not used for the selection
+        "lr_edge": None if edge_unit is None else {f"{edge:g}": edge_unit.get("final_accuracy_mean")},
+        "seeds": unit["seeds"],
         "rounds": rounds,
         "as_scored": [s["final_accuracy"]["mean"] for s in seeds],
         "finetuned": [s["final_accuracy_finetuned"]["mean"] for s in seeds],
@@ -143,8 +148,12 @@ def tables(results: dict[str, Any]) -> str:
     for c in results["cells"]:
       if c["split"] != split:
         continue
+      edge = ""
+      for lr, acc in (c.get("lr_edge") or {}).items():
+        chosen = c["lr_search"][f"{c['lr']:g}"]
+        edge = f" (edge check: {lr} {'diverged' if acc is None else f'{acc:.3f}'} against {chosen:.3f})"
       lines.append(
-          f"| {c['method']}, {c['scored_with']} | {c['lr']:g} | {mean_std({'values': c['as_scored']})} | "
+          f"| {c['method']}, {c['scored_with']} | {c['lr']:g}{edge} | {mean_std({'values': c['as_scored']})} | "
           f"{mean_std({'values': c['finetuned']})} | {np.mean(c['worst10']):.3f} / "
           f"{np.mean(c['worst10_finetuned']):.3f} | {c['mib_up_per_round']:.2f} | "
           f"{c['mib_down_per_round']:.2f} | {c['train_tflops']:.3f} | "

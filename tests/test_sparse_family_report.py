@@ -36,6 +36,10 @@ def _study_folder(root: pathlib.Path, report) -> pathlib.Path:
   (unit_dir / "unit.json").write_text(json.dumps({
       "status": "complete", "seeds": [1, 2, 3], "lr": 0.1, "lr_search": {"0.1": 0.8}, "wall_time_run": 250.0,
       "finished_at": "2026-12-07T07:00:00"}))
+  # the edge check one step above the grid's top (0.1 x 3), which the report shows beside the selection
+  edge = root / study.Unit("lr", "pathological", "dispfl", 0.3).path
+  edge.mkdir(parents=True)
+  (edge / "unit.json").write_text(json.dumps({"status": "complete", "final_accuracy_mean": 0.7}))
   # an unfinished unit is left out, not reported as a zero
   (root / study.Unit("final", "dirichlet", "dispfl").path).mkdir(parents=True)
   return root
@@ -45,6 +49,7 @@ def test_collect_keeps_per_seed_values_and_per_round_costs(report, tmp_path):
   results = report.collect(_study_folder(tmp_path, report))
   (cell,) = results["cells"]
   assert (cell["split"], cell["method"], cell["lr"]) == ("pathological", "DisPFL", 0.1)
+  assert cell["lr_edge"] == {"0.3": 0.7}
   assert cell["as_scored"] == [0.90, 0.91, 0.92] and cell["finetuned"] == [0.95, 0.96, 0.97]
   assert cell["worst10"] == pytest.approx([0.70, 0.71, 0.72])
   assert cell["mib_up_per_round"] == 1.0 and cell["mib_down_per_round"] == 2.0  # 100 MiB / 100 rounds
@@ -86,6 +91,7 @@ def test_check_fails_until_the_docs_are_written_from_the_results(report, tmp_pat
   assert report.main(["--check", "--results", str(path)]) == 1
   assert report.main(["--update-docs", "--results", str(path)]) == 0
   assert report.main(["--check", "--results", str(path)]) == 0
+  assert "| 0.1 (edge check: 0.3 0.700 against 0.800) |" in (docs / "benchmarks.md").read_text()
   verdict = (docs / "protocol_verdict.md").read_text()
   assert "| DisPFL | 0.910 ± 0.008: behind" in verdict
   assert verdict.strip() in (docs / "benchmarks.md").read_text()  # the protocol section's copy follows
