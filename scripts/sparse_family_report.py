@@ -31,6 +31,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import protocol_report  # noqa: E402
 import study_fashion_mnist as study  # noqa: E402
+import study_report  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "scripts" / "results" / "sparse_family_study.json"
@@ -100,7 +101,7 @@ def collect(out: pathlib.Path) -> dict[str, Any]:
                "of local fine-tuning",
       "command": "bash scripts/study_fashion_mnist.sh start --sparse-family --jobs 2; "
                  "python scripts/sparse_family_report.py collect",
-      "machine": "2-core x86_64 AMD EPYC, no accelerator; two study drivers sharing the cores",
+      "machine": study_report.machine() + " (where `collect` ran)",
       "cells": cells,
   }
 
