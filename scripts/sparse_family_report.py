@@ -1,6 +1,7 @@
 """The sparse family's rows of the Fashion-MNIST study (issue 29): DisPFL, FedDST and PruneFL beside FedSpa and Sub-FedAvg.
 
     bash scripts/study_fashion_mnist.sh start --sparse-family --jobs 2     # background, resumable; runs/study_sparse_family
+    .venv/bin/python scripts/study_fashion_mnist.py edge --out runs/study_sparse_family  # then the edge check
     .venv/bin/python scripts/sparse_family_report.py collect               # the run folder -> the committed results file
     .venv/bin/python scripts/sparse_family_report.py                       # prints the section and the verdict rows
     .venv/bin/python scripts/sparse_family_report.py --update-docs         # writes both into the docs
@@ -205,6 +206,7 @@ def section(results: dict[str, Any]) -> str:
       "## The sparse family on the study's splits (issue 29)", "",
       "```bash",
       "bash scripts/study_fashion_mnist.sh start --sparse-family --jobs 2   # background, resumable",
+      ".venv/bin/python scripts/study_fashion_mnist.py edge --out runs/study_sparse_family  # lr one step past the grid",
       ".venv/bin/python scripts/sparse_family_report.py collect            # scripts/results/sparse_family_study.json",
       ".venv/bin/python scripts/sparse_family_report.py --update-docs      # this section and the verdict rows",
       "```", "",
