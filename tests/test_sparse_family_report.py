@@ -73,7 +73,17 @@ def test_verdict_rows_by_welch_against_fedspas_local_model(report):
   rows = {line.split(" | ")[0].strip("| "): line for line in report.verdict_rows(results).splitlines()
           if line.startswith("| ")}
   dispfl, feddst, prunefl = rows["DisPFL"].split(" | "), rows["FedDST"].split(" | "), rows["PruneFL"].split(" | ")
-  assert "0.910 ± 0.008: behind (p = 0.0" in dispfl[1]
+  # p from scipy directly, on the subject's cell as the protocol results file keeps it (mean, population std, n = 3)
+  from scipy import stats
+
+  subject = json.loads(report.BESIDE.read_text())["cells"]
+  subject = next(c for c in subject if (c["split"], c["protocol"], c["method"]) ==
+                 ("pathological", "as_scored", "FedSpa, its local model"))
+  assert (subject["mean"], subject["std"], subject["n"]) == (0.966, 0.0013, 3)
+  # subject_like: three seeds with exactly that mean and population std
+  p = stats.ttest_ind([0.90, 0.91, 0.92], subject_like, equal_var=False).pvalue
+  assert 0.005 < p < 0.02
+  assert f"0.910 ± 0.008: behind (p = {p:.2g})" in dispfl[1]
   assert ": tied (p = 1)" in feddst[1]
   assert all(c.strip("| ") == "·" for c in prunefl[1:])  # no results: a dot, not a verdict
   assert all(c.strip("| ") == "·" for c in dispfl[3:])  # no Dirichlet cell
