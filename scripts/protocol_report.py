@@ -5,6 +5,8 @@
     .venv/bin/python scripts/protocol_report.py --verdict        # the verdict's wording, from the results file
     .venv/bin/python scripts/protocol_report.py --write-verdict  # ... written into docs/protocol_verdict.md
     .venv/bin/python scripts/protocol_report.py --check          # exit 1 if docs/protocol_verdict.md disagrees
+    # the same for the study under the group's recipe (its own block, with the costs and what is not run yet):
+    .venv/bin/python scripts/protocol_report.py --results scripts/results/recipe_study.json --write-verdict
 
 The verdict's comparisons are derived, not written by hand (`verdict_block`): two methods are "tied" unless a
 two-sided Welch t-test over seeds separates their mean client accuracies at p < 0.05, and every "ahead"/"behind"
@@ -31,11 +33,15 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import study_fashion_mnist as study  # noqa: E402
+import study_recipe  # noqa: E402
 import study_report  # noqa: E402
 
 BEGIN, END = "<!-- protocols:begin -->", "<!-- protocols:end -->"
 VERDICT_BEGIN, VERDICT_END = "<!-- verdict:begin -->", "<!-- verdict:end -->"
+# The study under the group's recipe (scripts/study_recipe.py, per-seed "records") has its own block.
+RECIPE_BEGIN, RECIPE_END = "<!-- recipe_verdict:begin -->", "<!-- recipe_verdict:end -->"
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "protocol_study_2026-12-02.json"
+RECIPE_RESULTS = RESULTS.parent / "recipe_study.json"
 P_LEVEL = 0.05
 MISSING = "·"
 VERDICT = pathlib.Path(__file__).resolve().parents[1] / "docs" / "protocol_verdict.md"
@@ -298,6 +304,68 @@ def cells_of_records(results: dict[str, Any]) -> dict[str, Any]:
           "protocols": {"as_scored": "as each method scores itself (FedAvg-FT: after its 5 fine-tuning epochs)"}}
 
 
+def recipe_runs(results: dict[str, Any]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+  """The recipe study's runs per (split, study method): the records of each run's first protocol (the others, e.g.
+  FedAvg-FT beside FedAvg's w, come from the same runs and share their costs)."""
+  rounds = max((r.get("rounds", 0) for r in results["records"]), default=0)
+  return {(split, method): sorted((r for r in results["records"] if (r["split"], r["method"], r.get("rounds", 0))
+                                   == (split, protocols[0][0], rounds)), key=lambda r: r["seed"])
+          for split in study_recipe.SPLITS for method, protocols in study_recipe.PROTOCOLS.items()}
+
+
+def recipe_costs(results: dict[str, Any]) -> str:
+  """The recipe study's costs per split and run, from its records: communication per round (up + down, all sampled
+  clients), training FLOPs per seed, FedSpa's share of each, and the age of the local models FedSpa scored."""
+  runs = recipe_runs(results)
+  lines = ["Costs at the group's recipes, per seed (the mean over the seeds in the file; \"FedSpa's share\": FedSpa's "
+           "cost over the method's on the same split; evaluation: every 10 rounds and the final one, FedAvg-FT's 5 "
+           "fine-tuning epochs per client included). Staleness: the age in rounds of the local models scored at the "
+           "final evaluation, mean and max.", "",
+           "| split | run (what it scores) | seeds | MiB per round, up + down | FedSpa's share of bytes | training "
+           "TFLOPs | FedSpa's share of FLOPs | evaluation TFLOPs | staleness, mean / max |",
+           "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+  for split, split_name in results["splits"].items():
+    mine = runs[(split, "fedspa")]
+    for method, protocols in study_recipe.PROTOCOLS.items():
+      rs = runs[(split, method)]
+      if not rs:
+        continue
+      mib = float(np.mean([r["bytes_total"] / r["rounds"] for r in rs])) / 2**20
+      tflops = float(np.mean([r["flops"] for r in rs])) / 1e12
+      share = lambda key: ("·" if not mine else "no bytes" if not np.mean([r[key] for r in rs]) else
+                           f"{np.mean([r[key] for r in mine]) / np.mean([r[key] for r in rs]):.2f}x")
+      ages = [r for r in rs if r.get("staleness_mean") is not None]
+      age = (f"{np.mean([r['staleness_mean'] for r in ages]):.1f} / {max(r['staleness_max'] for r in ages):.0f}"
+             if ages else "")
+      label = " / ".join(name for name, _ in protocols)
+      evals = [r.get("eval_flops") for r in rs]
+      evaluation = "·" if None in evals else f"{np.mean(evals) / 1e12:.2f}"
+      lines.append(f"| {split_name} | {label} | {len(rs)} | {mib:.2f} | {share('bytes_total')} | {tflops:.2f} | "
+                   f"{share('flops')} | {evaluation} | {age} |")
+  return "\n".join(lines) + "\n"
+
+
+def recipe_missing(results: dict[str, Any]) -> str:
+  """What the recipe study's file does not hold yet (`scripts/study_recipe.py --list`), per split."""
+  runs = recipe_runs(results)
+  seeds = study_recipe.TIERS["full"]["seeds"]
+  parts = []
+  for split, split_name in results["splits"].items():
+    gaps = []
+    for method, protocols in study_recipe.PROTOCOLS.items():
+      have = {r["seed"] for r in runs[(split, method)]}
+      left = [s for s in seeds if s not in have]
+      if left:
+        gaps.append(f"{protocols[0][0].split(',')[0]} seed{'s' if len(left) > 1 else ''} "
+                    f"{', '.join(map(str, left))}")
+    if gaps:
+      parts.append(f"{split_name}: " + "; ".join(gaps))
+  if not parts:
+    return "\nEvery unit of the study (every method, both splits, seeds " + ", ".join(map(str, seeds)) + ") is in the file.\n"
+  return ("\n**Not in the file yet** (`scripts/study_recipe.py --list`; the rows above hold what is): " +
+          ". ".join(parts) + ".\n")
+
+
 def read_results(path: pathlib.Path) -> dict[str, Any]:
   results = json.loads(path.read_text())
   if "records" in results:
@@ -306,20 +374,29 @@ def read_results(path: pathlib.Path) -> dict[str, Any]:
   return results
 
 
-def replace_block(text: str, block: str) -> str:
-  if VERDICT_BEGIN not in text or VERDICT_END not in text:
-    raise SystemExit(f"{VERDICT} has no {VERDICT_BEGIN} ... {VERDICT_END} block")
-  head, rest = text.split(VERDICT_BEGIN, 1)
-  return head + f"{VERDICT_BEGIN}\n{block}{VERDICT_END}" + rest.split(VERDICT_END, 1)[1]
+def derived_block(results: dict[str, Any]) -> tuple[str, tuple[str, str]]:
+  """The block a results file derives and the markers it goes between: the recipe study's (per-seed records: the
+  verdict, its costs and what is not in the file yet) or the protocol re-run's (cells: the verdict)."""
+  if "records" in results:
+    return verdict_block(results) + "\n" + recipe_costs(results) + recipe_missing(results), (RECIPE_BEGIN, RECIPE_END)
+  return verdict_block(results), (VERDICT_BEGIN, VERDICT_END)
 
 
-def check_verdict(docs: pathlib.Path, block: str) -> bool:
-  """Whether `docs` holds exactly `block` between the verdict markers, and docs/benchmarks.md's protocol section
-  (which includes the verdict, `report`) holds the verdict as it is."""
+def replace_block(text: str, block: str, markers: tuple[str, str] = (VERDICT_BEGIN, VERDICT_END)) -> str:
+  begin, end = markers
+  if begin not in text or end not in text:
+    raise SystemExit(f"{VERDICT} has no {begin} ... {end} block")
+  head, rest = text.split(begin, 1)
+  return head + f"{begin}\n{block}{end}" + rest.split(end, 1)[1]
+
+
+def check_verdict(docs: pathlib.Path, block: str, markers: tuple[str, str] = (VERDICT_BEGIN, VERDICT_END)) -> bool:
+  """Whether `docs` holds exactly `block` between `markers`, and docs/benchmarks.md's protocol section (which
+  includes the verdict, `report`) holds the verdict as it is."""
   text = docs.read_text()
   benchmarks = docs.parent / "benchmarks.md"
   copied = not benchmarks.is_file() or BEGIN not in benchmarks.read_text() or text.strip() in benchmarks.read_text()
-  return replace_block(text, block) == text and copied
+  return replace_block(text, block, markers) == text and copied
 
 
 def jax_version(units: list[dict[str, Any]]) -> str:
@@ -354,14 +431,14 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--check", action="store_true", help="exit 1 if docs/protocol_verdict.md and the file disagree")
   args = parser.parse_args(argv)
   if args.verdict or args.write_verdict or args.check:
-    block = verdict_block(read_results(pathlib.Path(args.results).resolve()))
+    block, markers = derived_block(read_results(pathlib.Path(args.results).resolve()))
     if args.write_verdict:
       old = VERDICT.read_text()
-      VERDICT.write_text(replace_block(old, block))
+      VERDICT.write_text(replace_block(old, block, markers))
       benchmarks = VERDICT.parent / "benchmarks.md"  # its copy in the protocol section too
       if benchmarks.is_file() and old.strip() in benchmarks.read_text():
         benchmarks.write_text(benchmarks.read_text().replace(old.strip(), VERDICT.read_text().strip()))
-    if args.check and not check_verdict(VERDICT, block):
+    if args.check and not check_verdict(VERDICT, block, markers):
       print(f"{VERDICT} disagrees with {args.results}: run scripts/protocol_report.py --write-verdict", file=sys.stderr)
       return 1
     if args.verdict:

@@ -113,6 +113,7 @@ def records_of(unit: Unit, summary: dict[str, Any]) -> list[dict[str, Any]]:
         "split": unit.split, "method": protocol, "seed": unit.seed, "rounds": summary["rounds"],
         "accuracy": stats["mean"],
         "worst10": stats["worst10"], "bytes_total": summary["bytes_total"], "flops": summary["flops"],
+        "eval_flops": summary.get("eval_flops"),  # evaluation, FedAvg-FT's fine-tuning epochs included
         "staleness_mean": summary.get("staleness", {}).get("mean"),
         "staleness_max": summary.get("staleness", {}).get("max"), "wall_time": summary["wall_time"],
     })
@@ -160,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--list", action="store_true", help="list the units and whether each is done")
   parser.add_argument("--only", nargs="+", metavar="METHOD", choices=sorted(METHODS), help="these methods only")
   parser.add_argument("--rounds", type=int, help="rounds per run instead of the tier's (e.g. 500, the group's)")
+  parser.add_argument("--refresh", action="store_true",
+                      help="rewrite the finished units' records from their run folders' summary.json (runs nothing)")
   args = parser.parse_args(argv)
   if args.rounds:
     TIERS[args.tier] = {**TIERS[args.tier], "rounds": args.rounds}
@@ -170,6 +173,15 @@ def main(argv: list[str] | None = None) -> int:
   if args.list:
     for u in todo:
       print(f"{'done' if done(results, u, TIERS[args.tier]['rounds']) else 'todo'}  {u.name}")
+    return 0
+  if args.refresh:
+    n = 0
+    for unit in todo:
+      summary = out / f"rounds{TIERS[args.tier]['rounds']}" / unit.name / "summary.json"
+      if summary.is_file() and json.loads(summary.read_text()).get("status") == "complete":
+        add_records(path, unit, records_of(unit, json.loads(summary.read_text())))
+        n += 1
+    print(f"{n} units' records rewritten from {out} -> {path}")
     return 0
   from fedspa_jax import experiment
 

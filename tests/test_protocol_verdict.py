@@ -62,3 +62,49 @@ def test_the_recipe_studys_per_seed_records_are_read(report, tmp_path):
   assert ahead.strip().startswith("FedSpa, m_k ⊙ w 0.800 ± 0.008") and behind == "none"
   assert tied == "Ditto 0.900 ± 0.008 (p = 1)"
   assert "0.600 -> 0.700 (rises, p = " in block  # worst 10% per seed: 0.59-0.61 against 0.69-0.71
+
+
+def _record(split, method, seed, accuracy, bytes_total, flops, rounds=100, age=None):
+  return {"split": split, "method": method, "seed": seed, "rounds": rounds, "accuracy": accuracy, "worst10": 0.5,
+          "bytes_total": bytes_total, "flops": flops, "eval_flops": 1e12 * seed, "staleness_mean": age, "staleness_max": None if age is None
+          else 3 * age}
+
+
+def test_the_recipe_block_has_costs_and_says_what_is_missing(report, tmp_path):
+  mib = 2**20
+  records = [
+      # FedSpa, both of its protocols from one run: 2 MiB a round over 100 rounds, 5 TFLOPs; local models 9 and 10
+      # rounds old on average, at most 27 and 30.
+      *[_record("balanced", m, s, 0.9, 200 * mib, 5e12, age=8 + s) for s in (1, 2)
+        for m in ("FedSpa, its local model", "FedSpa, m_k ⊙ w")],
+      # FedAvg: 4 MiB a round and 8 TFLOPs (FedSpa's shares 0.50x and 0.62x), all 3 seeds; a 50-round run is ignored.
+      *[_record("balanced", m, s, 0.85, 400 * mib, 8e12) for s in (1, 2, 3) for m in ("FedAvg, w", "FedAvg-FT")],
+      _record("balanced", "FedAvg, w", 1, 0.1, 1, 1, rounds=50),
+      # Local: nothing sent.
+      {**_record("balanced", "Local", 1, 0.8, 0, 50e12), "eval_flops": None},
+  ]
+  path = tmp_path / "recipe_study.json"
+  path.write_text(json.dumps({"records": records}))
+  block, markers = report.derived_block(report.read_results(path))
+  assert markers == (report.RECIPE_BEGIN, report.RECIPE_END)
+  cells = [[c.strip() for c in l.strip("|").split("|")] for l in block.splitlines()]
+  rows = {c[1]: c[2:] for c in cells if c[0].startswith("the group's split") and len(c) == 9}
+  # evaluation FLOPs: 1, 2, 3 T for seeds 1, 2, 3 (means 1.5 and 2); a record without them (older files) shows ·
+  assert rows["FedSpa, its local model / FedSpa, m_k ⊙ w"] == ["2", "2.00", "1.00x", "5.00", "1.00x", "1.50",
+                                                              "9.5 / 30"]
+  assert rows["FedAvg, w / FedAvg-FT"] == ["3", "4.00", "0.50x", "8.00", "0.62x", "2.00", ""]
+  assert rows["Local"] == ["1", "0.00", "no bytes", "50.00", "0.10x", "·", ""]
+  missing = block.split("**Not in the file yet**")[1]
+  assert "FedSpa seed 3;" in missing and "Ditto seeds 1, 2, 3" in missing and "Local seeds 2, 3" in missing
+  balanced = missing.split("Dirichlet(0.3):")[0].replace("Sub-FedAvg", "")
+  assert "FedAvg seed" not in balanced  # all 3 of its 100-round seeds are there
+  assert "Dirichlet(0.3): FedSpa seeds 1, 2, 3" in missing
+
+
+def test_check_holds_the_recipe_block_to_its_file(report, tmp_path):
+  assert report.main(["--check", "--results", str(report.RECIPE_RESULTS)]) == 0
+  results = json.loads(report.RECIPE_RESULTS.read_text())
+  results["records"][0]["flops"] *= 2  # a cost changes, not an accuracy: the block's costs are checked too
+  changed = tmp_path / report.RECIPE_RESULTS.name
+  changed.write_text(json.dumps(results))
+  assert report.main(["--check", "--results", str(changed)]) == 1

@@ -91,3 +91,27 @@ def test_study_units_run_each_method_at_the_recipe():
     assert config.partition == {"balanced": "dirichlet_balanced", "dirichlet": "dirichlet"}[unit.split]
     assert config.data_args == {"alpha": 0.3}
     assert config.eval_finetune_epochs == (5 if unit.method == "fedavg" else 0)
+
+
+def test_study_refresh_rewrites_records_from_the_run_folders(tmp_path):
+  """The tiny tier runs FedAvg's two units (2 rounds each) as the study does; --refresh then rebuilds the records
+  from the summary.json files those runs wrote, e.g. after a field (here eval_flops) was added to the records."""
+  import json
+
+  from script_loader import load
+
+  study = load("study_recipe")
+  out, results = tmp_path / "runs", tmp_path / "results.json"
+  args = ["--tier", "tiny", "--only", "fedavg", "--out", str(out), "--results", str(results)]
+  assert study.main(args) == 0
+  written = json.loads(results.read_text())["records"]
+  assert sorted((r["split"], r["method"]) for r in written) == [
+      ("balanced", "FedAvg, w"), ("balanced", "FedAvg-FT"), ("dirichlet", "FedAvg, w"), ("dirichlet", "FedAvg-FT")]
+  summary = json.loads((out / "rounds2" / "balanced" / "fedavg" / "seed1" / "summary.json").read_text())
+  ft = next(r for r in written if (r["split"], r["method"]) == ("balanced", "FedAvg-FT"))
+  assert (ft["accuracy"], ft["eval_flops"], ft["rounds"]) == (
+      summary["final_accuracy_finetuned"]["mean"], summary["eval_flops"], 2)
+  stripped = [{k: v for k, v in r.items() if k != "eval_flops"} for r in written]
+  results.write_text(json.dumps({"records": stripped}))
+  assert study.main(args + ["--refresh"]) == 0
+  assert sorted(json.loads(results.read_text())["records"], key=str) == sorted(written, key=str)
