@@ -26,7 +26,7 @@ std 0.013 C per coordinate).
 
 Cells: (group, method, setting); 4 x 6 Fashion-MNIST cells and 2 x 2 Synthetic ones, 28 in all, 84 runs. Each cell
 writes `<out>/<group>/<method>/<setting>/` (the sweep's folder) and `cell.json` when it finishes; `run` skips cells
-with a cell.json. Estimated cost: ~4.5 hours of one core of the 2-core machine of docs/benchmarks.md (~2.5 h with
+with a cell.json and continues a cell stopped part-way from its last checkpoint (every 10 rounds). Estimated cost: ~4.5 hours of one core of the 2-core machine of docs/benchmarks.md (~2.5 h with
 `--shard 0/2` and `1/2` on both cores), from the seeded study's measured rates there: 1.45 s per round of one seed
 for FedSpa and FedAvg, 1.7 for Sub-FedAvg, 2.75 for Ditto, 3 vmapped seeds at ~1.08x per seed, so ~40 min per
 Fashion-MNIST setting of the four methods, x 6 settings, plus ~15 min for the Synthetic cells and compilation.
@@ -64,13 +64,13 @@ def tiers() -> dict[str, dict[str, Any]]:
   fashion = dict(config="fashion_mnist_dirichlet", smoke=False, seeds=[1, 2, 3], methods=list(METHODS),
                  settings=list(FASHION_SETTINGS), population=(100, 10),
                  lrs={m: SELECTED_LRS[f"dirichlet/{m}"] for m in METHODS},
-                 overrides={"rounds": 100, "eval_every": 10, "rounds_per_dispatch": 10, "checkpoint_every": 0,
+                 overrides={"rounds": 100, "eval_every": 10, "rounds_per_dispatch": 10, "checkpoint_every": 10,
                             "eval_clients": None, "hparams.local_epochs": 2, "hparams.momentum": 0.0,
                             "hparams.clients_per_round": 10, "hparams.batch_size": 32})
   synthetic = dict(config="default", smoke=False, seeds=[1, 2, 3], methods=["fedspa", "fedavg"],
                    settings=["none", "eps4"], population=(10000, 100), lrs={"fedspa": 0.05, "fedavg": 0.05},
                    overrides={"num_clients": 10000, "rounds": 100, "eval_every": 10, "rounds_per_dispatch": 10,
-                              "checkpoint_every": 0, "eval_clients": 1000, "hparams.clients_per_round": 100,
+                              "checkpoint_every": 10, "eval_clients": 1000, "hparams.clients_per_round": 100,
                               "hparams.local_epochs": 1})
   tiny = dict(config="default", smoke=True, seeds=[1, 2], methods=["fedspa", "fedavg"],
               settings=["none", "eps8", "drop0.3"], population=(20, 4), lrs={"fedspa": 0.05, "fedavg": 0.05},
@@ -141,7 +141,8 @@ def run(args) -> None:
     log(f"{group}/{method}/{setting}: seeds {seeds}, {config.rounds} rounds, hparams {config.hparams}")
     start = time.time()
     try:
-      summary = experiment.sweep(config, seeds, folder / "runs", overwrite=True, progress=False)
+      # a cell stopped part-way (a session's end) continues from its last checkpoint, every 10 rounds, bit for bit
+      summary = experiment.sweep(config, seeds, folder / "runs", resume=True, progress=False)
       cell = {"status": "complete", "per_seed": summary["final_accuracy_mean_per_seed"]}
     except experiment.TrainingDiverged as e:
       cell = {"status": "diverged", "error": str(e)}
