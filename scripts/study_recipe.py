@@ -5,6 +5,8 @@
     PYTHONPATH=$PWD/src .venv/bin/python scripts/study_recipe.py --list           # the units and which are done
     # two jobs side by side on a 2-core machine (each unit is written to the results file under a lock):
     ... study_recipe.py --only local fedrep &  ... study_recipe.py --only fedspa fedavg ditto subfedavg &
+    # or one method's units split between them (every 2nd unit each; two jobs must never share a unit):
+    ... study_recipe.py --only local --shard 0/2 &  ... study_recipe.py --only local --shard 1/2 &
 
 Fashion-MNIST, LeNet-5, 100 clients, 10 per round, 100 rounds, seeds 1, 2, 3, on the group's partition
 (`dirichlet_balanced`, alpha 0.3) and today's Dirichlet(0.3); every method at `recipes.DISPFL`'s settings:
@@ -161,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--list", action="store_true", help="list the units and whether each is done")
   parser.add_argument("--only", nargs="+", metavar="METHOD", choices=sorted(METHODS), help="these methods only")
   parser.add_argument("--rounds", type=int, help="rounds per run instead of the tier's (e.g. 500, the group's)")
+  parser.add_argument("--shard", default="0/1", help="I/N: every N-th of the selected units, starting with the I-th")
   parser.add_argument("--refresh", action="store_true",
                       help="rewrite the finished units' records from their run folders' summary.json (runs nothing)")
   args = parser.parse_args(argv)
@@ -169,7 +172,10 @@ def main(argv: list[str] | None = None) -> int:
   out = pathlib.Path(args.out or ROOT / "runs" / ("study_recipe" if args.tier == "full" else "study_recipe_tiny"))
   path = pathlib.Path(args.results) if args.results else (RESULTS if args.tier == "full" else out / "results.json")
   results = read_results(path)
-  todo = [u for u in units(args.tier) if not args.only or u.method in args.only]
+  index, _, count = args.shard.partition("/")
+  if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+    parser.error(f"--shard must be I/N with 0 <= I < N, got {args.shard!r}")
+  todo = [u for u in units(args.tier) if not args.only or u.method in args.only][int(index)::int(count)]
   if args.list:
     for u in todo:
       print(f"{'done' if done(results, u, TIERS[args.tier]['rounds']) else 'todo'}  {u.name}")

@@ -115,3 +115,19 @@ def test_study_refresh_rewrites_records_from_the_run_folders(tmp_path):
   results.write_text(json.dumps({"records": stripped}))
   assert study.main(args + ["--refresh"]) == 0
   assert sorted(json.loads(results.read_text())["records"], key=str) == sorted(written, key=str)
+
+
+def test_study_shards_split_the_units_between_jobs(capsys, tmp_path):
+  from script_loader import load
+
+  study = load("study_recipe")
+  listed = []
+  for shard in ("0/2", "1/2"):
+    assert study.main(["--only", "local", "fedrep", "--shard", shard, "--list", "--results",
+                       str(tmp_path / "none.json")]) == 0
+    listed.append([line.split()[1] for line in capsys.readouterr().out.splitlines()])
+  # two jobs never share a unit, and together they hold all 12 (2 methods x 2 splits x 3 seeds), each todo
+  assert not set(listed[0]) & set(listed[1]) and len(listed[0]) == len(listed[1]) == 6
+  assert sorted(listed[0] + listed[1]) == sorted(u.name for u in study.units("full") if u.method in ("local", "fedrep"))
+  with pytest.raises(SystemExit):
+    study.main(["--shard", "2/2", "--list"])
