@@ -45,7 +45,8 @@ def plain(model, data):
   return one_round(model, data)
 
 
-@pytest.mark.parametrize("work", [0.3, 0.5, 0.75])
+# 12 steps: 0.2 -> 2.4 and 0.3 -> 3.6 tell round from floor and ceil; 0.5 and 0.75 land on whole steps.
+@pytest.mark.parametrize("work", [0.2, 0.3, 0.5, 0.75])
 def test_a_straggler_trains_exactly_round_f_steps(model, data, work):
   apply_fn = lambda p, x: model.apply({"params": p}, x)
   params = model.init(jax.random.key(1), jnp.zeros((1, *data.sample_shape)))["params"]
@@ -58,7 +59,7 @@ def test_a_straggler_trains_exactly_round_f_steps(model, data, work):
   partial = local_train(params, None, client(jnp.float32(work)), jax.random.key(2), local_epochs=2, **kwargs)
   exact = local_train(params, None, client(None), jax.random.key(2), local_epochs=None,
                       local_steps=round(work * steps), **kwargs)
-  assert int(partial.steps) == round(work * steps)
+  assert steps == 12 and int(partial.steps) == {0.2: 2, 0.3: 4, 0.5: 6, 0.75: 9}[work]  # by hand
   assert_trees_close(partial.params, exact.params, rtol=0, atol=0)  # the same steps, on the same batches
 
 
@@ -143,12 +144,15 @@ def test_off_by_default(plain):
   assert algo.hparams["dropout"] == 0.0 and algo.hparams["dp_clip"] is None
 
 
-def test_sharded_round_equals_one_device_with_dp_dropouts_and_stragglers(model, data):
+# FedDST readjusting every round: its votes, the mask's messages, are aggregated beside the DP release
+# (`DPSpec.public`), over the devices too.
+@pytest.mark.parametrize("name,extra", [("fedspa", {}), ("feddst", {"readjust_interval": 1})])
+def test_sharded_round_equals_one_device_with_dp_dropouts_and_stragglers(model, data, name, extra):
   options = dict(dropout=0.3, dropout_mode="never_starts", straggler_fraction=0.4, dp_clip=1.0,
-                 dp_noise_multiplier=0.5, dp_quantile=0.5)
+                 dp_noise_multiplier=0.5, dp_quantile=0.5, **extra)
   outs = []
   for mesh in (None, make_client_mesh()):
-    algo = fj.algorithms.get("fedspa", model=model, **HPARAMS, **options, mesh=mesh)
+    algo = fj.algorithms.get(name, model=model, **HPARAMS, **options, mesh=mesh)
     state = algo.init(jax.random.key(0), algo.place(data) if mesh is not None else data)
     placed = algo.place(data)
     for _ in range(2):
@@ -161,3 +165,17 @@ def test_sharded_round_equals_one_device_with_dp_dropouts_and_stragglers(model, 
     assert np.array_equal(m_a[k], m_b[k]), k
   assert np.array_equal(p_a, p_b)
   assert_trees_close(server_a, server_b, rtol=1e-4, atol=1e-5)
+
+
+def test_dropout_and_straggler_rates_are_the_options_not_their_complements():
+  # 2,000 rounds of 8 clients (16,000 draws each): dropout 0.2 loses about 20% (std of the share 0.0032), and
+  # straggler_fraction 0.1 slows about 10% of the available clients; 1 - p in either place would give 0.8 or 0.9.
+  from fedspa_jax import availability
+
+  spec = availability.make_spec(0.2, "lost", 0.1, 0.5, None)
+  cohort = jnp.arange(8, dtype=jnp.int32)
+  fates = jax.jit(jax.vmap(lambda t: availability.draw_fate(jax.random.fold_in(jax.random.key(0), t), cohort, t,
+                                                            spec, 8)))(jnp.arange(2000, dtype=jnp.int32))
+  reports, straggler = np.asarray(fates.reports), np.asarray(fates.straggler)
+  assert abs((1 - reports.mean()) - 0.2) < 0.015
+  assert abs(straggler[reports].mean() - 0.1) < 0.015

@@ -227,3 +227,65 @@ def test_a_sweep_refuses_a_target_epsilon(tmp_path):
   with pytest.raises(ConfigError, match="a sweep runs all its rounds"):
     experiment.sweep(tiny(dp_target_epsilon=5.0), [0, 1], tmp_path / "s", echo=None, progress=False)
   assert not (tmp_path / "s").exists()
+
+
+def test_messages_about_the_mask_are_aggregated_as_sent_and_only_the_model_is_private():
+  # FedDST's votes and PruneFL's importance (`DPSpec.public`): client k sends values (k + 1) * e over 4 coordinates
+  # and votes (k odd) over 3. Only the values are clipped (norms 2, 4, ..., 10 against C = 2) and noised; the votes'
+  # uniform mean over the 5 clients is 2 / 5 exactly, with or without noise on the values.
+  values, votes = np.outer(np.arange(1, 6), np.ones(4)), np.outer(np.arange(5) % 2, np.ones(3))
+  table = jnp.asarray(np.concatenate([values, votes], axis=1), jnp.float32)
+
+  def client_fn(w, state, data, key, round):
+    row = jnp.take(table, data.offset, axis=0)
+    return ClientOutput({"values": row[:4], "votes": row[4:]}, None, state,
+                        {"loss": jnp.zeros(()), "steps": jnp.int32(1)})
+
+  params = {"values": jnp.zeros((4,), jnp.float32), "votes": jnp.zeros((3,), jnp.float32)}
+  train = Split(jnp.zeros((5, 1)), jnp.zeros((5,), jnp.int32), jnp.arange(5, dtype=jnp.int32),
+                jnp.ones((5,), jnp.int32))
+  clipped = np.sum([u * min(1.0, 2.0 / np.linalg.norm(u)) for u in values], axis=0) / 5
+  for z in (0.0, 5.0):
+    dp = DPSpec(clip=2.0, noise_multiplier=z, public=("votes",))
+    round_fn = make_round(client_fn, num_clients=5, cohort_size=5, weighting="uniform",
+                          server_optimizer=optax.sgd(1.0), cohort_batch=None, dp=dp)
+    state = SimState(init_server(params, optax.sgd(1.0), dp), jnp.zeros((5,), jnp.int32), jnp.zeros((), jnp.int32),
+                     jax.random.key(3), jnp.zeros((5,), jnp.int32))
+    new, metrics = jax.jit(round_fn)(state, train)
+    np.testing.assert_allclose(-np.asarray(new.server.params["votes"]), np.full(3, 2 / 5), rtol=1e-6)
+    np.testing.assert_allclose(np.sort(metrics["update_norm"]), np.arange(1, 6) * 2.0, rtol=1e-6)  # values' only
+    released = -np.asarray(new.server.params["values"])
+    if z == 0:
+      np.testing.assert_allclose(released, clipped, rtol=1e-6)
+    else:  # noise of std z * C / 5 = 2 per coordinate: far from the clipped mean
+      assert np.max(np.abs(released - clipped)) > 0.1
+
+
+def test_a_round_where_nobody_can_report_releases_nothing():
+  # An availability trace whose first round's column is all 0: no client reports, so the DP estimator's expected
+  # count is 0; the round releases nothing (w and C stay) instead of dividing noise by 0. The next round (all 1)
+  # releases the clipped mean plus noise as usual.
+  trace = jnp.asarray(np.stack([np.zeros(4), np.ones(4)], axis=1), jnp.float32)  # [K, R]: round t uses column t % 2
+  spec = DPSpec(clip=1.0, noise_multiplier=1.0, quantile=0.5, count_noise=1.0)
+  round_fn, state, train = stub_round(np.ones((4, 3)), dp=spec, availability=AvailabilitySpec(trace))
+  s1, m1 = round_fn(state, train)
+  assert np.all(np.asarray(s1.server.params["w"]) == 0) and float(s1.server.clip) == 1.0
+  assert int(np.sum(m1["dropped"])) == 4
+  s2, _ = round_fn(s1, train)
+  assert np.all(np.isfinite(np.asarray(s2.server.params["w"]))) and np.any(np.asarray(s2.server.params["w"]) != 0)
+
+
+@pytest.mark.parametrize("name,extra,message", [
+    ("local", {}, "local does not support client-level DP (dp_clip): nothing is aggregated or released"),
+    ("dispfl", {"density": 0.5}, "dispfl does not support client-level DP (dp_clip): its clients read their "
+                                 "neighbours' own models"),
+    ("prunefl", {"initial_pruning_rounds": 2}, "prunefl does not support client-level DP (dp_clip): the initial "
+                                               "pruning trains the released model"),
+])
+def test_methods_dp_cannot_cover_refuse_it_in_one_line(name, extra, message):
+  model = fj.models.get("mlp", num_classes=10, hidden=(8,))
+  common = {"clients_per_round": 3, "local_epochs": 1, "batch_size": 8, "lr": 0.1}
+  with pytest.raises(ValueError) as e:
+    fj.algorithms.get(name, model=model, **common, dp_clip=0.5, dp_noise_multiplier=0.8, **extra)
+  assert str(e.value).startswith(message) and "\n" not in str(e.value)
+  fj.algorithms.get(name, model=model, **common, **extra)  # fine without DP

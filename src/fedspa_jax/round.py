@@ -38,7 +38,7 @@ from fedspa_jax.population import (CLIENT_AXIS, Placement, make_placement, sampl
 from fedspa_jax.availability import AvailabilitySpec, ClientFate, draw_fate, expected_reports
 from fedspa_jax.client import CLIENT_DATA_AXES, ClientData
 from fedspa_jax.server import (AGGREGATIONS, WEIGHTINGS, DPSpec, ServerState, aggregate, aggregate_parts, dp_parts,
-                               dp_release, finish_aggregate, server_update)
+                               dp_release, dp_split, finish_aggregate, server_update)
 
 
 class SimState(NamedTuple):
@@ -249,8 +249,11 @@ def run_cohort(
   if dp is None:
     delta = aggregate(aggregation, out.update, out.coverage, weights)
     return server_update(server, delta, server_optimizer), out.state, out.metrics
-  (total, below), norms = dp_parts(out.update, weights > 0, server.clip)
+  private, public = dp_split(out.update, dp.public)
+  (total, below), norms = dp_parts(private, weights > 0, server.clip)
   delta, clip = dp_release(total, below, server.clip, dp_key, dp, expected)
+  if public is not None:  # the mask's messages, aggregated by the method's rule (not covered: DPSpec.public)
+    delta = {**delta, **aggregate(aggregation, public, dp_split(out.coverage, dp.public)[1], weights)}
   metrics = {**out.metrics, "update_norm": norms, "dp_clip": server.clip}
   return server_update(server._replace(clip=clip), delta, server_optimizer), out.state, metrics
 
@@ -488,10 +491,15 @@ def make_sharded_round(
       numerator, denominator = jax.lax.psum((numerator, denominator), CLIENT_AXIS)
       new_server = server_update(server, finish_aggregate(numerator, denominator), server_optimizer)
     else:
-      (total, below), norms = dp_parts(out.update, weights > 0, server.clip)
+      private, public = dp_split(out.update, dp.public)
+      (total, below), norms = dp_parts(private, weights > 0, server.clip)
       total, below = jax.lax.psum((total, below), CLIENT_AXIS)
       released, clip = dp_release(total, below, server.clip, jax.random.fold_in(key, DP_STREAM), dp,
                                   expected_reports(availability, round, cohort_size))
+      if public is not None:  # the mask's messages, aggregated by the method's rule (not covered: DPSpec.public)
+        numerator, denominator = aggregate_parts(aggregation, public, dp_split(out.coverage, dp.public)[1], weights)
+        numerator, denominator = jax.lax.psum((numerator, denominator), CLIENT_AXIS)
+        released = {**released, **finish_aggregate(numerator, denominator)}
       new_server = server_update(server._replace(clip=clip), released, server_optimizer)
       extra = {"update_norm": norms}
     client_state = out.state

@@ -48,6 +48,9 @@ class DPSpec(NamedTuple):
     clip_lr: adaptive clipping's geometric step eta_C.
     count_noise: adaptive clipping's sigma_b, the std of the noise on the count of clients at or below C (Andrew
       et al. recommend the expected number of reporting clients / 20); it must exceed z / 2.
+    public: top-level keys of a dict update that DP does not cover: messages about the mask, not the model (FedDST's
+      votes, PruneFL's importance), clipped and noised with nothing, aggregated by the method's own rule and sent
+      in the clear like FedSpa's masks (docs/privacy.md). Empty: the whole update is private.
   """
 
   clip: float
@@ -55,6 +58,15 @@ class DPSpec(NamedTuple):
   quantile: float | None = None
   clip_lr: float = 0.2
   count_noise: float = 0.0
+  public: tuple[str, ...] = ()
+
+
+def dp_split(tree: Any, public: tuple[str, ...]) -> tuple[Any, Any]:
+  """(the private part, the public part) of an update or coverage tree: a dict split by `public` keys; without
+  them (or for a tree that is not a dict, e.g. None) (tree, None)."""
+  if not public or not isinstance(tree, dict):
+    return tree, None
+  return ({k: v for k, v in tree.items() if k not in public}, {k: v for k, v in tree.items() if k in public})
 
 
 def sum_noise_multiplier(spec: DPSpec) -> float:
@@ -114,12 +126,16 @@ def dp_release(
   """
   k_sum, k_count = jax.random.split(key)
   std = sum_noise_multiplier(spec) * clip
-  denominator = jnp.maximum(expected, 1e-12)
-  noisy = jax.tree.map(lambda t, n: (t + std * n) / denominator.astype(t.dtype), total, gaussian_like(k_sum, total))
+  # A round where no client can report (an availability trace's column of zeros) releases nothing and keeps C: the
+  # estimator's denominator would be 0 there.
+  anyone = expected > 0
+  denominator = jnp.where(anyone, expected, 1.0)
+  noisy = jax.tree.map(lambda t, n: jnp.where(anyone, (t + std * n) / denominator.astype(t.dtype), 0.0).astype(t.dtype),
+                       total, gaussian_like(k_sum, total))
   if spec.quantile is None:
     return noisy, clip
   share = (below + spec.count_noise * jax.random.normal(k_count, ())) / denominator
-  return noisy, clip * jnp.exp(-spec.clip_lr * (share - spec.quantile))
+  return noisy, jnp.where(anyone, clip * jnp.exp(-spec.clip_lr * (share - spec.quantile)), clip)
 
 
 def _weighted_sum(tree: Any, weights: jax.Array) -> Any:

@@ -438,6 +438,8 @@ def assemble(
     make_peers: Callable[[int], Any] | None = None,
     server_optimizer: optax.GradientTransformation | None = None,
     server_view: Callable[[Any], Any] | None = None,
+    dp_public: tuple[str, ...] = (),
+    dp_refusal: str | None = None,
 ) -> Algorithm:
   """Builds an `Algorithm` from the parts that differ between methods.
 
@@ -459,6 +461,9 @@ def assemble(
       server's own state (FedDST's global mask).
     server_view: ServerState -> what client functions and `make_personalize`'s functions get as the server's model
       (default: its params).
+    dp_public: the keys of a dict update that client-level DP leaves uncovered (`server.DPSpec.public`).
+    dp_refusal: why client-level DP does not apply to the method (None: it does); with DP options set, building the
+      algorithm raises ValueError with it, before anything is compiled.
   """
   check_aggregation(aggregation, common.weighting)
   check_finetune_epochs(finetune_epochs)
@@ -466,6 +471,10 @@ def assemble(
   clients_per_round = common.clients_per_round
   mesh = common.mesh
   dp = common.dp_spec()
+  if dp is not None and dp_refusal is not None:
+    raise ValueError(f"{name} does not support client-level DP (dp_clip): {dp_refusal}")
+  if dp is not None and dp_public:
+    dp = dp._replace(public=tuple(dp_public))
   fates = common.availability_spec()
   server_optimizer = optax.sgd(common.server_lr) if server_optimizer is None else server_optimizer
   view = (lambda server: server.params) if server_view is None else server_view

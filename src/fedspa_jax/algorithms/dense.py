@@ -117,6 +117,7 @@ def local(*, model: nn.Module, **common: Any) -> Algorithm:
       make_client_fn=make_client_fn,
       make_personalize=lambda preprocess: lambda w, params_k, train_k, key: {"own": Personal(params_k)},
       account=dense_account(model, communicates=False, keeps_model=True),
+      dp_refusal="nothing is aggregated or released: each client keeps its own model",
   )
 
 

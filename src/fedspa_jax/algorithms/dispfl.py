@@ -251,4 +251,6 @@ def dispfl(
       name="dispfl", hparams=hparams, model=model, common=common, init_clients=init_clients,
       make_client_fn=make_client_fn, make_personalize=lambda preprocess: personalize, account=account,
       protocol="local", make_peers=make_peers,
+      dp_refusal="its clients read their neighbours' own models, with no aggregate between them to clip and noise "
+                 "(DP would need noise on every client's model: local DP, not built)",
   )

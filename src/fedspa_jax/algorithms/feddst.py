@@ -235,4 +235,7 @@ def feddst(
       aggregation="masked_mean", protocol="global",
       server_optimizer=server,
       server_view=lambda server: (server.params, server.opt_state.mask),
+      # Under DP the values are clipped and noised; the votes are the clients' new masks, sent as they are (like
+      # FedSpa's masks: not covered, docs/privacy.md), so the server's voting still sees 0/1 votes.
+      dp_public=("votes",),
   )

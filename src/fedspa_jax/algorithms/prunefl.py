@@ -332,6 +332,12 @@ def prunefl(
       aggregation="mean", protocol="global",
       server_optimizer=server,
       server_view=lambda server: (server.params, server.opt_state.mask),
+      # Under DP the values are clipped and noised; the importance (squared gradient sums, the mask's input) is sent
+      # as it is: not covered (docs/privacy.md), like FedSpa's masks.
+      dp_public=("importance",),
+      dp_refusal=None if initial_pruning_rounds == 0 else (
+          "the initial pruning trains the released model on client 0's data with neither clipping nor noise "
+          "(set initial_pruning_rounds=0)"),
   )
   if initial_pruning_rounds == 0:
     return algo
