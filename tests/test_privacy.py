@@ -289,3 +289,39 @@ def test_methods_dp_cannot_cover_refuse_it_in_one_line(name, extra, message):
     fj.algorithms.get(name, model=model, **common, dp_clip=0.5, dp_noise_multiplier=0.8, **extra)
   assert str(e.value).startswith(message) and "\n" not in str(e.value)
   fj.algorithms.get(name, model=model, **common, **extra)  # fine without DP
+
+
+def test_adaptive_clipping_noises_the_sum_with_z_delta():
+  # z = 2 and sigma_b = 2 split as z_delta = (z^-2 - (2 sigma_b)^-2)^-1/2 = (1/4 - 1/16)^-1/2 = 2.3094 on the sum
+  # (Andrew et al., Theorem 1), by hand: the first round's released noise has std z_delta * C / S at the initial C.
+  size, cohort, clip = 200_000, 4, 0.5
+  spec = DPSpec(clip, 2.0, quantile=0.5, clip_lr=0.2, count_noise=2.0)
+  round_fn, state, train = stub_round(np.zeros((cohort, size)), dp=spec)
+  s1, _ = round_fn(state, train)
+  noise = -np.asarray(s1.server.params["w"])
+  assert abs(noise.std() / ((1 / 4 - 1 / 16) ** -0.5 * clip / cohort) - 1) < 0.01
+  assert float(s1.server.clip) != clip  # the noised count moved C
+
+
+def test_dp_ignores_sample_weighting_and_masked_means():
+  # Clients with 1, 2, 3, 4 and 5 samples, "samples" weighting and a masked mean: under DP the release is still the
+  # plain sum of clipped updates over the expected 5 (a sample-weighted sum would move by more than C per client).
+  updates = np.outer(np.arange(1, 6), np.ones(4))
+  table = jnp.asarray(updates, jnp.float32)
+  coverage = jnp.asarray(np.arange(20).reshape(5, 4) % 3 == 0)
+
+  def client_fn(w, state, data, key, round):
+    return ClientOutput({"w": jnp.take(table, data.offset, axis=0)}, {"w": jnp.take(coverage, data.offset, axis=0)},
+                        state, {"loss": jnp.zeros(()), "steps": jnp.int32(1)})
+
+  dp = DPSpec(clip=2.0, noise_multiplier=0.0)
+  round_fn = make_round(client_fn, num_clients=5, cohort_size=5, weighting="samples", aggregation="masked_mean",
+                        server_optimizer=optax.sgd(1.0), cohort_batch=None, dp=dp)
+  params = {"w": jnp.zeros((4,), jnp.float32)}
+  state = SimState(init_server(params, optax.sgd(1.0), dp), jnp.zeros((5,), jnp.int32), jnp.zeros((), jnp.int32),
+                   jax.random.key(3), jnp.zeros((5,), jnp.int32))
+  train = Split(jnp.zeros((15, 1)), jnp.zeros((15,), jnp.int32), jnp.arange(5, dtype=jnp.int32),
+                jnp.arange(1, 6, dtype=jnp.int32))
+  new, _ = jax.jit(round_fn)(state, train)
+  clipped = np.sum([u * min(1.0, 2.0 / np.linalg.norm(u)) for u in updates], axis=0) / 5
+  np.testing.assert_allclose(-np.asarray(new.server.params["w"]), clipped, rtol=1e-6)
