@@ -159,12 +159,15 @@ def test_sharded_round_equals_one_device_with_dp_dropouts_and_stragglers(model, 
       state, metrics = algo.round(state, placed)
     order = np.argsort(np.asarray(metrics["cohort"]))
     picked = {k: np.asarray(metrics[k])[order] for k in ("cohort", "dropped", "straggler", "steps", "weight")}
-    outs.append((jax.device_get(state.server), picked, np.asarray(state.participation)[:NUM_CLIENTS]))
-  (server_a, m_a, p_a), (server_b, m_b, p_b) = outs
+    outs.append((jax.device_get(state.server), picked, np.asarray(state.participation)[:NUM_CLIENTS],
+                 jax.device_get(algo.client_states(state, placed))))
+  (server_a, m_a, p_a, c_a), (server_b, m_b, p_b, c_b) = outs
   for k in m_a:
     assert np.array_equal(m_a[k], m_b[k]), k
   assert np.array_equal(p_a, p_b)
   assert_trees_close(server_a, server_b, rtol=1e-4, atol=1e-5)
+  # every client's stored state too: a never-started client's rows are put back on its own device as on one
+  assert_trees_close(c_a, c_b, rtol=1e-4, atol=1e-5)
 
 
 def test_dropout_and_straggler_rates_are_the_options_not_their_complements():
