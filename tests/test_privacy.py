@@ -199,6 +199,9 @@ def test_target_epsilon_stops_the_run_with_a_checkpoint_before_it_is_exceeded(tm
 
 @pytest.mark.parametrize("changes,message", [
     ({"dp_clip": -1.0}, "dp_clip must be a number > 0"),
+    ({"dp_clip": 0.0}, "dp_clip must be a number > 0"),
+    ({"dp_clip": float("inf")}, "dp_clip must be a number > 0"),
+    ({"dp_delta": 0.0}, "dp_delta must be a number in (0, 1)"),
     ({"dp_clip": None, "dp_noise_multiplier": 1.0}, "dp_noise_multiplier=1.0 needs dp_clip"),
     ({"dp_delta": 1.0}, "dp_delta must be a number in (0, 1)"),
     ({"dp_noise_multiplier": -0.5}, "dp_noise_multiplier must be a number >= 0"),

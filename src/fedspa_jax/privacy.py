@@ -39,9 +39,9 @@ def check_options(
     clip: Any, noise_multiplier: Any, delta: Any, quantile: Any, clip_lr: Any, count_noise: Any, target_epsilon: Any
 ) -> None:
   """One-line errors for the DP options, before anything is traced."""
-  if clip is not None and (not _number(clip) or not clip > 0):
+  if clip is not None and (not _number(clip) or not 0 < clip < math.inf):
     raise ValueError(f"dp_clip must be a number > 0 (the L2 norm each client's update is clipped to), got {clip!r}")
-  if not _number(noise_multiplier) or not noise_multiplier >= 0:
+  if not _number(noise_multiplier) or not 0 <= noise_multiplier < math.inf:
     raise ValueError(f"dp_noise_multiplier must be a number >= 0, got {noise_multiplier!r}")
   if clip is None:
     for name, value, off in (("dp_noise_multiplier", noise_multiplier, 0), ("dp_quantile", quantile, None),
