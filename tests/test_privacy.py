@@ -328,3 +328,16 @@ def test_dp_ignores_sample_weighting_and_masked_means():
   new, _ = jax.jit(round_fn)(state, train)
   clipped = np.sum([u * min(1.0, 2.0 / np.linalg.norm(u)) for u in updates], axis=0) / 5
   np.testing.assert_allclose(-np.asarray(new.server.params["w"]), clipped, rtol=1e-6)
+
+
+def test_a_target_below_one_rounds_epsilon_is_a_one_line_error_before_compiling(monkeypatch, tmp_path):
+  def no_compile(*a, **k):
+    raise AssertionError("compiled")
+
+  monkeypatch.setattr(jax, "jit", no_compile)
+  one = direct_epsilon(6, 3, 0.8, 1, 1e-5)  # the tiny config: 3 of 6 clients a round at z = 0.8
+  with pytest.raises(ConfigError) as e:
+    quiet_run(tiny(dp_target_epsilon=one / 2), tmp_path / "bad")
+  assert "is below the epsilon of one round" in str(e.value) and "\n" not in str(e.value)
+  assert f"({one:.3g})" in str(e.value)
+  assert not (tmp_path / "bad").exists()
