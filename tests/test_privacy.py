@@ -331,8 +331,11 @@ def test_dp_ignores_sample_weighting_and_masked_means():
 
 
 def test_a_target_below_one_rounds_epsilon_is_a_one_line_error_before_compiling(monkeypatch, tmp_path):
-  def no_compile(*a, **k):
-    raise AssertionError("compiled")
+  def no_compile(fn, *a, **k):  # building wraps functions in jit; calling one would trace and compile it
+    def call(*args, **kwargs):
+      raise AssertionError("compiled")
+
+    return call
 
   monkeypatch.setattr(jax, "jit", no_compile)
   one = direct_epsilon(6, 3, 0.8, 1, 1e-5)  # the tiny config: 3 of 6 clients a round at z = 0.8
