@@ -75,10 +75,16 @@ def test_stragglers_in_the_round_run_their_share_and_keep_their_weight(model, da
   assert metrics["dropped"].sum() == 0
 
 
+@pytest.fixture(scope="module")
+def dropped(model, data):
+  """One round of FedSpa with half the sampled clients dropped, per mode."""
+  return {mode: one_round(model, data, dropout=0.5, dropout_mode=mode) for mode in ("lost", "never_starts")}
+
+
 @pytest.mark.parametrize("mode", ["lost", "never_starts"])
-def test_a_dropped_client_weighs_zero_and_never_starting_leaves_its_state(model, data, plain, mode):
+def test_a_dropped_client_weighs_zero_and_never_starting_leaves_its_state(model, data, plain, dropped, mode):
   _, _, full, before, after_plain = plain
-  _, state, metrics, before2, after = one_round(model, data, dropout=0.5, dropout_mode=mode)
+  _, state, metrics, before2, after = dropped[mode]
   dropped = metrics["dropped"].astype(bool)
   assert 0 < dropped.sum() < len(dropped)
   assert np.all(metrics["weight"][dropped] == 0) and np.all(metrics["weight"][~dropped] > 0)
@@ -98,6 +104,56 @@ def test_a_dropped_client_weighs_zero_and_never_starting_leaves_its_state(model,
     assert np.array_equal(participation[ids], (~dropped).astype(np.int32))
   else:
     assert np.array_equal(steps, full["steps"])
+
+
+def test_costs_count_the_work_done_a_lost_client_s_too(model, data, plain, dropped):
+  """By hand (RigL's accounting, models.flops): FedSpa's round costs a * (samples trained) + b * (clients that
+  trained), a = 3 x the masked forward per sample, b = one regrowth batch of 8 x (2 x masked + dense forward);
+  every client that trained downloaded m_k ⊙ w and sent U_k. A lost client did all of that; a client that never
+  started did none of it."""
+  forward = fj.models.flops.forward_flops(model, data.sample_shape)
+  params = plain[1].server.params
+  per_client_bytes = None
+  for name, (_, _, metrics, _, after) in [("plain", plain), *dropped.items()]:
+    states = after.mask if hasattr(after, "mask") else after
+    mask = jax.tree.map(lambda leaf: np.asarray(leaf)[0], states)
+    a = 3.0 * sum(f * np.mean(np.asarray(fj.accounting.kernel_at(mask, path))) for path, f in forward.items())
+    b = 8 * (2.0 * a / 3.0 + sum(forward.values()))
+    real = np.asarray(metrics["cohort"]) < NUM_CLIENTS
+    trained = real & ~metrics["dropped"].astype(bool) if name == "never_starts" else real
+    if name != "plain":
+      assert np.array_equal(metrics["started"].astype(bool), trained) and metrics["dropped"].sum() > 0
+    samples = np.asarray(metrics["samples"])
+    assert np.all(samples[~trained] == 0)
+    np.testing.assert_allclose(metrics["flops"], a * samples[trained].sum() + b * trained.sum(), rtol=1e-6)
+    np.testing.assert_allclose(metrics["flops_dense"], 3.0 * sum(forward.values()) * samples.sum(), rtol=1e-6)
+    for key in ("values_down", "values_up"):
+      values = np.asarray(metrics[key])
+      assert np.all(values[~trained] == 0) and np.all(values[trained] > 0)
+      per_client_bytes = per_client_bytes or fj.accounting.message_bytes(params, values[:1])  # static counts
+      assert fj.accounting.message_bytes(params, values) == per_client_bytes * trained.sum()
+  assert dropped["lost"][2]["flops"] == plain[2]["flops"]  # the same work as without dropouts
+
+
+def test_a_dense_method_counts_the_samples_of_clients_that_trained(model, data):
+  """FedAvg by hand: 3 x the dense forward FLOPs per sample trained, 4 bytes per weight each way per client that
+  trained (1,146 weights: 60 x 16 + 16 + 16 x 10 + 10)."""
+  forward = sum(fj.models.flops.forward_flops(model, data.sample_shape).values())
+  assert forward == 2 * (60 * 16 + 16 * 10)
+  for mode in ("lost", "never_starts"):
+    algo = fj.algorithms.get("fedavg", model=model, **{k: v for k, v in HPARAMS.items() if k != "density"},
+                             dropout=0.5, dropout_mode=mode)
+    state = algo.init(jax.random.key(0), data)
+    _, metrics = jax.device_get(algo.round(state, algo.place(data)))
+    dropped = metrics["dropped"].astype(bool)
+    assert 0 < dropped.sum() < len(dropped)
+    trained = ~dropped if mode == "never_starts" else np.ones_like(dropped)
+    assert np.array_equal(metrics["started"].astype(bool), trained)
+    assert metrics["flops"] == pytest.approx(3.0 * forward * metrics["samples"][trained].sum(), rel=1e-6)
+    assert np.all(metrics["samples"][trained] > 0) and np.all(metrics["samples"][~trained] == 0)
+    params = state.server.params
+    for key in ("values_down", "values_up"):
+      assert fj.accounting.message_bytes(params, metrics[key]) == 4 * 1146 * trained.sum()
 
 
 def test_the_aggregate_leaves_out_dropped_clients(model, data):
@@ -158,7 +214,8 @@ def test_sharded_round_equals_one_device_with_dp_dropouts_and_stragglers(model, 
     for _ in range(2):
       state, metrics = algo.round(state, placed)
     order = np.argsort(np.asarray(metrics["cohort"]))
-    picked = {k: np.asarray(metrics[k])[order] for k in ("cohort", "dropped", "straggler", "steps", "weight")}
+    keys = ("cohort", "dropped", "started", "straggler", "steps", "weight", "values_down")
+    picked = {k: np.asarray(metrics[k])[order] for k in keys}
     outs.append((jax.device_get(state.server), picked, np.asarray(state.participation)[:NUM_CLIENTS],
                  jax.device_get(algo.client_states(state, placed))))
   (server_a, m_a, p_a, c_a), (server_b, m_b, p_b, c_b) = outs

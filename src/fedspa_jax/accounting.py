@@ -173,16 +173,33 @@ def mask_training_flops(forward: dict[str, float], mask: Any) -> jax.Array:
   return 3.0 * total
 
 
-def round_flops(per_sample: float, dense_per_sample: float, samples: jax.Array, weights: jax.Array,
-                extra: Any = 0.0) -> dict[str, jax.Array]:
-  """A round's training FLOPs over the real clients (weight > 0) and the dense-training reference.
+def round_flops(per_sample: float, dense_per_sample: float, samples: jax.Array, extra: Any = 0.0
+                ) -> dict[str, jax.Array]:
+  """A round's training FLOPs and the dense-training reference, over the work the cohort did.
 
   Args:
     per_sample: training FLOPs per sample of the method's model.
     dense_per_sample: training FLOPs per sample of the dense model.
-    samples: [S] samples each client trained on.
-    weights: [S] aggregation weights (0 marks padding).
+    samples: [S] samples each cohort slot trained on: 0 for padding and for a client that never started (the client
+      loop counts the steps it ran); a dropped client whose update was lost did its work, and it counts.
     extra: FLOPs on top (e.g. FedSpa's regrowth gradient batches).
   """
-  seen = jnp.sum(jnp.where(weights > 0, samples, 0)).astype(jnp.float32)
+  seen = jnp.sum(samples).astype(jnp.float32)
   return {"flops": per_sample * seen + extra, "flops_dense": dense_per_sample * seen}
+
+
+def trained_clients(metrics: dict[str, jax.Array], real: jax.Array) -> jax.Array:
+  """bool [S]: the cohort slots of real clients that started their round's work (all real ones without dropouts;
+  with them, the round's "started" metric: a client lost after training counts, one that never started does not)."""
+  clients = real_clients(metrics["cohort"], real)
+  return clients & (metrics["started"] > 0) if "started" in metrics else clients
+
+
+def without_unstarted(costs: dict[str, Any], started: jax.Array) -> dict[str, Any]:
+  """`costs` with the messages of clients that never started (`started` [S] 0) zeroed: such a client was not there,
+  so it received and sent nothing. A client whose update was lost keeps both: it downloaded, trained and sent."""
+  out = dict(costs)
+  for key in ("values_down", "values_up"):
+    values = costs[key]
+    out[key] = jnp.where((started > 0).reshape((-1,) + (1,) * (values.ndim - 1)), values, 0)
+  return out

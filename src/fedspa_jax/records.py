@@ -68,8 +68,8 @@ def consume(metrics: dict[str, Any], first_round: int, totals: Totals, params: A
     for key in ("flops", "flops_dense"):
       if key in metrics:
         setattr(totals, key, (getattr(totals, key) or 0.0) + float(metrics[key][j]))
-    if "samples" in metrics:
-      totals.samples += int(np.sum(metrics["samples"][j][real]))
+    if "samples" in metrics:  # the work done: a lost client's too (0 for padding and clients that never started)
+      totals.samples += int(np.sum(metrics["samples"][j]))
     for key, total in (("dropped", "dropped"), ("straggler", "stragglers")):
       if key in metrics:
         setattr(totals, total, (getattr(totals, total) or 0) + int(np.sum(metrics[key][j])))

@@ -264,8 +264,10 @@ def keep_unstarted(new_rows: Any, old_rows: Any, started: jax.Array) -> Any:
 
 
 def fate_metrics(fate: ClientFate, real: jax.Array) -> dict[str, jax.Array]:
-  """Per-client round metrics [S] of dropouts and stragglers (0 for padding)."""
-  return {"dropped": (real & ~fate.reports).astype(jnp.int32), "straggler": fate.straggler.astype(jnp.int32)}
+  """Per-client round metrics [S] of dropouts and stragglers (0 for padding); "started": the client did its work
+  (it reports, or its update was lost after training)."""
+  return {"dropped": (real & ~fate.reports).astype(jnp.int32), "straggler": fate.straggler.astype(jnp.int32),
+          "started": (real & fate.started).astype(jnp.int32)}
 
 
 def identity(tree: Any) -> Any:
@@ -320,8 +322,8 @@ def make_round(
   Returns:
     A function of (SimState, flat training split with x, y, offset, count) returning the new state and metrics:
     "cohort" [S_pad] (ids in execution order; K marks padding), "weight" [S_pad], and each client metric [S_pad];
-    with `availability` also "dropped" and "straggler" [S_pad]; with `dp` "update_norm" [S_pad] (before clipping)
-    and "dp_clip" (the clip norm of the round).
+    with `availability` also "dropped", "straggler" and "started" [S_pad]; with `dp` "update_norm" [S_pad] (before
+    clipping) and "dp_clip" (the clip norm of the round).
   """
   placement = make_placement(num_clients, mesh, strata)
   if mesh is not None:

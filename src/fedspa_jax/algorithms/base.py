@@ -583,7 +583,10 @@ def assemble(
     )
     new_state, metrics = run(state, data.train)
     real = jnp.sum(metrics["cohort"] < data.num_clients)
-    metrics.update(account(state.server.params, metrics, real, state.round, data.sample_shape))
+    costs = account(state.server.params, metrics, real, state.round, data.sample_shape)
+    if "started" in metrics:  # dropouts: a client that never started sent and received nothing
+      costs = accounting.without_unstarted(costs, metrics["started"])
+    metrics.update(costs)
     return new_state, metrics
 
   def evaluate_options(state, data, preprocess, epochs):
@@ -727,7 +730,7 @@ def dense_training_flops(
   with jax.ensure_compile_time_eval():  # host-side arithmetic on shapes, even while the round is traced
     per_sample = flops.training_flops(model, sample_shape).dense_per_sample
   samples = sum(metrics[k] for k in sample_keys)
-  return accounting.round_flops(per_sample, per_sample, samples, metrics["weight"])
+  return accounting.round_flops(per_sample, per_sample, samples)
 
 
 def stacked(tree: Any, ids: jax.Array) -> Any:

@@ -215,14 +215,15 @@ def fedspa(
     with jax.ensure_compile_time_eval():  # host-side arithmetic on shapes, even while the round is traced
       cost = flops.training_flops(model, sample_shape, densities, regrow_batch=regrow_batch)
     rate = cosine_prune_rate(round, alpha, t_end) if update_masks else jnp.zeros((), jnp.float32)
-    regrowth = jnp.where(rate > 0, real.astype(jnp.float32) * cost.regrow, 0.0)  # no mask update after t_end
+    regrowing = jnp.sum(accounting.trained_clients(metrics, real)).astype(jnp.float32)
+    regrowth = jnp.where(rate > 0, regrowing * cost.regrow, 0.0)  # no mask update after t_end
     return {
         "values_down": values,
         "values_up": values,
         "client_state_bytes": client_state_bytes(params),
         "prune_rate": rate,
         **accounting.round_flops(
-            cost.per_sample, cost.dense_per_sample, metrics["samples"], metrics["weight"], extra=regrowth
+            cost.per_sample, cost.dense_per_sample, metrics["samples"], extra=regrowth
         ),
     }
 

@@ -311,12 +311,12 @@ def prunefl(
     del round
     clients = accounting.real_clients(metrics["cohort"], real)
     dense = 3.0 * sum(forward_of(sample_shape).values())
-    seen = jnp.sum(jnp.where(metrics["weight"] > 0, metrics["samples"], 0)).astype(jnp.float32)
+    seen = jnp.sum(metrics["samples"]).astype(jnp.float32)  # 0 for padding and unstarted clients
     return {
         "values_down": accounting.per_client(metrics["values_down"], clients),
         "values_up": jnp.where(clients[:, None, None], metrics["values_up"], 0),  # [S, 2, L]
         "client_state_bytes": accounting.state_bytes(params),
-        "flops": jnp.sum(jnp.where(clients, metrics["flops"], 0.0)),
+        "flops": jnp.sum(jnp.where(accounting.trained_clients(metrics, real), metrics["flops"], 0.0)),
         "flops_dense": dense * seen,
     }
 

@@ -263,7 +263,7 @@ def subfedavg(
         "values_down": accounting.per_client(metrics["values_down"], clients),
         "values_up": accounting.per_client(metrics["values_up"], clients),
         "client_state_bytes": accounting.state_bytes(params, values=every_leaf, mask_bits=every_leaf),
-        "flops": jnp.sum(jnp.where(clients, metrics["flops"], 0.0)),
+        "flops": jnp.sum(jnp.where(accounting.trained_clients(metrics, real), metrics["flops"], 0.0)),
         "flops_dense": dense["flops_dense"],
     }
 
