@@ -156,6 +156,22 @@ def test_a_dense_method_counts_the_samples_of_clients_that_trained(model, data):
       assert fj.accounting.message_bytes(params, metrics[key]) == 4 * 1146 * trained.sum()
 
 
+@pytest.mark.parametrize("name,extra", [("subfedavg", {}), ("dispfl", {}), ("feddst", {"readjust_interval": 1}),
+                                        ("prunefl", {"readjust_interval": 1}), ("ditto", {})])
+def test_a_round_in_which_nobody_starts_costs_nothing(model, data, name, extra, tmp_path):
+  """By hand: every sampled client unavailable, never starting, receives and sends nothing and trains no sample; nor
+  does it do a method's extra work (regrowth batches, pruning trials, importance sums, Ditto's second model)."""
+  np.save(tmp_path / "nobody.npy", np.zeros((NUM_CLIENTS, 1), np.float32))
+  known = fj.algorithms.known_hparams(name)
+  options = {k: v for k, v in {**HPARAMS, **extra}.items() if k in known}
+  algo = fj.algorithms.get(name, model=model, **options, availability=str(tmp_path / "nobody.npy"),
+                           dropout_mode="never_starts")
+  _, metrics = jax.device_get(algo.round(algo.init(jax.random.key(0), data), algo.place(data)))
+  assert metrics["dropped"].sum() == HPARAMS["clients_per_round"] and metrics["started"].sum() == 0
+  assert metrics["flops"] == 0 and metrics["flops_dense"] == 0 and metrics["samples"].sum() == 0
+  assert not np.any(metrics["values_down"]) and not np.any(metrics["values_up"])
+
+
 def test_the_aggregate_leaves_out_dropped_clients(model, data):
   """The server's new w is the plain round's rule applied to the reporting clients only."""
   algo, state, metrics, _, _ = one_round(model, data, dropout=0.4, aggregation="mean")

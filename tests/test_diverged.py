@@ -83,3 +83,19 @@ def test_diverged_clients_are_printed():
             "train_loss": 0.3, "bytes_up": 10, "bytes_down": 10, "wall_time": 1.0}
   assert "DIVERGED" not in format_record({**record, "eval_diverged": 0})
   assert "DIVERGED: 2 clients" in format_record({**record, "eval_diverged": 2})
+
+
+def test_a_lost_client_s_nan_loss_stops_the_run_and_one_that_never_started_does_not():
+  """records.consume by hand: the clients that trained (samples > 0) are the ones whose losses count, a dropped client
+  whose update was lost among them (it keeps what it trained); padding and never-started slots (0 samples) are not."""
+  from fedspa_jax import records
+  params = {"w": jnp.zeros((3,), jnp.float32)}
+  metrics = lambda loss: {  # one round of 4 slots: reporting, lost (weight 0), never started, padding
+      "weight": np.array([[1.0, 0.0, 0.0, 0.0]]), "samples": np.array([[10, 6, 0, 0]]),
+      "loss": np.array([loss]), "accuracy": np.array([[0.5, 0.7, 0.0, 0.0]]),
+      "values_down": np.zeros((1, 4, 1), np.int32), "values_up": np.zeros((1, 4, 1), np.int32)}
+  totals = records.Totals()
+  train = records.consume(metrics([1.0, 3.0, np.nan, np.nan]), 0, totals, params)
+  assert train == {"train_loss": 2.0, "train_accuracy": pytest.approx(0.6)} and totals.samples == 16
+  with pytest.raises(TrainingDiverged, match="round 1"):
+    records.consume(metrics([1.0, np.nan, 0.0, 0.0]), 0, records.Totals(), params)

@@ -59,7 +59,9 @@ def consume(metrics: dict[str, Any], first_round: int, totals: Totals, params: A
   """
   train = {}
   for j in range(metrics["weight"].shape[0]):
-    real = metrics["weight"][j] > 0
+    # The clients that trained: those with samples (a dropped client whose update was lost trained; its loss counts
+    # and a NaN in it is caught, since it keeps the state it trained); without "samples", the reporting ones.
+    real = metrics["samples"][j] > 0 if "samples" in metrics else metrics["weight"][j] > 0
     loss = metrics["loss"][j][real]
     if not np.all(np.isfinite(loss)):
       raise TrainingDiverged(f"training diverged in round {first_round + j + 1}: client training losses {loss}")
