@@ -287,6 +287,56 @@ def test_conv_flops_count_groups_and_strides():
   assert got == {"c": 2 * 4 * 4 * 3 * 3 * 2 * 8, "head": 2 * 128 * 10}
 
 
+class Lowerings:
+  """Counts the programs JAX lowers (each compiled or loaded from the persistent cache) inside the block."""
+
+  def __enter__(self):
+    self.count = 0
+    self._listener = lambda event, duration, **kwargs: setattr(self, "count", self.count + (
+        event == "/jax/core/compile/jaxpr_to_mlir_module_duration"))
+    jax.monitoring.register_event_duration_secs_listener(self._listener)
+    return self
+
+  def __exit__(self, *exc):
+    jax.monitoring.unregister_event_duration_listener(self._listener)
+
+
+def test_counting_flops_runs_nothing_while_a_round_is_traced():
+  # The algorithms count FLOPs from shapes while their round is traced. Nothing of it may run eagerly: each eager op
+  # is a program of its own to compile (a ResNet-18 round took seconds longer to trace). Shapes met nowhere else in
+  # the suite, so no program of them can be in this process's caches.
+  import fedspa_jax as fj
+
+  rng = np.random.default_rng(0)
+  data = fj.data.from_arrays(rng.integers(0, 256, (21, 7, 17, 1), dtype=np.uint8), np.arange(21) % 7,
+                             num_clients=3, partition="iid", seed=0, mean=(0.5,), std=(0.25,))
+  for name, kwargs in (("fedspa", {"density": 0.5}), ("fedavg", {})):  # sparse and dense (DisPFL: as FedSpa)
+    algo = fj.algorithms.get(name, model=models.get("mlp", 7, hidden=(13,)), clients_per_round=2, local_steps=1,
+                             local_epochs=None, batch_size=2, lr=0.1, rounds=1, **kwargs)
+    state = algo.init(jax.random.key(0), data)
+    with Lowerings() as lowered:
+      jax.jit(algo.round).trace(state, data)
+      if name == "fedspa":  # the evaluation's count (forward FLOPs of the scored models) is the same for both
+        jax.jit(functools.partial(algo.evaluate, finetune_epochs=1)).trace(state, data)
+    assert lowered.count == 0, name
+
+
+def test_an_algorithm_initializes_in_one_program():
+  import fedspa_jax as fj
+
+  rng = np.random.default_rng(0)
+  data = fj.data.from_arrays(rng.integers(0, 256, (21, 9, 13, 1), dtype=np.uint8), np.arange(21) % 7,
+                             num_clients=3, partition="iid", seed=0, mean=(0.5,), std=(0.25,))
+  for name, kwargs in (("fedspa", {"density": 0.5}), ("ditto", {})):
+    algo = fj.algorithms.get(name, model=models.get("mlp", 7, hidden=(11,)), clients_per_round=2, local_steps=1,
+                             local_epochs=None, batch_size=2, lr=0.1, rounds=1, **kwargs)
+    key = jax.random.key(0)
+    with Lowerings() as lowered:
+      state = algo.init(key, data)
+    assert lowered.count == 1, name  # params, masks, server and client state: before, a program per op
+    assert state.server.params["head"]["kernel"].shape == (11, 7)
+
+
 # ---------------------------------------------------------------------------------------------- vmap over clients
 
 

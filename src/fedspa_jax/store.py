@@ -68,7 +68,8 @@ class StoreLayout:
 
 def make_layout(init_clients: Callable[[jax.Array, Any, jax.Array], Any], params: Any) -> StoreLayout:
   """The layout of the state `init_clients(key, params, ids)` returns (shapes only, nothing is computed)."""
-  rows = jax.eval_shape(lambda p: init_clients(jax.random.key(0), p, jnp.zeros((1,), jnp.int32)), params)
+  rows = jax.eval_shape(lambda key, p: init_clients(key, p, jnp.zeros((1,), jnp.int32)),
+                        jax.eval_shape(jax.random.key, 0), params)
   return StoreLayout(jax.tree.map(lambda r: jax.ShapeDtypeStruct(r.shape[1:], r.dtype), rows))
 
 

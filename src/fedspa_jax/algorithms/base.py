@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -351,20 +352,14 @@ def check_positive_int(name: str, value: Any) -> None:
     raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
-def init_params(model: nn.Module, key: jax.Array, data: FederatedData) -> Any:
-  """The model's initial params for `data`'s sample shape, after checking that model and data fit."""
-  check_model_fits(model, data)
-  x = jnp.zeros((1, *data.sample_shape), jnp.float32)
-  return model.init(key, x)["params"]
-
-
 def check_model_fits(model: nn.Module, data: FederatedData) -> None:
   """Raises ValueError, before anything is compiled, when the model cannot consume `data` or emits wrong logits."""
   if not isinstance(data, (FederatedData, PlacedData)):
     raise TypeError(f"data must be a fedspa_jax.data.FederatedData, got {type(data).__name__}")
   x = jax.ShapeDtypeStruct((1, *data.sample_shape), jnp.float32)
   try:
-    out = jax.eval_shape(lambda x: model.init_with_output(jax.random.key(0), x)[0], x)
+    # An abstract key: with a constant one the initializers would run (and compile) eagerly.
+    out = jax.eval_shape(lambda key, x: model.init_with_output(key, x)[0], jax.eval_shape(jax.random.key, 0), x)
   except Exception as e:  # flax and lax raise many types for a shape mismatch
     raise ValueError(
         f"model {type(model).__name__} does not accept inputs of shape {data.sample_shape} "
@@ -490,19 +485,24 @@ def assemble(
   def init(key: jax.Array, data: FederatedData | PlacedData):
     check_cohort(clients_per_round, data)
     check_population(data)
-    if mesh is None:
-      k_params, k_clients, k_sim = jax.random.split(key, 3)
-      params = init_params(model, k_params, data)
-      return SimState(
-          server=init_server(params, server_optimizer, dp),
-          clients=store_lib.init_store(init_clients, layout_of(params), k_clients, params, data.num_clients),
-          round=jnp.zeros((), jnp.int32),
-          key=k_sim,
-          participation=jnp.zeros((data.num_clients,), jnp.int32),
-      )
     check_model_fits(model, data)
+    if mesh is None:
+      return jax.jit(functools.partial(init_one_device, sample_shape=data.sample_shape,
+                                       num_clients=data.num_clients))(key)
     check_devices(mesh, "init")
     return init_sharded(key, data)
+
+  def init_one_device(key, *, sample_shape, num_clients):
+    # One program: run eagerly, every initializer and every op on the params would compile on its own.
+    k_params, k_clients, k_sim = jax.random.split(key, 3)
+    params = model.init(k_params, jnp.zeros((1, *sample_shape), jnp.float32))["params"]
+    return SimState(
+        server=init_server(params, server_optimizer, dp),
+        clients=store_lib.init_store(init_clients, layout_of(params), k_clients, params, num_clients),
+        round=jnp.zeros((), jnp.int32),
+        key=k_sim,
+        participation=jnp.zeros((num_clients,), jnp.int32),
+    )
 
   def init_sharded(key, data):
     # Everything is drawn inside one program: the replicated server state, and each device's own block of the
@@ -608,8 +608,7 @@ def assemble(
                              **kwargs)
         return result.params, result.samples
 
-    with jax.ensure_compile_time_eval():  # host-side arithmetic on shapes
-      forward = flops.forward_flops(model, data.sample_shape)
+    forward = flops.forward_flops(model, data.sample_shape)
 
     def forward_flops(personal: Personal):
       if personal.mask is None:
@@ -727,8 +726,7 @@ def dense_training_flops(
     model: nn.Module, sample_shape: tuple[int, ...], metrics: dict, sample_keys: tuple[str, ...] = ("samples",)
 ) -> dict[str, jax.Array]:
   """A dense method's round FLOPs: 3 x dense forward per sample trained on (summed over `sample_keys` metrics)."""
-  with jax.ensure_compile_time_eval():  # host-side arithmetic on shapes, even while the round is traced
-    per_sample = flops.training_flops(model, sample_shape).dense_per_sample
+  per_sample = flops.training_flops(model, sample_shape).dense_per_sample
   samples = sum(metrics[k] for k in sample_keys)
   return accounting.round_flops(per_sample, per_sample, samples)
 

@@ -224,8 +224,8 @@ def dispfl(
     clients = accounting.real_clients(metrics["cohort"], real)
     densities = densities_of(params)
     regrow_batch = common.batch_size if update_masks and regrow == "gradient" else 0
-    with jax.ensure_compile_time_eval():  # host-side arithmetic on shapes, even while the round is traced
-      cost = flops.training_flops(model, sample_shape, densities, regrow_batch=regrow_batch)
+    # Host-side arithmetic on shapes, also while the round is traced: the model is traced once, nothing runs.
+    cost = flops.training_flops(model, sample_shape, densities, regrow_batch=regrow_batch)
     rate = cosine_prune_rate(round, alpha, t_end) if update_masks else jnp.zeros((), jnp.float32)
     regrowing = jnp.sum(accounting.trained_clients(metrics, real)).astype(jnp.float32)
     regrowth = jnp.where(rate > 0, regrowing * cost.regrow, 0.0)

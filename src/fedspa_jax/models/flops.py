@@ -25,6 +25,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax.linen.recurrent import DenseParams
 
 
@@ -88,7 +89,7 @@ def layer_shapes(model: nn.Module, sample_shape: Sequence[int]) -> dict[str, Lay
 
   x = jax.ShapeDtypeStruct((1, *sample_shape), jnp.float32)  # as the engine feeds models (token ids too)
   with nn.intercept_methods(interceptor):
-    jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
+    jax.eval_shape(model.init, jax.eval_shape(jax.random.key, 0), x)
   return found
 
 
@@ -124,7 +125,7 @@ def _kernel_density(densities: Any, path: str) -> float:
   for name in path.split("/"):
     node = node[name]
   value = node["kernel"] if isinstance(node, Mapping) else node
-  return float(jnp.asarray(value))
+  return float(np.asarray(value))  # numpy: a float while a round is traced too
 
 
 def sparse_forward_flops(model: nn.Module, sample_shape: Sequence[int], densities: Any) -> dict[str, float]:
@@ -139,7 +140,10 @@ def sparse_forward_flops(model: nn.Module, sample_shape: Sequence[int], densitie
   Returns:
     `{layer path: FLOPs}`.
   """
-  dense = forward_flops(model, sample_shape)
+  return _at_densities(forward_flops(model, sample_shape), densities)
+
+
+def _at_densities(dense: Mapping[str, float], densities: Any) -> dict[str, float]:
   return {path: _kernel_density(densities, path) * f for path, f in dense.items()}
 
 
@@ -172,7 +176,8 @@ def training_flops(model: nn.Module, sample_shape: Sequence[int], densities: Any
   Returns:
     `TrainingFlops(per_sample, regrow, dense_per_sample)`.
   """
-  dense = sum(forward_flops(model, sample_shape).values())
-  sparse = sum(sparse_forward_flops(model, sample_shape, densities).values())
+  per_layer = forward_flops(model, sample_shape)  # the model traced once, for both
+  dense = sum(per_layer.values())
+  sparse = sum(_at_densities(per_layer, densities).values())
   return TrainingFlops(per_sample=3.0 * sparse, regrow=regrow_batch * (2.0 * sparse + dense),
                        dense_per_sample=3.0 * dense)
