@@ -99,3 +99,8 @@ def test_a_lost_client_s_nan_loss_stops_the_run_and_one_that_never_started_does_
   assert train == {"train_loss": 2.0, "train_accuracy": pytest.approx(0.6)} and totals.samples == 16
   with pytest.raises(TrainingDiverged, match="round 1"):
     records.consume(metrics([1.0, np.nan, 0.0, 0.0]), 0, records.Totals(), params)
+  # Every training pass is work done: Ditto's global model (global_samples) beside its personal one, FedRep's head.
+  totals = records.Totals()
+  records.consume({**metrics([1.0, 3.0, 0.0, 0.0]), "global_samples": np.array([[4, 2, 0, 0]]),
+                   "head_samples": np.array([[1, 0, 0, 0]])}, 0, totals, params)
+  assert totals.samples == 16 + 6 + 1
