@@ -125,7 +125,7 @@ def test_two_processes_stop_together_and_resume_to_the_one_process_run(tmp_path)
   """2 processes x 2 devices (scripts/multihost_local.sh): SIGTERM reaches process 1 only, both stop at the same
   round with one checkpoint; the resumed job equals this process's uninterrupted run on its 8 devices (uniform
   cohorts do not depend on the devices; 16 clients pad to 16 on 4 devices and on 8)."""
-  rounds, every = 120, 20
+  rounds, every = 60, 10
   settings = [*SETTINGS, "--set", f"rounds={rounds}", "--set", f"eval_every={every}"]
   one = tmp_path / "one"
   experiment.run(dataclasses.replace(config(), rounds=rounds, eval_every=every, shard_clients=True), one, echo=None,
