@@ -117,7 +117,7 @@ RECIPE_CLAIMS = {
     "balanced": {"Ditto": "tied with", "FedAvg-FT": "tied with", "FedRep": "tied with",
                  "FedSpa, m_k ⊙ w": "tied with", "FedAvg, w": "ahead of", "Sub-FedAvg": "ahead of", "Local": "ahead of"},
     "dirichlet": {"Ditto": "ahead of", "FedAvg, w": "ahead of", "Sub-FedAvg": "tied with",
-                  "FedSpa, m_k ⊙ w": "tied with", "FedAvg-FT": "behind", "FedRep": "behind"},
+                  "FedSpa, m_k ⊙ w": "tied with", "FedAvg-FT": "behind", "FedRep": "behind", "Local": "tied with"},
 }
 
 
@@ -133,7 +133,11 @@ def test_the_prose_on_the_recipe_study_says_what_its_file_says(report):
   bullet = readme[readme.index("**Under the reference group's recipes**"):].split("\n- ")[0]
   assert "tied with Ditto, FedAvg-FT and FedRep and ahead of FedAvg and Sub-FedAvg" in " ".join(bullet.split())
   assert "Dirichlet(0.3) (0.918) ahead of Ditto and FedAvg, behind FedAvg-FT" in " ".join(bullet.split())
+  assert "Local, training every client every round at 10x FedAvg's FLOPs, is behind FedSpa's local model on the" \
+      " group's split (0.890) and tied with it on Dirichlet(0.3)" in " ".join(bullet.split())
   reading = " ".join(report.VERDICT.read_text().split())
+  assert "behind FedSpa's local model on the group's split (0.890 ± 0.002, p = 0.0054) and tied with it on" \
+      " Dirichlet(0.3)" in reading
   assert "On the group's split FedSpa's local model is tied with Ditto, FedAvg-FT, FedRep and its own m_k ⊙ w, and" \
       " ahead of FedAvg's shared w and of Sub-FedAvg" in reading
   assert "ahead of Ditto at the group's 2 + 3 epochs (0.903, p = 0.022) and of FedAvg (0.864), tied with Sub-FedAvg" \
