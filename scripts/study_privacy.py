@@ -1,35 +1,37 @@
 """Privacy and unreliable clients (issue 30): personalized accuracy against epsilon, and against dropout.
 
-    python scripts/study_privacy.py run                      # the full study, resumable (skips finished cells)
-    python scripts/study_privacy.py run --shard 0/2 &        # or split over two cores: --shard 0/2 and 1/2
+    python scripts/study_privacy.py run & python scripts/study_privacy.py run; wait   # the full study, one per core
     python scripts/study_privacy.py report                   # results file, figures, the Markdown table
     python scripts/study_privacy.py run --tier tiny --out /tmp/privacy_tiny && \
       python scripts/study_privacy.py report --tier tiny --out /tmp/privacy_tiny --docs /tmp/privacy_tiny  # check
 
 Setting ("full"): Fashion-MNIST, Dirichlet(0.3) split (`fashion_mnist_dirichlet`), 100 clients, 10 per round,
-LeNet-5, SGD (momentum 0, batch 32), 2 local epochs, 100 rounds, evaluation every 10 rounds; seeds 1, 2, 3 as one
-vmapped program per cell (`experiment.sweep`); each method at the learning rate the seeded Fashion-MNIST study
+LeNet-5, SGD (momentum 0, batch 32), 2 local epochs, 40 rounds (`FASHION_ROUNDS`: the seeded study's 100 rounds
+would need ~4.3 h of the whole 2-core machine, more than a session), evaluation every 10 rounds; seeds 1, 2, 3 as
+one vmapped program per cell (`experiment.sweep`); each method at the learning rate the seeded Fashion-MNIST study
 selected for it on this split (`study_fashion_mnist.SELECTED_LRS`). Methods: FedSpa (d=0.5), FedAvg, Ditto and
 Sub-FedAvg (d=0.5). Settings of each method:
 - no DP, no dropouts (the reference);
-- client-level DP at epsilon 8, 4 and 1 (delta 1e-5, after the 100 rounds): adaptive clipping to the median update
+- client-level DP at epsilon 8, 4 and 1 (delta 1e-5, after the 40 rounds): adaptive clipping to the median update
   norm (initial clip 0.5, `dp_quantile` 0.5), the noise multiplier z of `NOISE` (found with the accountant,
-  `fedspa_jax.privacy`, by bisection: the smallest z, to 3 decimals, whose epsilon after 100 rounds is at most the
-  target; `report` recomputes every epsilon from the runs' summaries), count noise sigma_b = z (Andrew et al.'s
+  `fedspa_jax.privacy`, by bisection: the smallest z, to 3 decimals, whose epsilon after the run's rounds is at most
+  the target; `report` takes every epsilon from the runs' summaries), count noise sigma_b = z (Andrew et al.'s
   S / 20 = 0.5 is below the z / 2 they need here);
 - dropout 0.3 and 0.6 (a dropped client's update is lost), no DP.
-With 100 clients and 10 per round, epsilon 8 already needs z = 3.038: noise of std 0.30 C on every coordinate of the
-mean update, whose own norm is at most C; over LeNet-5's 61,706 weights that noise has norm ~75 C. Realistic epsilons
-need far more clients, which the "synthetic" group shows: Synthetic(1, 1) with 10,000 clients, 100 per round, the
-MLP, 1 local epoch at lr 0.05, 100 rounds, FedSpa and FedAvg without DP and at epsilon 4 (z = 1.348: noise of
+With 100 clients and 10 per round, epsilon 8 already needs z = 2.125: noise of std 0.21 C on every coordinate of the
+mean update, whose own norm is at most C; over LeNet-5's 61,706 weights that noise has norm ~53 C. Realistic epsilons
+need far more clients, which the "synthetic_iid" group shows: Synthetic-IID (one shared softmax-regression model
+labels every client's inputs) with 10,000 clients, 100 per round, the MLP, 1 local epoch at lr 0.05, 100 rounds, FedSpa and FedAvg without DP and at epsilon 4 (z = 1.348: noise of
 std 0.013 C per coordinate).
 
-Cells: (group, method, setting); 4 x 6 Fashion-MNIST cells and 2 x 2 Synthetic ones, 28 in all, 84 runs. Each cell
-writes `<out>/<group>/<method>/<setting>/` (the sweep's folder) and `cell.json` when it finishes; `run` skips cells
-with a cell.json and continues a cell stopped part-way from its last checkpoint (every 10 rounds). Estimated cost: ~4.5 hours of one core of the 2-core machine of docs/benchmarks.md (~2.5 h with
-`--shard 0/2` and `1/2` on both cores), from the seeded study's measured rates there: 1.45 s per round of one seed
-for FedSpa and FedAvg, 1.7 for Sub-FedAvg, 2.75 for Ditto, 3 vmapped seeds at ~1.08x per seed, so ~40 min per
-Fashion-MNIST setting of the four methods, x 6 settings, plus ~15 min for the Synthetic cells and compilation.
+Cells: (group, method, setting); 2 x 2 Synthetic cells and 4 x 6 Fashion-MNIST ones, 28 in all, 84 runs. Each
+`run` process takes the next cell no other live process holds (a lock on `<cell>/claim`), so one process per core
+shares the work as it comes. Each cell writes `<out>/<group>/<method>/<setting>/` (the sweep's folder) and
+`cell.json` when it finishes; `run` skips cells with a cell.json and continues a cell stopped part-way from its last
+checkpoint (every 10 rounds). Cost, measured 2026-12-07 with two processes on the 2-core AMD EPYC of
+docs/benchmarks.md: ~10 s per round of 3 vmapped seeds for FedSpa and for FedAvg in each process (so Ditto ~19 s,
+Sub-FedAvg ~12 s from the seeded study's ratios), ~25 s of the whole machine per round of the four methods, so
+~17 min per Fashion-MNIST setting at 40 rounds, ~1.7 h for the six, plus the Synthetic cells.
 `report` writes `<docs>/study_privacy.json` (every cell's hyperparameters, per-seed final accuracy and epsilon), the
 figures `<docs>/img/study_privacy_epsilon.png` and `study_privacy_dropout.png`, and prints the table for
 docs/benchmarks.md.
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import fcntl
 import json
 import math
 import os
@@ -51,10 +54,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from study_fashion_mnist import SELECTED_LRS  # noqa: E402  (stdlib only at import)
 
 DELTA = 1e-5
-# Noise multipliers for epsilon 8, 4, 1 at delta 1e-5 after 100 rounds: sampling 10 of 100, and 100 of 10,000
-# (fedspa_jax.privacy.epsilon, replace-one neighbours; computed 2026-12-07 by `noise_for`'s search: the smallest z to 3
-# decimals whose epsilon is at most the target; tests/test_study_privacy.py checks each against dp-accounting).
-NOISE = {(100, 10): {8: 3.038, 4: 5.025, 1: 16.819}, (10000, 100): {8: 1.091, 4: 1.348, 1: 2.419}}
+FASHION_ROUNDS = 40  # sized to finish in one session's ~2 h of the 2-core machine (100 rounds needs ~4.3 h of it)
+SYNTHETIC_ROUNDS = 100
+# Noise multipliers for epsilon 8, 4, 1 at delta 1e-5 after the group's rounds: sampling 10 of 100 over 40 rounds, and
+# 100 of 10,000 over 100 rounds (fedspa_jax.privacy.epsilon, replace-one neighbours; computed 2026-12-07 by
+# `noise_for`'s search: the smallest z to 3 decimals whose epsilon is at most the target; tests/test_study_privacy.py
+# checks each against dp-accounting). Keys: (clients, per round, rounds).
+NOISE = {(100, 10, FASHION_ROUNDS): {8: 2.125, 4: 3.456, 1: 10.74},
+         (10000, 100, SYNTHETIC_ROUNDS): {8: 1.091, 4: 1.348, 1: 2.419}}
 METHODS = {"fedspa": {"density": 0.5}, "fedavg": {}, "ditto": {}, "subfedavg": {"density": 0.5}}
 LABELS = {"fedspa": "FedSpa (d=0.5)", "fedavg": "FedAvg", "ditto": "Ditto", "subfedavg": "Sub-FedAvg (d=0.5)"}
 FASHION_SETTINGS = ("none", "eps8", "eps4", "eps1", "drop0.3", "drop0.6")
@@ -65,25 +72,26 @@ def tiers() -> dict[str, dict[str, Any]]:
   fashion = dict(config="fashion_mnist_dirichlet", smoke=False, seeds=[1, 2, 3], methods=list(METHODS),
                  settings=list(FASHION_SETTINGS), population=(100, 10),
                  lrs={m: SELECTED_LRS[f"dirichlet/{m}"] for m in METHODS},
-                 overrides={"rounds": 100, "eval_every": 10, "rounds_per_dispatch": 10, "checkpoint_every": 10,
-                            "eval_clients": None, "hparams.local_epochs": 2, "hparams.momentum": 0.0,
+                 overrides={"rounds": FASHION_ROUNDS, "eval_every": 10, "rounds_per_dispatch": 10,
+                            "checkpoint_every": 10, "eval_clients": None, "hparams.local_epochs": 2, "hparams.momentum": 0.0,
                             "hparams.clients_per_round": 10, "hparams.batch_size": 32})
   synthetic = dict(config="default", smoke=False, seeds=[1, 2, 3], methods=["fedspa", "fedavg"],
                    settings=["none", "eps4"], population=(10000, 100), lrs={"fedspa": 0.05, "fedavg": 0.05},
-                   overrides={"num_clients": 10000, "rounds": 100, "eval_every": 10, "rounds_per_dispatch": 10,
+                   overrides={"num_clients": 10000, "data_args.iid": True, "rounds": SYNTHETIC_ROUNDS, "eval_every": 10, "rounds_per_dispatch": 10,
                               "checkpoint_every": 10, "eval_clients": 1000, "hparams.clients_per_round": 100,
                               "hparams.local_epochs": 1})
   tiny = dict(config="default", smoke=True, seeds=[1, 2], methods=["fedspa", "fedavg"],
               settings=["none", "eps8", "drop0.3"], population=(20, 4), lrs={"fedspa": 0.05, "fedavg": 0.05},
               overrides={"num_clients": 20, "rounds": 4, "eval_every": 2, "rounds_per_dispatch": 2,
                          "checkpoint_every": 0, "hparams.clients_per_round": 4})
-  return {"full": {"fashion_mnist": fashion, "synthetic": synthetic}, "tiny": {"tiny": tiny}}
+  # Synthetic first: its four cells are the cheap ones, and the one point at realistic epsilon.
+  return {"full": {"synthetic_iid": synthetic, "fashion_mnist": fashion}, "tiny": {"tiny": tiny}}
 
 
 def noise_for(population: tuple[int, int], target: float, rounds: int) -> float:
   """z for `target` epsilon: the pinned value for the full study, else found now by bisection."""
-  pinned = NOISE.get(population, {}).get(target)
-  if pinned is not None and rounds == 100:
+  pinned = NOISE.get((*population, rounds), {}).get(target)
+  if pinned is not None:
     return pinned
   from fedspa_jax import privacy
 
@@ -109,9 +117,9 @@ def setting_hparams(setting: str, population: tuple[int, int], rounds: int) -> d
           "dp_count_noise": max(population[1] / 20.0, z)}
 
 
-def cells(tier: str) -> list[tuple[str, str, str]]:
+def cells(tier: str, group: str | None = None) -> list[tuple[str, str, str]]:
   groups = tiers()[tier]
-  return [(g, m, s) for g, spec in groups.items() for s in spec["settings"] for m in spec["methods"]]
+  return [(g, m, s) for g, spec in groups.items() if group in (None, g) for s in spec["settings"] for m in spec["methods"]]
 
 
 def make_config(tier: str, group: str, method: str, setting: str):
@@ -131,15 +139,35 @@ def log(line: str) -> None:
   print(f"[privacy study {datetime.datetime.now():%Y-%m-%d %H:%M:%S}] {line}", flush=True)
 
 
+_CLAIMS: list[Any] = []  # the open claim files: their locks last as long as this process
+
+
+def claim(folder: pathlib.Path) -> bool:
+  """Take `folder`'s cell for this process: True unless another live process holds it.
+
+  The claim is an exclusive lock (flock) on `folder/claim`, held until this process ends; the system releases the
+  lock of a process that ended (a session's end), so its cell is taken by the next run and continues from its
+  checkpoint.
+  """
+  folder.mkdir(parents=True, exist_ok=True)
+  f = open(folder / "claim", "a")
+  try:
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    f.close()
+    return False
+  _CLAIMS.append(f)
+  return True
+
+
 def run(args) -> None:
   from fedspa_jax import experiment
 
   out = pathlib.Path(args.out)
-  index, count = (int(v) for v in args.shard.split("/"))
-  todo = [c for i, c in enumerate(cells(args.tier)) if i % count == index]
-  for group, method, setting in todo:
+  # Each process takes the next cell nobody holds: start one per core and they share the work as it comes.
+  for group, method, setting in cells(args.tier, args.group):
     folder = out / group / method / setting
-    if (folder / "cell.json").exists():
+    if (folder / "cell.json").exists() or not claim(folder):
       continue
     config = make_config(args.tier, group, method, setting)
     seeds = tiers()[args.tier][group]["seeds"]
@@ -239,11 +267,10 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--tier", choices=("full", "tiny"), default="full")
   parser.add_argument("--out", default="runs/study_privacy")
   parser.add_argument("--docs", default="docs", help="report: where study_privacy.json and img/ go")
-  parser.add_argument("--shard", default="0/1", help="I/N: run every N-th cell, starting with the I-th")
+  parser.add_argument("--group", help="run: only this group's cells (default: every group of the tier)")
   args = parser.parse_args(argv)
-  index, _, count = args.shard.partition("/")
-  if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
-    parser.error(f"--shard must be I/N with 0 <= I < N, got {args.shard!r}")
+  if args.group is not None and args.group not in tiers()[args.tier]:
+    parser.error(f"--group must be one of {sorted(tiers()[args.tier])} for tier {args.tier!r}, got {args.group!r}")
   run(args) if args.command == "run" else report(args)
 
 

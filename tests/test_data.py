@@ -183,6 +183,19 @@ def test_load_synthetic_routes_to_the_generator():
   assert data.name == "synthetic(0.5,0.5)"
 
 
+def test_synthetic_iid_draws_every_clients_inputs_from_one_distribution():
+  # FedProx's Synthetic-IID: x ~ N(0, Sigma) for every client, against v_k ~ N(B_k, 1) per client without it; the
+  # name says which (alpha and beta do not apply).
+  def client_means(data):
+    split = data.train
+    return np.stack([np.asarray(split.x[o : o + n]).mean(0) for o, n in zip(split.offset.tolist(), split.count.tolist())])
+
+  iid = fj.data.synthetic(1.0, 1.0, num_clients=40, iid=True, seed=0)
+  non_iid = fj.data.synthetic(1.0, 1.0, num_clients=40, seed=0)
+  assert iid.name == "synthetic_iid" and non_iid.name == "synthetic(1,1)"
+  assert np.abs(client_means(iid)).max() < 0.5 < np.std(client_means(non_iid))
+
+
 @pytest.fixture
 def fake_source(images, monkeypatch):
   """`load_arrays` replaced by a counter that serves `images` under any registered name."""

@@ -1,5 +1,5 @@
 """scripts/study_privacy.py's plan (issue 30): the pinned noise multipliers meet their epsilons by dp-accounting's own
-RDP accountant, each setting's options, the cells and their split between two jobs."""
+RDP accountant, each setting's options, the cells, and the lock that shares them between processes."""
 
 import pytest
 from script_loader import load
@@ -10,29 +10,39 @@ def study():
   return load("study_privacy")
 
 
-@pytest.mark.parametrize("population,target", [(p, t) for p in ((100, 10), (10000, 100)) for t in (8, 4, 1)])
-def test_pinned_noise_is_the_smallest_that_meets_each_epsilon(study, population, target):
-  # "the smallest z, to 3 decimals, whose epsilon after 100 rounds is at most the
+# docs/privacy.md's figure for the seeded study's length, 100 rounds of 10 from 100 clients (not a study setting)
+DOCS_NOISE = {(100, 10, 100): {8: 3.038, 4: 5.025, 1: 16.819}}
+
+
+@pytest.mark.parametrize("key,target", [(k, t) for k in ((100, 10, 40), (10000, 100, 100), (100, 10, 100))
+                                        for t in (8, 4, 1)])
+def test_pinned_noise_is_the_smallest_that_meets_each_epsilon(study, key, target):
+  # "the smallest z, to 3 decimals, whose epsilon after the group's rounds is at most the
   # target", asked of dp-accounting directly on the run's event: a fixed-size cohort drawn without replacement, the
-  # Gaussian sum at multiplier z / 2 (replace-one neighbours move the clipped sum by up to 2C), composed 100 times.
+  # Gaussian sum at multiplier z / 2 (replace-one neighbours move the clipped sum by up to 2C), composed once a round.
   import dp_accounting
+
+  clients, per_round, rounds = key
 
   def eps(z):
     accountant = dp_accounting.rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
     accountant.compose(dp_accounting.SampledWithoutReplacementDpEvent(
-        *population, dp_accounting.GaussianDpEvent(z / 2)), 100)
+        clients, per_round, dp_accounting.GaussianDpEvent(z / 2)), rounds)
     return accountant.get_epsilon(study.DELTA)
 
-  z = study.NOISE[population][target]
+  assert (study.FASHION_ROUNDS, study.SYNTHETIC_ROUNDS) == (40, 100)  # the groups' lengths the keys name
+  z = {**study.NOISE, **DOCS_NOISE}[key][target]
   assert eps(z) <= target < eps(round(z - 0.001, 3))  # meets it, and one grid step less would not
 
 
 def test_each_setting_sets_what_its_name_says(study):
-  assert study.setting_hparams("none", (100, 10), 100) == {}
-  assert study.setting_hparams("drop0.6", (100, 10), 100) == {"dropout": 0.6}
-  dp = study.setting_hparams("eps4", (100, 10), 100)
-  assert dp == {"dp_clip": 0.5, "dp_quantile": 0.5, "dp_noise_multiplier": 5.025, "dp_delta": 1e-5,
-                "dp_count_noise": 5.025}  # sigma_b = max(S / 20, z) = z
+  assert study.setting_hparams("none", (100, 10), 40) == {}
+  assert study.setting_hparams("drop0.6", (100, 10), 40) == {"dropout": 0.6}
+  dp = study.setting_hparams("eps4", (100, 10), 40)
+  assert dp == {"dp_clip": 0.5, "dp_quantile": 0.5, "dp_noise_multiplier": 3.456, "dp_delta": 1e-5,
+                "dp_count_noise": 3.456}  # sigma_b = max(S / 20, z) = z
+  # Synthetic: S / 20 = 5 is above z = 1.348
+  assert study.setting_hparams("eps4", (10000, 100), 100)["dp_count_noise"] == 5.0
 
 
 def test_the_search_finds_the_smallest_z_on_the_grid(study):
@@ -44,8 +54,38 @@ def test_the_search_finds_the_smallest_z_on_the_grid(study):
   assert privacy.epsilon(20, 4, z, 4, study.DELTA) <= 8 < privacy.epsilon(20, 4, round(z - 0.001, 3), 4, study.DELTA)
 
 
-def test_the_cells_and_two_jobs_cover_the_study_once(study):
+def test_the_cells_cover_the_study_once_with_each_groups_rounds(study):
   cells = study.cells("full")
   assert len(cells) == len(set(cells)) == 4 * 6 + 2 * 2  # Fashion-MNIST 4 methods x 6 settings, Synthetic 2 x 2
-  shards = [[c for i, c in enumerate(cells) if i % 2 == j] for j in (0, 1)]
-  assert sorted(shards[0] + shards[1]) == sorted(cells) and not set(shards[0]) & set(shards[1])
+  assert study.make_config("full", "fashion_mnist", "ditto", "eps1").rounds == 40
+  assert study.make_config("full", "fashion_mnist", "ditto", "eps1").hparams["dp_noise_multiplier"] == 10.74
+  # the many-clients point: Synthetic-IID (a shared model to learn), 100 of 10,000 clients a round
+  assert study.cells("full", "synthetic_iid") == [("synthetic_iid", m, s) for s in ("none", "eps4")
+                                                  for m in ("fedspa", "fedavg")]
+  config = study.make_config("full", "synthetic_iid", "fedavg", "eps4")
+  assert config.data_args["iid"] is True and config.num_clients == 10000 and config.rounds == 100
+
+
+def test_a_claimed_cell_is_taken_by_one_live_process_and_freed_when_it_ends(study, tmp_path):
+  import subprocess
+  import sys
+  import textwrap
+
+  # Another process holds the cell until told to end: this one cannot take it; once that process has ended (as a
+  # session's end kills it, with no chance to clean up), the cell is free again.
+  holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+      import fcntl, sys
+      f = open({str(tmp_path / "claim")!r}, "a")
+      fcntl.flock(f, fcntl.LOCK_EX)
+      print("held", flush=True)
+      sys.stdin.readline()
+  """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    assert not study.claim(tmp_path)
+    holder.kill()
+    holder.wait(timeout=30)
+    assert study.claim(tmp_path)
+    assert (tmp_path / "claim").exists()  # the file the ended process left: its lock went with it
+  finally:
+    holder.kill()

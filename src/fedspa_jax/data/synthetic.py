@@ -85,5 +85,5 @@ def synthetic(
       train=split_from_flat(x[~is_test], y[~is_test], counts - n_test),
       test=split_from_flat(x[is_test], y[is_test], n_test),
       num_classes=num_classes,
-      name=f"synthetic({alpha:g},{beta:g})",
+      name="synthetic_iid" if iid else f"synthetic({alpha:g},{beta:g})",
   )
