@@ -160,6 +160,18 @@ def test_fedavg_flops_are_three_forward_passes_per_sample(model, data):
   assert float(metrics["flops_dense"]) == float(metrics["flops"])
 
 
+@pytest.mark.parametrize("run,second", [("ditto", "global_samples"), ("fedrep", "head_samples")], indirect=["run"])
+def test_methods_that_train_twice_count_both_passes(run, second):
+  # docs/algorithms.md: "Ditto counts both of its trainings, FedRep its head epochs (full passes)": 3 x the MLP's
+  # forward per sample of either pass.
+  *_, history, _ = run
+  m = history[-1]
+  forward = 2 * (60 * 32 + 32 * 10)
+  first, other = int(np.sum(m["samples"])), int(np.sum(m[second]))
+  assert first > 0 and other > 0
+  assert float(m["flops"]) == pytest.approx(3 * forward * (first + other))
+
+
 @pytest.mark.parametrize("run", SPARSE, indirect=True)
 def test_sparse_methods_train_with_fewer_flops(run):
   algo, _, _, _, history, _ = run

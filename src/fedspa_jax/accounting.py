@@ -173,6 +173,16 @@ def mask_training_flops(forward: dict[str, float], mask: Any) -> jax.Array:
   return 3.0 * total
 
 
+# Per-client sample counts of the local training passes, as client metrics: every method's (the model it keeps),
+# Ditto's global model, FedRep's head epochs. The summary's samples and a dense method's FLOPs both count them all.
+TRAINING_PASSES = ("samples", "global_samples", "head_samples")
+
+
+def trained_samples(metrics: dict[str, Any]) -> Any:
+  """[...] samples trained on, over every training pass in `metrics` (`TRAINING_PASSES` that it holds)."""
+  return sum(metrics[key] for key in TRAINING_PASSES if key in metrics)
+
+
 def round_flops(per_sample: float, dense_per_sample: float, samples: jax.Array, extra: Any = 0.0
                 ) -> dict[str, jax.Array]:
   """A round's training FLOPs and the dense-training reference, over the work the cohort did.

@@ -33,11 +33,6 @@ class TrainingDiverged(FloatingPointError):
   """A loss or a parameter became NaN or infinite."""
 
 
-# Per-client sample counts of the local training passes: every method's (the model it keeps), Ditto's global model,
-# FedRep's head epochs.
-TRAINING_PASSES = ("samples", "global_samples", "head_samples")
-
-
 @dataclasses.dataclass
 class Totals:
   """Running totals over all rounds so far (carried in checkpoints)."""
@@ -77,7 +72,7 @@ def consume(metrics: dict[str, Any], first_round: int, totals: Totals, params: A
         setattr(totals, key, (getattr(totals, key) or 0.0) + float(metrics[key][j]))
     # The work done, every training pass (as the FLOPs count them): a lost client's too, 0 for padding and clients
     # that never started.
-    totals.samples += sum(int(np.sum(metrics[key][j])) for key in TRAINING_PASSES if key in metrics)
+    totals.samples += sum(int(np.sum(metrics[key][j])) for key in accounting.TRAINING_PASSES if key in metrics)
     for key, total in (("dropped", "dropped"), ("straggler", "stragglers")):
       if key in metrics:
         setattr(totals, total, (getattr(totals, total) or 0) + int(np.sum(metrics[key][j])))

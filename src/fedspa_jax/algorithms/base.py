@@ -722,13 +722,11 @@ def check_finetune_epochs(epochs: Any) -> None:
     raise ValueError(f"finetune_epochs must be an integer >= 0, got {epochs!r}")
 
 
-def dense_training_flops(
-    model: nn.Module, sample_shape: tuple[int, ...], metrics: dict, sample_keys: tuple[str, ...] = ("samples",)
-) -> dict[str, jax.Array]:
-  """A dense method's round FLOPs: 3 x dense forward per sample trained on (summed over `sample_keys` metrics)."""
+def dense_training_flops(model: nn.Module, sample_shape: tuple[int, ...], metrics: dict) -> dict[str, jax.Array]:
+  """A dense method's round FLOPs: 3 x dense forward per sample trained on, over every training pass
+  (`accounting.TRAINING_PASSES`: Ditto's global model, FedRep's head too)."""
   per_sample = flops.training_flops(model, sample_shape).dense_per_sample
-  samples = sum(metrics[k] for k in sample_keys)
-  return accounting.round_flops(per_sample, per_sample, samples)
+  return accounting.round_flops(per_sample, per_sample, accounting.trained_samples(metrics))
 
 
 def stacked(tree: Any, ids: jax.Array) -> Any:

@@ -30,17 +30,13 @@ def train_metrics(result) -> dict[str, jax.Array]:
   return {"loss": result.loss, "accuracy": result.accuracy, "steps": result.steps, "samples": result.samples}
 
 
-def dense_account(
-    model: nn.Module, *, communicates: bool = True, keeps_model: bool = False,
-    sample_keys: tuple[str, ...] = ("samples",),
-):
+def dense_account(model: nn.Module, *, communicates: bool = True, keeps_model: bool = False):
   """Per-round accounting of a dense method: the whole model down and up per real client (or nothing), dense FLOPs.
 
   Args:
     model: the flax model (for FLOPs).
     communicates: False for methods that send nothing (Local).
     keeps_model: each client keeps a whole model as its state (Local, Ditto).
-    sample_keys: the client metrics whose sum is the number of samples trained on (Ditto trains twice).
   """
 
   def account(params, metrics, real, round, sample_shape):
@@ -52,7 +48,7 @@ def dense_account(
         "values_down": values,
         "values_up": values,
         "client_state_bytes": accounting.state_bytes(params, values=kept),
-        **dense_training_flops(model, sample_shape, metrics, sample_keys),
+        **dense_training_flops(model, sample_shape, metrics),
     }
 
   return account
@@ -165,7 +161,7 @@ def ditto(
       name="ditto", hparams={"ditto_lambda": ditto_lambda, "personal_epochs": personal_epochs}, model=model,
       common=common, init_clients=lambda key, params, ids: stacked(params, ids),
       make_client_fn=make_client_fn, make_personalize=lambda preprocess: lambda w, v, train_k, key: {"own": Personal(v)},
-      account=dense_account(model, keeps_model=True, sample_keys=("samples", "global_samples")),
+      account=dense_account(model, keeps_model=True),
   )
 
 

@@ -122,7 +122,7 @@ def _split_algorithm(
         "values_up": values,
         "client_state_bytes": accounting.state_bytes(params, values=jax.tree.map(lambda b: not b, body)),
         # FedRep's head epochs still run full forward and backward passes in this implementation.
-        **dense_training_flops(model, sample_shape, metrics, ("samples", "head_samples")),
+        **dense_training_flops(model, sample_shape, metrics),
     }
 
   hparams = {"head": None if head_names is None else list(head_names)}
