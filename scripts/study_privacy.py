@@ -1,7 +1,8 @@
 """Privacy and unreliable clients (issue 30): personalized accuracy against epsilon, and against dropout.
 
     python scripts/study_privacy.py run & python scripts/study_privacy.py run; wait   # the full study, one per core
-    python scripts/study_privacy.py report                   # results file, figures, the Markdown table
+    python scripts/study_privacy.py report --update-docs     # results file, figures, the tables in benchmarks.md
+    python scripts/study_privacy.py check                    # exit 1 if benchmarks.md's tables and the file disagree
     python scripts/study_privacy.py run --tier tiny --out /tmp/privacy_tiny && \
       python scripts/study_privacy.py report --tier tiny --out /tmp/privacy_tiny --docs /tmp/privacy_tiny  # check
 
@@ -32,9 +33,10 @@ checkpoint (every 10 rounds). Cost, measured 2026-12-07 with two processes on th
 docs/benchmarks.md: ~10 s per round of 3 vmapped seeds for FedSpa and for FedAvg in each process (so Ditto ~19 s,
 Sub-FedAvg ~12 s from the seeded study's ratios), ~25 s of the whole machine per round of the four methods, so
 ~17 min per Fashion-MNIST setting at 40 rounds, ~1.7 h for the six, plus the Synthetic cells.
-`report` writes `<docs>/study_privacy.json` (every cell's hyperparameters, per-seed final accuracy and epsilon), the
-figures `<docs>/img/study_privacy_epsilon.png` and `study_privacy_dropout.png`, and prints the table for
-docs/benchmarks.md.
+`report` writes `<docs>/study_privacy.json` (every cell's hyperparameters, per-seed final accuracy, epsilon and
+dropped clients), the figures `<docs>/img/study_privacy_epsilon.png` and `study_privacy_dropout.png`, and prints the
+tables (`section`: each setting against the method's no-DP run and each method against FedAvg, by Welch's t-test);
+`--update-docs` writes them into docs/benchmarks.md's study_privacy block, which `check` holds to the file.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import protocol_report  # noqa: E402  (numpy at import; the Welch test's scipy when called)
 from study_fashion_mnist import SELECTED_LRS  # noqa: E402  (stdlib only at import)
 
 DELTA = 1e-5
@@ -208,21 +211,107 @@ def report(args) -> None:
         "final_accuracy_mean": float(np.mean(accuracy)) if accuracy else None,
         "final_accuracy_std": float(np.std(accuracy)) if accuracy else None,
         "dp_epsilon": runs[0].get("dp_epsilon") if runs else None,
+        "dp_epsilon_per_seed": [r.get("dp_epsilon") for r in runs],
         "dp_delta": runs[0].get("dp_delta") if runs else None,
+        "clients_dropped_per_seed": [r.get("clients_dropped", 0) for r in runs],
+        "rounds": runs[0]["rounds"] if runs else None,
         "wall_time": cell["wall_time"],
     })
   docs.mkdir(parents=True, exist_ok=True)
   stamp = {"command": f"python scripts/study_privacy.py run --tier {args.tier}",
            "date": datetime.date.today().isoformat()}
-  (docs / "study_privacy.json").write_text(json.dumps({**stamp, "cells": results}, indent=2) + "\n")
-  print("| group | method | setting | epsilon (delta 1e-5) | final accuracy (mean ± std over seeds) |")
-  print("| --- | --- | --- | --- | --- |")
-  for r in results:
-    eps = "-" if r["dp_epsilon"] is None else f"{r['dp_epsilon']:.2f}"
-    acc = r["status"] if r["final_accuracy_mean"] is None else (
-        f"{r['final_accuracy_mean']:.3f} ± {r['final_accuracy_std']:.3f}")
-    print(f"| {r['group']} | {LABELS.get(r['method'], r['method'])} | {r['setting']} | {eps} | {acc} |")
+  document = {**stamp, "cells": results}
+  (docs / "study_privacy.json").write_text(json.dumps(document, indent=2) + "\n")
   plot(results, docs / "img")
+  text = section(document)
+  print(text)
+  if args.update_docs:
+    update_docs(pathlib.Path(args.benchmarks), text)
+
+
+SETTING_NAMES = {"none": "no DP", "eps8": "epsilon 8", "eps4": "epsilon 4", "eps1": "epsilon 1",
+                 "drop0.3": "dropout 0.3", "drop0.6": "dropout 0.6"}
+BEGIN, END = "<!-- study_privacy:begin -->", "<!-- study_privacy:end -->"
+
+
+def section(document: dict[str, Any]) -> str:
+  """The tables of docs/benchmarks.md, derived from the results file alone.
+
+  Per group, each method's final personalized accuracy (mean ± std over the seeds) in each setting, with the
+  setting's verdict against the method's own no-DP run ("lower" or "higher" only where a two-sided Welch t-test over
+  the seeds gives p < 0.05, else "tied"); then each method against FedAvg in each setting, by the same test.
+  """
+  cells = document["cells"]
+  find = lambda g, m, s: next((c for c in cells if (c["group"], c["method"], c["setting"]) == (g, m, s)), None)
+  seeds = lambda c: {"values": c["final_accuracy_mean_per_seed"]}
+  short = lambda c: ("-" if c is None else c["status"] if not c["final_accuracy_mean_per_seed"]
+                     else protocol_report.short(seeds(c)))
+  words = {"ahead of": "higher", "behind": "lower", "tied with": "tied"}
+  lines = [f"Derived by `scripts/study_privacy.py report` from `docs/study_privacy.json` ({document['date']}; do not "
+           "edit by hand: `study_privacy.py check` fails when this block and the file disagree). Final personalized accuracy, "
+           "mean ± std over the seeds' mean client accuracies; in brackets, against the method's own no-DP run: "
+           f"\"lower\" or \"higher\" only where a two-sided Welch t-test gives p < {protocol_report.P_LEVEL} (p shown), "
+           "else \"tied\". Epsilon at delta 1e-5 after the last round, as the runs recorded it."]
+  for group in dict.fromkeys(c["group"] for c in cells):
+    settings = list(dict.fromkeys(c["setting"] for c in cells if c["group"] == group))
+    methods = list(dict.fromkeys(c["method"] for c in cells if c["group"] == group))
+    first = next(c for c in cells if c["group"] == group)
+    lines += ["", f"**{group}** ({first['rounds']} rounds, seeds {', '.join(map(str, first['seeds']))}):", "",
+              "| method | " + " | ".join(SETTING_NAMES.get(s, s) for s in settings) + " |",
+              "| --- |" + " ---: |" * len(settings)]
+    for method in methods:
+      base, row = find(group, method, "none"), []
+      for setting in settings:
+        cell = find(group, method, setting)
+        text = short(cell)
+        if setting != "none" and cell and base and cell["final_accuracy_mean_per_seed"] and \
+            base["final_accuracy_mean_per_seed"]:
+          verdict = words[protocol_report.compare(seeds(cell), seeds(base))]
+          p = protocol_report.welch_p(seeds(cell), seeds(base))
+          text += f" ({verdict}" + ("" if verdict == "tied" else f", p = {p:.2g}") + ")"
+        row.append(text)
+      lines.append(f"| {LABELS.get(method, method)} | " + " | ".join(row) + " |")
+    spent = [[e for c in cells if (c["group"], c["setting"]) == (group, s) for e in c["dp_epsilon_per_seed"]
+              if e is not None] for s in settings]
+    lines.append("| epsilon (largest run's) | " + " | ".join(f"{max(e):.3f}" if e else "-" for e in spent) + " |")
+    if "fedavg" in methods and len(methods) > 1:
+      lines += ["", f"Against FedAvg, {group} (same test):", "",
+                "| setting | " + " | ".join(LABELS.get(m, m) for m in methods if m != "fedavg") + " |",
+                "| --- |" + " --- |" * (len(methods) - 1)]
+      for setting in settings:
+        fedavg, row = find(group, "fedavg", setting), []
+        for method in methods:
+          if method == "fedavg":
+            continue
+          cell = find(group, method, setting)
+          if not (cell and fedavg and cell["final_accuracy_mean_per_seed"] and fedavg["final_accuracy_mean_per_seed"]):
+            row.append("-")
+            continue
+          verdict = protocol_report.compare(seeds(cell), seeds(fedavg))
+          p = protocol_report.welch_p(seeds(cell), seeds(fedavg))
+          row.append(verdict.replace(" of", "").replace(" with", "") + ("" if verdict == "tied with" else f" (p = {p:.2g})"))
+        lines.append(f"| {SETTING_NAMES.get(setting, setting)} | " + " | ".join(row) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def update_docs(path: pathlib.Path, text: str) -> None:
+  doc = path.read_text()
+  if BEGIN not in doc or END not in doc:
+    raise SystemExit(f"study_privacy: error: {path} has no {BEGIN} ... {END} block to write the tables into")
+  head, rest = doc.split(BEGIN, 1)
+  path.write_text(head + BEGIN + "\n" + text + END + rest.split(END, 1)[1])
+
+
+def check(args) -> int:
+  """0 when docs/benchmarks.md's block is what the committed results file gives, else 1 (and the difference)."""
+  document = json.loads((pathlib.Path(args.docs) / "study_privacy.json").read_text())
+  doc = pathlib.Path(args.benchmarks).read_text()
+  found = doc.split(BEGIN, 1)[1].split(END, 1)[0].lstrip("\n") if BEGIN in doc and END in doc else None
+  if found == section(document):
+    return 0
+  print(f"study_privacy: {args.benchmarks}'s block differs from `report` on {args.docs}/study_privacy.json; run "
+        "`python scripts/study_privacy.py report --update-docs`", file=sys.stderr)
+  return 1
 
 
 def plot(results: list[dict[str, Any]], folder: pathlib.Path) -> None:
@@ -263,14 +352,18 @@ def plot(results: list[dict[str, Any]], folder: pathlib.Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("command", choices=("run", "report"))
+  parser.add_argument("command", choices=("run", "report", "check"))
   parser.add_argument("--tier", choices=("full", "tiny"), default="full")
   parser.add_argument("--out", default="runs/study_privacy")
   parser.add_argument("--docs", default="docs", help="report: where study_privacy.json and img/ go")
+  parser.add_argument("--benchmarks", default="docs/benchmarks.md", help="the page that holds the tables' block")
+  parser.add_argument("--update-docs", action="store_true", help="report: write the tables into --benchmarks")
   parser.add_argument("--group", help="run: only this group's cells (default: every group of the tier)")
   args = parser.parse_args(argv)
   if args.group is not None and args.group not in tiers()[args.tier]:
     parser.error(f"--group must be one of {sorted(tiers()[args.tier])} for tier {args.tier!r}, got {args.group!r}")
+  if args.command == "check":
+    raise SystemExit(check(args))
   run(args) if args.command == "run" else report(args)
 
 

@@ -89,3 +89,35 @@ def test_a_claimed_cell_is_taken_by_one_live_process_and_freed_when_it_ends(stud
     assert (tmp_path / "claim").exists()  # the file the ended process left: its lock went with it
   finally:
     holder.kill()
+
+
+def _cell(method, setting, accuracies, epsilon=None):
+  return {"group": "g", "method": method, "setting": setting, "status": "complete", "seeds": [1, 2, 3],
+          "rounds": 40, "final_accuracy_mean_per_seed": accuracies, "dp_epsilon": epsilon,
+          "dp_epsilon_per_seed": [epsilon] * 3, "clients_dropped_per_seed": [0, 0, 0]}
+
+
+def test_the_tables_say_lower_only_where_welch_says_so(study, tmp_path):
+  from scipy import stats
+
+  document = {"date": "2026-12-07", "cells": [
+      _cell("fedspa", "none", [0.80, 0.81, 0.82]), _cell("fedavg", "none", [0.80, 0.81, 0.82]),
+      _cell("fedspa", "eps8", [0.50, 0.51, 0.52], 7.99), _cell("fedavg", "eps8", [0.79, 0.83, 0.80], 7.98)]}
+  text = study.section(document)
+  p_spa = stats.ttest_ind([0.50, 0.51, 0.52], [0.80, 0.81, 0.82], equal_var=False).pvalue  # ~3e-6
+  p_vs_avg = stats.ttest_ind([0.50, 0.51, 0.52], [0.79, 0.83, 0.80], equal_var=False).pvalue
+  assert p_spa < 0.05 and p_vs_avg < 0.05
+  rows = [line for line in text.splitlines() if line.startswith("| ")]
+  assert f"| FedSpa (d=0.5) | 0.810 ± 0.008 | 0.510 ± 0.008 (lower, p = {p_spa:.2g}) |" in rows
+  assert "| FedAvg | 0.810 ± 0.008 | 0.807 ± 0.017 (tied) |" in rows  # 0.79, 0.83, 0.80 against 0.80-0.82
+  assert "| epsilon (largest run's) | - | 7.990 |" in rows
+  assert "| no DP | tied |" in rows and f"| epsilon 8 | behind (p = {p_vs_avg:.2g}) |" in rows
+  # the docs' block: written, held to the file, and a changed number is caught
+  (tmp_path / "study_privacy.json").write_text(__import__("json").dumps(document))
+  page = tmp_path / "benchmarks.md"
+  page.write_text(f"before\n{study.BEGIN}\nold\n{study.END}\nafter\n")
+  study.update_docs(page, text)
+  args = type("Args", (), {"docs": str(tmp_path), "benchmarks": str(page)})
+  assert study.check(args) == 0 and page.read_text().startswith("before\n") and page.read_text().endswith("after\n")
+  page.write_text(page.read_text().replace("0.510 ± 0.008", "0.610 ± 0.008"))
+  assert study.check(args) == 1
