@@ -48,6 +48,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import sys
 import time
 from typing import Any
@@ -193,6 +194,16 @@ def seed_summaries(folder: pathlib.Path) -> list[dict[str, Any]]:
           if json.loads(p.read_text()).get("status") == "complete" and "seed" in json.loads(p.read_text())]
 
 
+def config_rounds(tier: str, group: str) -> int:
+  return int(tiers()[tier][group]["overrides"]["rounds"])
+
+
+def diverged_at(error: str) -> dict[str, int] | None:
+  """{"seed", "round"} of the first seed whose training diverged, from a diverged cell's error (else None)."""
+  found = re.search(r"seed (\d+): training diverged in round (\d+)", error)
+  return None if found is None else {"seed": int(found.group(1)), "round": int(found.group(2))}
+
+
 def report(args) -> None:
   import numpy as np
 
@@ -214,7 +225,8 @@ def report(args) -> None:
         "dp_epsilon_per_seed": [r.get("dp_epsilon") for r in runs],
         "dp_delta": runs[0].get("dp_delta") if runs else None,
         "clients_dropped_per_seed": [r.get("clients_dropped", 0) for r in runs],
-        "rounds": runs[0]["rounds"] if runs else None,
+        "rounds": config_rounds(args.tier, group),
+        "diverged": diverged_at(cell.get("error", "")),
         "wall_time": cell["wall_time"],
     })
   docs.mkdir(parents=True, exist_ok=True)
@@ -244,14 +256,21 @@ def section(document: dict[str, Any]) -> str:
   cells = document["cells"]
   find = lambda g, m, s: next((c for c in cells if (c["group"], c["method"], c["setting"]) == (g, m, s)), None)
   seeds = lambda c: {"values": c["final_accuracy_mean_per_seed"]}
-  short = lambda c: ("-" if c is None else c["status"] if not c["final_accuracy_mean_per_seed"]
-                     else protocol_report.short(seeds(c)))
+  def short(c):
+    if c is None:
+      return "-"
+    if c["final_accuracy_mean_per_seed"]:
+      return protocol_report.short(seeds(c))
+    at = c.get("diverged")
+    return f"diverged (round {at['round']}, seed {at['seed']})" if at else c["status"]
+
   words = {"ahead of": "higher", "behind": "lower", "tied with": "tied"}
   lines = [f"Derived by `scripts/study_privacy.py report` from `docs/study_privacy.json` ({document['date']}; do not "
            "edit by hand: `study_privacy.py check` fails when this block and the file disagree). Final personalized accuracy, "
            "mean ± std over the seeds' mean client accuracies; in brackets, against the method's own no-DP run: "
            f"\"lower\" or \"higher\" only where a two-sided Welch t-test gives p < {protocol_report.P_LEVEL} (p shown), "
-           "else \"tied\". Epsilon at delta 1e-5 after the last round, as the runs recorded it."]
+           "else \"tied\". Epsilon at delta 1e-5 after the last round, as the runs recorded it. \"Diverged\": a "
+           "seed's training loss became NaN or infinite in that round, which stops the cell's runs (no accuracy)."]
   for group in dict.fromkeys(c["group"] for c in cells):
     settings = list(dict.fromkeys(c["setting"] for c in cells if c["group"] == group))
     methods = list(dict.fromkeys(c["method"] for c in cells if c["group"] == group))
@@ -336,15 +355,26 @@ def plot(results: list[dict[str, Any]], folder: pathlib.Path) -> None:
         else:
           xs = [float(r["setting"][4:]) if r["setting"] != "none" else 0.0 for r in rows]
         order = sorted(range(len(xs)), key=xs.__getitem__)
-        ax.errorbar([xs[i] for i in order], [rows[i]["final_accuracy_mean"] for i in order],
-                    yerr=[rows[i]["final_accuracy_std"] for i in order], marker="o", capsize=3,
-                    label=f"{LABELS[method]} ({group})")
+        line = ax.errorbar([xs[i] for i in order], [rows[i]["final_accuracy_mean"] for i in order],
+                           yerr=[rows[i]["final_accuracy_std"] for i in order], marker="o", capsize=3,
+                           label=f"{LABELS[method]} ({group})")
+        lost = [r for r in results if (r["group"], r["method"]) == (group, method) and r.get("diverged")
+                and r["setting"].startswith(kind)]
+        if lost:  # no model to score: a cross on the floor of the axis
+          # side by side: each method's cross a little apart from the others' at the same setting
+          shift = list(METHODS).index(method) - (len(METHODS) - 1) / 2
+          xs_lost = [float(r["setting"][3:]) * 1.06 ** shift if kind == "eps" else float(r["setting"][4:]) + 0.012 * shift
+                     for r in lost]
+          ax.scatter(xs_lost, [0.0] * len(lost), marker="x", color=line[0].get_color(), clip_on=False, zorder=3)
     if kind == "eps":
       ax.set_xscale("log", base=2)
       ax.set_xticks([1, 2, 4, 8, 16], ["1", "2", "4", "8", "no DP"])
     ax.set_xlabel(axis_label)
+    ax.set_ylim(bottom=0.0)
+    if any(r.get("diverged") and r["setting"].startswith(kind) for r in results):
+      ax.set_title("x at 0: training diverged (NaN loss), no model", fontsize=8)
     ax.set_ylabel("final personalized accuracy (mean over clients)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="lower left" if kind == "drop" else "center left")
     fig.tight_layout()
     fig.savefig(folder / f"study_privacy_{name}.png", dpi=120)
     plt.close(fig)

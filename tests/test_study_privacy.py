@@ -121,3 +121,13 @@ def test_the_tables_say_lower_only_where_welch_says_so(study, tmp_path):
   assert study.check(args) == 0 and page.read_text().startswith("before\n") and page.read_text().endswith("after\n")
   page.write_text(page.read_text().replace("0.510 ± 0.008", "0.610 ± 0.008"))
   assert study.check(args) == 1
+
+
+def test_a_diverged_cell_says_where_it_diverged(study):
+  # the error a cell.json holds, as the study's sweep wrote it (runs/study_privacy, FedSpa at epsilon 8, 2026-12-07)
+  error = ("seed 1: training diverged in round 3: client training losses [          nan 1.8284748e+00 5.9015083e-01 "
+           "1.2106002e+04]; no checkpoint was written before it.")
+  assert study.diverged_at(error) == {"seed": 1, "round": 3} and study.diverged_at("") is None
+  lost = {**_cell("fedspa", "eps8", []), "status": "diverged", "diverged": {"seed": 1, "round": 3}}
+  text = study.section({"date": "2026-12-07", "cells": [_cell("fedspa", "none", [0.80, 0.81, 0.82]), lost]})
+  assert "| FedSpa (d=0.5) | 0.810 ± 0.008 | diverged (round 3, seed 1) |" in text.splitlines()
