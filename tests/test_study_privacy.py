@@ -56,7 +56,8 @@ def test_the_search_finds_the_smallest_z_on_the_grid(study):
 
 def test_the_cells_cover_the_study_once_with_each_groups_rounds(study):
   cells = study.cells("full")
-  assert len(cells) == len(set(cells)) == 4 * 6 + 2 * 2  # Fashion-MNIST 4 methods x 6 settings, Synthetic 2 x 2
+  # Fashion-MNIST 4 methods x 6 settings, Synthetic 2 x 2, and the fixed small clip's 4 methods at epsilon 8
+  assert len(cells) == len(set(cells)) == 4 * 6 + 2 * 2 + 4
   assert study.make_config("full", "fashion_mnist", "ditto", "eps1").rounds == 40
   assert study.make_config("full", "fashion_mnist", "ditto", "eps1").hparams["dp_noise_multiplier"] == 10.74
   # the many-clients point: Synthetic-IID (a shared model to learn), 100 of 10,000 clients a round
@@ -64,6 +65,9 @@ def test_the_cells_cover_the_study_once_with_each_groups_rounds(study):
                                                   for m in ("fedspa", "fedavg")]
   config = study.make_config("full", "synthetic_iid", "fedavg", "eps4")
   assert config.data_args["iid"] is True and config.num_clients == 10000 and config.rounds == 100
+  fixed = study.make_config("full", "fashion_mnist_clip0.05", "fedspa", "eps8").hparams
+  assert {k: v for k, v in fixed.items() if k.startswith("dp_")} == {
+      "dp_clip": 0.05, "dp_noise_multiplier": 2.125, "dp_delta": 1e-5}  # no dp_quantile: the clip stays 0.05
 
 
 def test_a_claimed_cell_is_taken_by_one_live_process_and_freed_when_it_ends(study, tmp_path):
