@@ -86,7 +86,7 @@ def tiers() -> dict[str, dict[str, Any]]:
   # The adaptive clip's DP runs diverge within a few rounds at 100 clients (see the docs): the same runs at epsilon 8
   # with a small fixed clip, whose noise (std z C / S = 0.011 per coordinate a round) leaves the weights finite, show
   # what is left of each method's personalized model when the shared model cannot learn.
-  fixed = {**fashion, "settings": ["eps8"], "fixed_clip": 0.05}
+  fixed = {**fashion, "settings": ["eps8"], "fixed_clip": 0.05, "baseline": "fashion_mnist"}
   synthetic = dict(config="default", smoke=False, seeds=[1, 2, 3], methods=["fedspa", "fedavg"],
                    settings=["none", "eps4"], population=(10000, 100), lrs={"fedspa": 0.05, "fedavg": 0.05},
                    overrides={"num_clients": 10000, "data_args.iid": True, "rounds": SYNTHETIC_ROUNDS, "eval_every": 10, "rounds_per_dispatch": 10,
@@ -237,6 +237,7 @@ def report(args) -> None:
         "dp_delta": runs[0].get("dp_delta") if runs else None,
         "clients_dropped_per_seed": [r.get("clients_dropped", 0) for r in runs],
         "rounds": config_rounds(args.tier, group),
+        "baseline_group": tiers()[args.tier][group].get("baseline", group),  # where its no-DP runs are
         "diverged": diverged_at(cell.get("error", "")),
         "wall_time": cell["wall_time"],
     })
@@ -286,11 +287,16 @@ def section(document: dict[str, Any]) -> str:
     settings = list(dict.fromkeys(c["setting"] for c in cells if c["group"] == group))
     methods = list(dict.fromkeys(c["method"] for c in cells if c["group"] == group))
     first = next(c for c in cells if c["group"] == group)
-    lines += ["", f"**{group}** ({first['rounds']} rounds, seeds {', '.join(map(str, first['seeds']))}):", "",
-              "| method | " + " | ".join(SETTING_NAMES.get(s, s) for s in settings) + " |",
-              "| --- |" + " ---: |" * len(settings)]
+    baseline = first.get("baseline_group", group)
+    shown = settings if baseline == group else ["none", *settings]  # another group's no-DP runs, shown beside
+    lines += ["", f"**{group}** ({first['rounds']} rounds, seeds {', '.join(map(str, first['seeds']))}"
+              + ("" if baseline == group else f"; no DP: {baseline}'s runs") + "):", "",
+              "| method | " + " | ".join(SETTING_NAMES.get(s, s) for s in shown) + " |",
+              "| --- |" + " ---: |" * len(shown)]
     for method in methods:
-      base, row = find(group, method, "none"), []
+      base, row = find(baseline, method, "none"), []
+      if baseline != group:
+        row.append(short(base))
       for setting in settings:
         cell = find(group, method, setting)
         text = short(cell)
@@ -303,7 +309,8 @@ def section(document: dict[str, Any]) -> str:
       lines.append(f"| {LABELS.get(method, method)} | " + " | ".join(row) + " |")
     spent = [[e for c in cells if (c["group"], c["setting"]) == (group, s) for e in c["dp_epsilon_per_seed"]
               if e is not None] for s in settings]
-    lines.append("| epsilon (largest run's) | " + " | ".join(f"{max(e):.3f}" if e else "-" for e in spent) + " |")
+    lines.append("| epsilon (largest run's) | " + "- | " * (len(shown) - len(settings))
+                 + " | ".join(f"{max(e):.3f}" if e else "-" for e in spent) + " |")
     if "fedavg" in methods and len(methods) > 1:
       lines += ["", f"Against FedAvg, {group} (same test):", "",
                 "| setting | " + " | ".join(LABELS.get(m, m) for m in methods if m != "fedavg") + " |",

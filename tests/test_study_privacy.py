@@ -135,3 +135,14 @@ def test_a_diverged_cell_says_where_it_diverged(study):
   lost = {**_cell("fedspa", "eps8", []), "status": "diverged", "diverged": {"seed": 1, "round": 3}}
   text = study.section({"date": "2026-12-07", "cells": [_cell("fedspa", "none", [0.80, 0.81, 0.82]), lost]})
   assert "| FedSpa (d=0.5) | 0.810 ± 0.008 | diverged (round 3, seed 1) |" in text.splitlines()
+
+
+def test_a_group_without_its_own_no_dp_runs_is_held_to_its_baselines(study):
+  from scipy import stats
+
+  fixed = {**_cell("fedspa", "eps8", [0.30, 0.32, 0.34], 8.0), "group": "h", "baseline_group": "g"}
+  text = study.section({"date": "2026-12-07", "cells": [_cell("fedspa", "none", [0.80, 0.81, 0.82]), fixed]})
+  p = stats.ttest_ind([0.30, 0.32, 0.34], [0.80, 0.81, 0.82], equal_var=False).pvalue
+  group_h = text.split("**h**", 1)[1].splitlines()
+  assert f"| FedSpa (d=0.5) | 0.810 ± 0.008 | 0.320 ± 0.016 (lower, p = {p:.2g}) |" in group_h
+  assert "| epsilon (largest run's) | - | 8.000 |" in group_h
