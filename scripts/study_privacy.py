@@ -201,8 +201,19 @@ def run(args) -> None:
 
 
 def seed_summaries(folder: pathlib.Path) -> list[dict[str, Any]]:
-  return [json.loads(p.read_text()) for p in sorted(folder.glob("runs/**/summary.json"))
-          if json.loads(p.read_text()).get("status") == "complete" and "seed" in json.loads(p.read_text())]
+  """Each finished seed's summary.json, with `clients_dropped` from its metrics.jsonl's last record (the running
+  total is written there, not in the summary)."""
+  found = []
+  for path in sorted(folder.glob("runs/**/summary.json")):
+    summary = json.loads(path.read_text())
+    if summary.get("status") != "complete" or "seed" not in summary:
+      continue
+    records = (path.parent / "metrics.jsonl").read_text().splitlines()
+    last = json.loads(records[-1]) if records else {}
+    history = [[r["round"], round(r["accuracy_mean"], 4), round(r["train_loss"], 4)]
+               for r in map(json.loads, records) if "accuracy_mean" in r]
+    found.append({**summary, "clients_dropped": last.get("clients_dropped", 0), "history": history})
+  return found
 
 
 def config_rounds(tier: str, group: str) -> int:
@@ -236,6 +247,7 @@ def report(args) -> None:
         "dp_epsilon_per_seed": [r.get("dp_epsilon") for r in runs],
         "dp_delta": runs[0].get("dp_delta") if runs else None,
         "clients_dropped_per_seed": [r.get("clients_dropped", 0) for r in runs],
+        "history_per_seed": [r["history"] for r in runs],  # [round, mean client accuracy, training loss] per evaluation
         "rounds": config_rounds(args.tier, group),
         "baseline_group": tiers()[args.tier][group].get("baseline", group),  # where its no-DP runs are
         "diverged": diverged_at(cell.get("error", "")),
@@ -351,6 +363,9 @@ def check(args) -> int:
   return 1
 
 
+GROUP_STYLES = {"fashion_mnist": ("o", "-"), "fashion_mnist_clip0.05": ("s", ":"), "synthetic_iid": ("^", "--")}
+
+
 def plot(results: list[dict[str, Any]], folder: pathlib.Path) -> None:
   """Accuracy against epsilon (no DP drawn at the right) and against dropout, one line per method and group."""
   import matplotlib
@@ -361,8 +376,8 @@ def plot(results: list[dict[str, Any]], folder: pathlib.Path) -> None:
   folder.mkdir(parents=True, exist_ok=True)
   for kind, axis_label, name in (("eps", "epsilon at delta 1e-5 (no DP at the right)", "epsilon"),
                                  ("drop", "dropout", "dropout")):
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for group in sorted({r["group"] for r in results}):
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for group in sorted({r["group"] for r in results if r["setting"].startswith(kind)}):  # groups that vary it
       for method in METHODS:
         rows = [r for r in results if r["group"] == group and r["method"] == method
                 and r["final_accuracy_mean"] is not None and (r["setting"] == "none" or r["setting"].startswith(kind))]
@@ -373,9 +388,13 @@ def plot(results: list[dict[str, Any]], folder: pathlib.Path) -> None:
         else:
           xs = [float(r["setting"][4:]) if r["setting"] != "none" else 0.0 for r in rows]
         order = sorted(range(len(xs)), key=xs.__getitem__)
+        # a method's colour in every group, a group's marker and line; methods side by side at each setting
+        shift = list(METHODS).index(method) - (len(METHODS) - 1) / 2
+        xs = [x * 1.04 ** shift if kind == "eps" else x + 0.008 * shift for x in xs]
+        style = GROUP_STYLES.get(group, ("o", "-"))
         line = ax.errorbar([xs[i] for i in order], [rows[i]["final_accuracy_mean"] for i in order],
-                           yerr=[rows[i]["final_accuracy_std"] for i in order], marker="o", capsize=3,
-                           label=f"{LABELS[method]} ({group})")
+                           yerr=[rows[i]["final_accuracy_std"] for i in order], marker=style[0], linestyle=style[1],
+                           color=f"C{list(METHODS).index(method)}", capsize=3, label=f"{LABELS[method]} ({group})")
         lost = [r for r in results if (r["group"], r["method"]) == (group, method) and r.get("diverged")
                 and r["setting"].startswith(kind)]
         if lost:  # no model to score: a cross on the floor of the axis
@@ -392,7 +411,7 @@ def plot(results: list[dict[str, Any]], folder: pathlib.Path) -> None:
     if any(r.get("diverged") and r["setting"].startswith(kind) for r in results):
       ax.set_title("x at 0: training diverged (NaN loss), no model", fontsize=8)
     ax.set_ylabel("final personalized accuracy (mean over clients)")
-    ax.legend(fontsize=7, loc="lower left" if kind == "drop" else "center left")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: no point hidden
     fig.tight_layout()
     fig.savefig(folder / f"study_privacy_{name}.png", dpi=120)
     plt.close(fig)

@@ -146,3 +146,88 @@ def test_a_group_without_its_own_no_dp_runs_is_held_to_its_baselines(study):
   group_h = text.split("**h**", 1)[1].splitlines()
   assert f"| FedSpa (d=0.5) | 0.810 ± 0.008 | 0.320 ± 0.016 (lower, p = {p:.2g}) |" in group_h
   assert "| epsilon (largest run's) | - | 8.000 |" in group_h
+
+
+@pytest.fixture(scope="module")
+def committed():
+  import json
+  import pathlib
+
+  document = json.loads((pathlib.Path(__file__).resolve().parents[1] / "docs" / "study_privacy.json").read_text())
+  return {(c["group"], c["method"], c["setting"]): c for c in document["cells"]}
+
+
+def test_the_committed_tables_are_the_results_file(study):
+  import pathlib
+
+  root = pathlib.Path(__file__).resolve().parents[1]
+  args = type("Args", (), {"docs": str(root / "docs"), "benchmarks": str(root / "docs" / "benchmarks.md")})
+  assert study.check(args) == 0
+
+
+def _verdict(a, b):
+  """"ahead of" / "behind" / "tied with" of cell a against cell b: the same Welch test as the tables (p < 0.05)."""
+  from scipy import stats
+
+  x, y = a["final_accuracy_mean_per_seed"], b["final_accuracy_mean_per_seed"]
+  p = stats.ttest_ind(x, y, equal_var=False).pvalue
+  return "tied with" if not p < 0.05 else ("ahead of" if sum(x) / len(x) > sum(y) / len(y) else "behind")
+
+
+def _mean(cell):
+  return round(sum(cell["final_accuracy_mean_per_seed"]) / len(cell["final_accuracy_mean_per_seed"]), 3)
+
+
+def test_the_privacy_reading_holds_on_the_committed_results(committed):
+  # docs/benchmarks.md, "Privacy and unreliable clients", statement by statement.
+  methods = ("fedspa", "fedavg", "ditto", "subfedavg")
+  # 100 clients, adaptive clip: every method diverged at every epsilon, in round 2 or 3
+  for method in methods:
+    for setting in ("eps8", "eps4", "eps1"):
+      cell = committed[("fashion_mnist", method, setting)]
+      assert cell["status"] == "diverged" and cell["diverged"]["round"] in (2, 3), (method, setting)
+  # the fixed clip: FedSpa 0.324 (0.844), FedAvg 0.451 (0.822), each lower than without DP
+  clip = {m: committed[("fashion_mnist_clip0.05", m, "eps8")] for m in methods}
+  none = {m: committed[("fashion_mnist", m, "none")] for m in methods}
+  assert (_mean(clip["fedspa"]), _mean(none["fedspa"]), _mean(clip["fedavg"]), _mean(none["fedavg"])) == (
+      0.324, 0.844, 0.451, 0.822)
+  assert all(_verdict(clip[m], none[m]) == "behind" for m in methods)
+  assert max(e for c in clip.values() for e in c["dp_epsilon_per_seed"]) <= 8.0
+  # Ditto's personal models 0.799 (0.862), Sub-FedAvg's own networks 0.802 (0.863): tied with each other, ahead of
+  # FedAvg and FedSpa; FedSpa behind FedAvg
+  assert (_mean(clip["ditto"]), _mean(none["ditto"])) == (0.799, 0.862)
+  assert (_mean(clip["subfedavg"]), _mean(none["subfedavg"])) == (0.802, 0.863)
+  assert _verdict(clip["ditto"], clip["subfedavg"]) == "tied with"
+  assert all(_verdict(clip[p], clip[m]) == "ahead of" for p in ("ditto", "subfedavg") for m in ("fedavg", "fedspa"))
+  assert _verdict(clip["fedspa"], clip["fedavg"]) == "behind"
+  # 10,000 clients: FedAvg 0.581 against 0.685 (lower), FedSpa 0.473 against 0.510 (tied); FedSpa behind FedAvg in both
+  many = {(m, s): committed[("synthetic_iid", m, s)] for m in ("fedspa", "fedavg") for s in ("none", "eps4")}
+  assert (_mean(many["fedavg", "eps4"]), _mean(many["fedavg", "none"])) == (0.581, 0.685)
+  assert (_mean(many["fedspa", "eps4"]), _mean(many["fedspa", "none"])) == (0.473, 0.510)
+  assert _verdict(many["fedavg", "eps4"], many["fedavg", "none"]) == "behind"
+  assert _verdict(many["fedspa", "eps4"], many["fedspa", "none"]) == "tied with"
+  assert all(_verdict(many["fedspa", s], many["fedavg", s]) == "behind" for s in ("none", "eps4"))
+
+
+def test_the_dropout_reading_holds_on_the_committed_results(committed):
+  methods = ("fedspa", "fedavg", "ditto", "subfedavg")
+  cell = lambda m, s: committed[("fashion_mnist", m, s)]
+  # the same draws for every method: 130, 129, 114 of 400 at 0.3; 262, 237, 229 at 0.6
+  for setting, dropped in (("drop0.3", [130, 129, 114]), ("drop0.6", [262, 237, 229])):
+    assert all(cell(m, setting)["clients_dropped_per_seed"] == dropped for m in methods
+               if cell(m, setting)["status"] == "complete")
+  assert all(_verdict(cell(m, "drop0.3"), cell(m, "none")) == "tied with" for m in methods)
+  # at 0.6: Sub-FedAvg 0.876 and FedAvg 0.782 tied with their runs without dropouts (0.822 for FedAvg)
+  assert (_mean(cell("subfedavg", "drop0.6")), _mean(cell("fedavg", "drop0.6"))) == (0.876, 0.782)
+  assert all(_verdict(cell(m, "drop0.6"), cell(m, "none")) == "tied with" for m in ("subfedavg", "fedavg", "fedspa"))
+  # FedSpa's seed 2 collapsed in round 30 (0.119, loss 5.6), 0.420 at round 40; seeds 1 and 3 0.801 and 0.842
+  fedspa = cell("fedspa", "drop0.6")
+  assert fedspa["seeds"] == [1, 2, 3]
+  assert [[r, round(a, 3), round(l, 1)] for r, a, l in fedspa["history_per_seed"][1][2:]] == [
+      [30, 0.119, 5.6], [40, 0.42, 0.7]]
+  assert [round(a, 3) for a in fedspa["final_accuracy_mean_per_seed"]] == [0.801, 0.42, 0.842]
+  assert (_mean(fedspa), round(float(__import__("numpy").std(fedspa["final_accuracy_mean_per_seed"])), 3)) == (
+      0.687, 0.19)
+  # Ditto diverged in round 30, seed 1
+  assert cell("ditto", "drop0.6")["status"] == "diverged"
+  assert cell("ditto", "drop0.6")["diverged"] == {"seed": 1, "round": 30}
