@@ -25,14 +25,13 @@ The adaptive clip's DP runs diverge within a few rounds (the noise on the weight
 With 100 clients and 10 per round, epsilon 8 already needs z = 2.125: noise of std 0.21 C on every coordinate of the
 mean update, whose own norm is at most C; over LeNet-5's 61,706 weights that noise has norm ~53 C. Realistic epsilons
 need far more clients, which the "synthetic_iid" group shows: Synthetic-IID (one shared softmax-regression model
-labels every client's inputs) with 10,000 clients, 100 per round, the MLP, 1 local epoch at lr 0.05, 100 rounds, FedSpa and FedAvg without DP and at epsilon 4 (z = 1.348: noise of
-std 0.013 C per coordinate).
+labels every client's inputs) with 10,000 clients, 100 per round, the MLP, 1 local epoch at lr 0.05, 100 rounds,
+FedSpa and FedAvg without DP and at epsilon 4 (z = 1.348: noise of std 0.013 C per coordinate).
 
 Cells: (group, method, setting); 2 x 2 Synthetic cells, 4 x 6 Fashion-MNIST ones and 4 with the fixed clip, 32
-in all, 96 runs. Each
-`run` process takes the next cell no other live process holds (a lock on `<cell>/claim`), so one process per core
-shares the work as it comes. Each cell writes `<out>/<group>/<method>/<setting>/` (the sweep's folder) and
-`cell.json` when it finishes; `run` skips cells with a cell.json and continues a cell stopped part-way from its last
+in all, 96 runs. Each `run` process takes the next cell no other live process holds (a lock on `<cell>/claim`),
+so one process per core shares the work as it comes. Each cell writes `<out>/<group>/<method>/<setting>/` (the
+sweep's folder) and `cell.json` when it finishes; `run` skips cells with a cell.json and continues a cell stopped part-way from its last
 checkpoint (every 10 rounds). Cost, measured 2026-12-07 with two processes on the 2-core AMD EPYC of
 docs/benchmarks.md: ~10 s per round of 3 vmapped seeds for FedSpa and for FedAvg in each process (so Ditto ~19 s,
 Sub-FedAvg ~12 s from the seeded study's ratios), ~25 s of the whole machine per round of the four methods, so
@@ -81,7 +80,8 @@ def tiers() -> dict[str, dict[str, Any]]:
                  settings=list(FASHION_SETTINGS), population=(100, 10),
                  lrs={m: SELECTED_LRS[f"dirichlet/{m}"] for m in METHODS},
                  overrides={"rounds": FASHION_ROUNDS, "eval_every": 10, "rounds_per_dispatch": 10,
-                            "checkpoint_every": 10, "eval_clients": None, "hparams.local_epochs": 2, "hparams.momentum": 0.0,
+                            "checkpoint_every": 10, "eval_clients": None, "hparams.local_epochs": 2,
+                            "hparams.momentum": 0.0,
                             "hparams.clients_per_round": 10, "hparams.batch_size": 32})
   # The adaptive clip's DP runs diverge within a few rounds at 100 clients (see the docs): the same runs at epsilon 8
   # with a small fixed clip, whose noise (std z C / S = 0.011 per coordinate a round) leaves the weights finite, show
@@ -89,7 +89,8 @@ def tiers() -> dict[str, dict[str, Any]]:
   fixed = {**fashion, "settings": ["eps8"], "fixed_clip": 0.05, "baseline": "fashion_mnist"}
   synthetic = dict(config="default", smoke=False, seeds=[1, 2, 3], methods=["fedspa", "fedavg"],
                    settings=["none", "eps4"], population=(10000, 100), lrs={"fedspa": 0.05, "fedavg": 0.05},
-                   overrides={"num_clients": 10000, "data_args.iid": True, "rounds": SYNTHETIC_ROUNDS, "eval_every": 10, "rounds_per_dispatch": 10,
+                   overrides={"num_clients": 10000, "data_args.iid": True, "rounds": SYNTHETIC_ROUNDS,
+                              "eval_every": 10, "rounds_per_dispatch": 10,
                               "checkpoint_every": 10, "eval_clients": 1000, "hparams.clients_per_round": 100,
                               "hparams.local_epochs": 1})
   tiny = dict(config="default", smoke=True, seeds=[1, 2], methods=["fedspa", "fedavg"],
@@ -97,7 +98,8 @@ def tiers() -> dict[str, dict[str, Any]]:
               overrides={"num_clients": 20, "rounds": 4, "eval_every": 2, "rounds_per_dispatch": 2,
                          "checkpoint_every": 0, "hparams.clients_per_round": 4})
   # Synthetic first: its four cells are the cheap ones, and the one point at realistic epsilon.
-  return {"full": {"synthetic_iid": synthetic, "fashion_mnist": fashion, "fashion_mnist_clip0.05": fixed}, "tiny": {"tiny": tiny}}
+  return {"full": {"synthetic_iid": synthetic, "fashion_mnist": fashion, "fashion_mnist_clip0.05": fixed},
+          "tiny": {"tiny": tiny}}
 
 
 def noise_for(population: tuple[int, int], target: float, rounds: int) -> float:
@@ -134,7 +136,8 @@ def setting_hparams(setting: str, population: tuple[int, int], rounds: int, fixe
 
 def cells(tier: str, group: str | None = None) -> list[tuple[str, str, str]]:
   groups = tiers()[tier]
-  return [(g, m, s) for g, spec in groups.items() if group in (None, g) for s in spec["settings"] for m in spec["methods"]]
+  return [(g, m, s) for g, spec in groups.items() if group in (None, g)
+          for s in spec["settings"] for m in spec["methods"]]
 
 
 def make_config(tier: str, group: str, method: str, setting: str):
@@ -280,6 +283,14 @@ def section(document: dict[str, Any]) -> str:
   cells = document["cells"]
   find = lambda g, m, s: next((c for c in cells if (c["group"], c["method"], c["setting"]) == (g, m, s)), None)
   seeds = lambda c: {"values": c["final_accuracy_mean_per_seed"]}
+  scored = lambda c: c is not None and bool(c["final_accuracy_mean_per_seed"])
+
+  def against(a, b):
+    """a against b: the verdict ("ahead of" / "behind" / "tied with", p < P_LEVEL) and p, from one Welch test."""
+    p = protocol_report.welch_p(seeds(a), seeds(b))
+    mean = lambda c: protocol_report.cell_stats(seeds(c))[0]
+    return ("tied with" if not p < protocol_report.P_LEVEL else "ahead of" if mean(a) > mean(b) else "behind"), p
+
   def short(c):
     if c is None:
       return "-"
@@ -290,9 +301,11 @@ def section(document: dict[str, Any]) -> str:
 
   words = {"ahead of": "higher", "behind": "lower", "tied with": "tied"}
   lines = [f"Derived by `scripts/study_privacy.py report` from `docs/study_privacy.json` ({document['date']}; do not "
-           "edit by hand: `study_privacy.py check` fails when this block and the file disagree). Final personalized accuracy, "
+           "edit by hand: `study_privacy.py check` fails when this block and the file disagree). Final personalized "
+           "accuracy, "
            "mean ± std over the seeds' mean client accuracies; in brackets, against the method's own no-DP run: "
-           f"\"lower\" or \"higher\" only where a two-sided Welch t-test gives p < {protocol_report.P_LEVEL} (p shown), "
+           f"\"lower\" or \"higher\" only where a two-sided Welch t-test gives p < {protocol_report.P_LEVEL} "
+           "(p shown), "
            "else \"tied\". Epsilon at delta 1e-5 after the last round, as the runs recorded it. \"Diverged\": a "
            "seed's training loss became NaN or infinite in that round, which stops the cell's runs (no accuracy)."]
   for group in dict.fromkeys(c["group"] for c in cells):
@@ -312,11 +325,9 @@ def section(document: dict[str, Any]) -> str:
       for setting in settings:
         cell = find(group, method, setting)
         text = short(cell)
-        if setting != "none" and cell and base and cell["final_accuracy_mean_per_seed"] and \
-            base["final_accuracy_mean_per_seed"]:
-          verdict = words[protocol_report.compare(seeds(cell), seeds(base))]
-          p = protocol_report.welch_p(seeds(cell), seeds(base))
-          text += f" ({verdict}" + ("" if verdict == "tied" else f", p = {p:.2g}") + ")"
+        if setting != "none" and scored(cell) and scored(base):
+          verdict, p = against(cell, base)
+          text += f" ({words[verdict]}" + ("" if verdict == "tied with" else f", p = {p:.2g}") + ")"
         row.append(text)
       lines.append(f"| {LABELS.get(method, method)} | " + " | ".join(row) + " |")
     spent = [[e for c in cells if (c["group"], c["setting"]) == (group, s) for e in c["dp_epsilon_per_seed"]
@@ -333,12 +344,11 @@ def section(document: dict[str, Any]) -> str:
           if method == "fedavg":
             continue
           cell = find(group, method, setting)
-          if not (cell and fedavg and cell["final_accuracy_mean_per_seed"] and fedavg["final_accuracy_mean_per_seed"]):
+          if not (scored(cell) and scored(fedavg)):
             row.append("-")
             continue
-          verdict = protocol_report.compare(seeds(cell), seeds(fedavg))
-          p = protocol_report.welch_p(seeds(cell), seeds(fedavg))
-          row.append(verdict.replace(" of", "").replace(" with", "") + ("" if verdict == "tied with" else f" (p = {p:.2g})"))
+          verdict, p = against(cell, fedavg)
+          row.append(verdict.split()[0] + ("" if verdict == "tied with" else f" (p = {p:.2g})"))
         lines.append(f"| {SETTING_NAMES.get(setting, setting)} | " + " | ".join(row) + " |")
   return "\n".join(lines) + "\n"
 
@@ -352,7 +362,7 @@ def update_docs(path: pathlib.Path, text: str) -> None:
 
 
 def check(args) -> int:
-  """0 when docs/benchmarks.md's block is what the committed results file gives, else 1 (and the difference)."""
+  """0 when docs/benchmarks.md's block is what the committed results file gives, else 1 (and says so)."""
   document = json.loads((pathlib.Path(args.docs) / "study_privacy.json").read_text())
   doc = pathlib.Path(args.benchmarks).read_text()
   found = doc.split(BEGIN, 1)[1].split(END, 1)[0].lstrip("\n") if BEGIN in doc and END in doc else None
@@ -400,8 +410,8 @@ def plot(results: list[dict[str, Any]], folder: pathlib.Path) -> None:
         if lost:  # no model to score: a cross on the floor of the axis
           # side by side: each method's cross a little apart from the others' at the same setting
           shift = list(METHODS).index(method) - (len(METHODS) - 1) / 2
-          xs_lost = [float(r["setting"][3:]) * 1.06 ** shift if kind == "eps" else float(r["setting"][4:]) + 0.012 * shift
-                     for r in lost]
+          xs_lost = [float(r["setting"][3:]) * 1.06 ** shift if kind == "eps"
+                     else float(r["setting"][4:]) + 0.012 * shift for r in lost]
           ax.scatter(xs_lost, [0.0] * len(lost), marker="x", color=line[0].get_color(), clip_on=False, zorder=3)
     if kind == "eps":
       ax.set_xscale("log", base=2)
