@@ -31,8 +31,8 @@ FedSpa and FedAvg without DP and at epsilon 4 (z = 1.348: noise of std 0.013 C p
 Cells: (group, method, setting); 2 x 2 Synthetic cells, 4 x 6 Fashion-MNIST ones and 4 with the fixed clip, 32
 in all, 96 runs. Each `run` process takes the next cell no other live process holds (a lock on `<cell>/claim`),
 so one process per core shares the work as it comes. Each cell writes `<out>/<group>/<method>/<setting>/` (the
-sweep's folder) and `cell.json` when it finishes; `run` skips cells with a cell.json and continues a cell stopped part-way from its last
-checkpoint (every 10 rounds). Cost, measured 2026-12-07 with two processes on the 2-core AMD EPYC of
+sweep's folder) and `cell.json` when it finishes; `run` skips cells with a cell.json and continues a cell stopped
+part-way from its last checkpoint (every 10 rounds). Cost, measured 2026-12-07 with two processes on the 2-core AMD EPYC of
 docs/benchmarks.md: ~10 s per round of 3 vmapped seeds for FedSpa and for FedAvg in each process (so Ditto ~19 s,
 Sub-FedAvg ~12 s from the seeded study's ratios), ~25 s of the whole machine per round of the four methods, so
 ~17 min per Fashion-MNIST setting at 40 rounds, ~1.7 h for the six, plus the Synthetic cells.
