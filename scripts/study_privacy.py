@@ -28,15 +28,15 @@ need far more clients, which the "synthetic_iid" group shows: Synthetic-IID (one
 labels every client's inputs) with 10,000 clients, 100 per round, the MLP, 1 local epoch at lr 0.05, 100 rounds,
 FedSpa and FedAvg without DP and at epsilon 4 (z = 1.348: noise of std 0.013 C per coordinate).
 
-Cells: (group, method, setting); 2 x 2 Synthetic cells, 4 x 6 Fashion-MNIST ones and 4 with the fixed clip, 32
-in all, 96 runs. Each `run` process takes the next cell no other live process holds (a lock on `<cell>/claim`),
-so one process per core shares the work as it comes. Each cell writes `<out>/<group>/<method>/<setting>/` (the
-sweep's folder) and `cell.json` when it finishes; `run` skips cells with a cell.json and continues a cell stopped
-part-way from its last checkpoint (every 10 rounds). Cost, measured 2026-12-07 with two processes on the 2-core
-AMD EPYC of docs/benchmarks.md: ~10 s per round of 3 vmapped seeds for FedSpa and for FedAvg in each process (so Ditto ~19 s,
-Sub-FedAvg ~12 s from the seeded study's ratios), ~25 s of the whole machine per round of the four methods, so
-~17 min per Fashion-MNIST setting at 40 rounds, ~1.7 h for the six, plus the Synthetic cells. The whole study ran
-in 2 h (18:19-20:18 UTC that day; its DP cells diverged within minutes, the test suite ran beside it for 50 min).
+Cells: (group, method, setting); 2 x 2 Synthetic cells, 4 x 6 Fashion-MNIST ones and 4 with the fixed clip, 32 in
+all, 96 runs. Each `run` process takes the next cell no other live process holds (a lock on `<cell>/claim`), so one
+process per core shares the work as it comes. Each cell writes `<out>/<group>/<method>/<setting>/` (the sweep's
+folder) and `cell.json` when it finishes; `run` skips cells with a cell.json and continues a cell stopped part-way
+from its last checkpoint (every 10 rounds). Cost, measured 2026-12-07 with two processes on the 2-core AMD EPYC of
+docs/benchmarks.md: ~10 s per round of 3 vmapped seeds for FedSpa and for FedAvg in each process (so Ditto ~19 s,
+Sub-FedAvg ~12 s from the seeded study's ratios), ~25 s of the whole machine per round of the four methods, so ~17
+min per Fashion-MNIST setting at 40 rounds, ~1.7 h for the six, plus the Synthetic cells. The whole study ran in 2 h
+(18:19-20:18 UTC that day; its DP cells diverged within minutes, the test suite ran beside it for 50 min).
 `report` writes `<docs>/study_privacy.json` (every cell's hyperparameters, per-seed final accuracy, epsilon and
 dropped clients), the figures `<docs>/img/study_privacy_epsilon.png` and `study_privacy_dropout.png`, and prints the
 tables (`section`: each setting against the method's no-DP run and each method against FedAvg, by Welch's t-test);
